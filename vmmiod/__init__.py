@@ -1,0 +1,3 @@
+"""vmmiod: a virtio-mmio device-backend daemon."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,3 @@
+from vmmiod.cli import main
+
+raise SystemExit(main())
