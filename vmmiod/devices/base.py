@@ -1,0 +1,202 @@
+"""The contract between a virtio device and its transport (the virtio-mmio window).
+
+A device knows its features, its config space, its queues' maximum sizes and its backend. It
+does not know registers or hypervisors: the window (vmmiod/mmio.py) calls it through the methods
+below and it answers through the narrow `Transport` interface (used-buffer interrupt, config
+change, fault). Guest memory and the SplitQueues arrive at `activate()` (DRIVER_OK) and are gone
+after `reset()`.
+
+Queue work never runs inside the IOREQ: `queue_notify()` only schedules `process_queue()` on
+the event loop, so the adaptor can complete the vCPU's access first (see docs/architecture.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, ClassVar, Protocol, Sequence
+
+import structlog
+
+from vmmiod.memory import GuestMemory, GuestMemoryError
+from vmmiod.virtqueue import SplitQueue, VirtqueueError
+
+# Feature bits common to every device type (VIRTIO 1.2, section 6).
+VIRTIO_F_INDIRECT_DESC = 28
+VIRTIO_F_EVENT_IDX = 29
+VIRTIO_F_VERSION_1 = 32
+VIRTIO_F_ACCESS_PLATFORM = 33
+VIRTIO_F_RING_PACKED = 34
+VIRTIO_F_RING_RESET = 40
+
+
+def bit(n: int) -> int:
+    return 1 << n
+
+
+class InterruptLine(Protocol):
+    """A guest interrupt line, provided by the hypervisor adaptor.
+
+    `raise_()` is called whenever the window sets an InterruptStatus bit; a level line asserts
+    (idempotently), an edge line (Xen on Arm) sends one edge. `lower()` is called when
+    InterruptStatus returns to 0 after an ACK; edge lines ignore it.
+    """
+
+    def raise_(self) -> None: ...
+
+    def lower(self) -> None: ...
+
+
+class Transport(Protocol):
+    """What a device may ask of its transport. Implemented by the virtio-mmio window."""
+
+    def signal_used(self, queue_index: int) -> None:
+        """Used buffers were published on a queue and the driver must be notified."""
+
+    def signal_config_change(self) -> None:
+        """Config space changed: bump ConfigGeneration and raise a config interrupt."""
+
+    def device_fault(self, reason: str) -> None:
+        """Set DEVICE_NEEDS_RESET and raise a config interrupt (VIRTIO 1.2, 2.1.2)."""
+
+
+class VirtioDevice:
+    """Base class of block, net and console. Subclasses fill the class attributes and hooks."""
+
+    device_id: ClassVar[int] = 0
+    type_name: ClassVar[str] = "virtio"
+
+    def __init__(self, device_name: str, queue_max_sizes: Sequence[int],
+                 *, access_platform: bool = False, log: Any = None) -> None:
+        self.name = device_name
+        self.queue_max_sizes: tuple[int, ...] = tuple(queue_max_sizes)
+        self.access_platform = access_platform
+        self.log = log if log is not None else structlog.get_logger().bind(device=device_name)
+        self.memory: GuestMemory | None = None
+        self.queues: list[SplitQueue] = []
+        self.driver_features = 0
+        self.transport: Transport | None = None
+        self.active = False
+        self.failed = False
+        self.counters: dict[str, int] = {"notifications": 0, "interrupts": 0}
+        self._pending: set[int] = set()
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    # -- what the window asks -------------------------------------------------------------------
+    def device_features(self) -> int:
+        """Every feature bit offered. Subclasses add theirs to this base set."""
+        f = bit(VIRTIO_F_VERSION_1) | bit(VIRTIO_F_EVENT_IDX) | bit(VIRTIO_F_INDIRECT_DESC)
+        if self.access_platform:
+            f |= bit(VIRTIO_F_ACCESS_PLATFORM)
+        return f
+
+    def validate_features(self, features: int) -> bool:
+        """Called at FEATURES_OK with the driver's (already masked) set. False refuses it.
+
+        The transport checks its own rules (VERSION_1 on a version-2 window); this hook is for
+        device rules (e.g. a feature that depends on another).
+        """
+        return True
+
+    def config_bytes(self) -> bytes:
+        """The device-specific config space as it is now."""
+        return b""
+
+    def read_config(self, offset: int, size: int) -> int:
+        data = self.config_bytes()
+        if offset < 0 or offset + size > len(data):
+            return 0
+        return int.from_bytes(data[offset:offset + size], "little")
+
+    def write_config(self, offset: int, size: int, value: int) -> None:
+        """Driver writes to config space. Default: ignored (read-only config)."""
+
+    # -- lifecycle --------------------------------------------------------------------------------
+    async def open(self) -> None:
+        """Open the backend (files, sockets, TAP). Called once by the daemon before serving."""
+
+    async def close(self) -> None:
+        """Flush and close the backend. Called once by the daemon at shutdown."""
+
+    def activate(self, memory: GuestMemory, queues: list[SplitQueue], features: int,
+                 transport: Transport) -> None:
+        """DRIVER_OK: the queues that the driver made ready are configured and valid."""
+        self.memory = memory
+        self.queues = queues
+        self.driver_features = features
+        self.transport = transport
+        self.active = True
+        self.failed = False
+        try:
+            self._loop = asyncio.get_running_loop()
+        except RuntimeError:
+            self._loop = None
+        self.on_activate()
+
+    def reset(self) -> None:
+        """Status 0 (or a VMM disconnect): stop all queue work, forget guest memory."""
+        was_active = self.active
+        self.active = False
+        self._pending.clear()
+        self.on_reset()
+        self.memory = None
+        self.queues = []
+        self.driver_features = 0
+        self.transport = None
+        if was_active:
+            self.log.info("device_reset")
+
+    def on_activate(self) -> None:
+        """Subclass hook: start backend readers etc."""
+
+    def on_reset(self) -> None:
+        """Subclass hook: stop backend readers, drop in-flight state (complete nothing)."""
+
+    def has_feature(self, n: int) -> bool:
+        return bool(self.driver_features >> n & 1)
+
+    # -- queue work -----------------------------------------------------------------------------
+    def queue_notify(self, index: int) -> None:
+        """QueueNotify from the window (inside the IOREQ): schedule, never process here."""
+        self.counters["notifications"] += 1
+        if not self.active or index >= len(self.queues) or self.failed:
+            return
+        if index in self._pending:
+            return
+        self._pending.add(index)
+        if self._loop is not None:
+            self._loop.call_soon(self._run_queue, index)
+        else:  # no loop (sans-IO tests): run at once
+            self._run_queue(index)
+
+    def _run_queue(self, index: int) -> None:
+        self._pending.discard(index)
+        if not self.active or self.failed:
+            return
+        try:
+            self.process_queue(index)
+        except (VirtqueueError, GuestMemoryError) as exc:
+            self.fault(f"queue {index}: {exc}", queue=index, error=type(exc).__name__)
+
+    def process_queue(self, index: int) -> None:
+        """Subclass hook: drain queue `index` (pop chains, do I/O, add used, notify)."""
+
+    def notify_used(self, index: int) -> None:
+        """Publish the used ring of queue `index` and interrupt the driver if it wants one."""
+        q = self.queues[index]
+        if q.publish_used() and self.transport is not None:
+            self.counters["interrupts"] += 1
+            self.transport.signal_used(index)
+
+    def fault(self, reason: str, **context: Any) -> None:
+        """The guest broke the protocol: log it, stop the device, ask for a reset."""
+        if self.failed:
+            return
+        self.failed = True
+        self.counters["violations"] = self.counters.get("violations", 0) + 1
+        self.log.warning("guest_protocol_violation", reason=reason, **context)
+        self.on_reset()
+        if self.transport is not None:
+            self.transport.device_fault(reason)
+
+    def stats(self) -> dict[str, int]:
+        return dict(self.counters)

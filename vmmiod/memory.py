@@ -1,0 +1,255 @@
+"""Guest memory: guest-physical ranges to memoryviews, with every bound checked.
+
+Everything here treats addresses as untrusted guest input. A range outside the regions, one
+that wraps past 2**64, or a write to a read-only region raises a named error and is counted;
+nothing ever touches memory outside a region's buffer.
+
+Two kinds of memory exist:
+- `MappedMemory`: regions that are already mapped (memfd/mmap from the generic channel, or any
+  writable buffer in tests).
+- Adaptors that map lazily (Xen foreign or grant mapping) subclass `GuestMemory` and implement
+  `_lookup()`; `invalidate()` drops their cache and bumps `generation`, so holders of cached
+  views (the virtqueues) know to look them up again.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import struct
+from dataclasses import dataclass
+
+U16 = struct.Struct("<H")
+U32 = struct.Struct("<I")
+U64 = struct.Struct("<Q")
+
+ADDR_LIMIT = 1 << 64
+PAGE_SIZE = 4096
+
+
+class GuestMemoryError(Exception):
+    """Base of every guest-memory error; the device above fails the request or resets."""
+
+
+class OutOfBoundsError(GuestMemoryError):
+    """The range is not (entirely) inside guest memory."""
+
+
+class AddressWrapError(OutOfBoundsError):
+    """gpa + length wraps past 2**64."""
+
+
+class ReadOnlyError(GuestMemoryError):
+    """A write was asked of a region (or grant) mapped read-only."""
+
+
+class NotContiguousError(GuestMemoryError):
+    """A structure that must be contiguous (a ring) spans two regions."""
+
+
+@dataclass(frozen=True, slots=True)
+class Region:
+    """One guest-physical range backed by a buffer."""
+
+    gpa: int
+    size: int
+    buf: memoryview  # format "B", len == size
+    writable: bool = True
+
+    @property
+    def end(self) -> int:
+        return self.gpa + self.size
+
+
+class GuestMemory:
+    """Base class: the lookup strategy is the subclass's, the checks are here.
+
+    `_lookup(gpa, length, writable)` returns `(buf, offset, avail)`: a buffer holding `gpa` at
+    `offset` with `avail` bytes readable from there (at least 1), or raises.
+    """
+
+    # Set by adaptors whose guest addresses are not guest-physical (Xen grants): devices then
+    # offer VIRTIO_F_ACCESS_PLATFORM.
+    access_platform: bool = False
+
+    def __init__(self) -> None:
+        self.generation = 0
+        self.rejected = 0  # accesses refused (outside memory, wrap, read-only)
+
+    # -- subclass hooks -------------------------------------------------------------------------
+    def _lookup(self, gpa: int, length: int, writable: bool) -> tuple[memoryview, int, int]:
+        raise NotImplementedError
+
+    def invalidate(self) -> None:
+        """Drop cached mappings (Xen INVALIDATE). Cached views must be looked up again."""
+        self.generation += 1
+
+    def close(self) -> None:
+        """Release every mapping; the memory is unusable afterwards."""
+
+    # -- checked access -------------------------------------------------------------------------
+    def _check(self, gpa: int, length: int) -> None:
+        if gpa < 0 or length < 0 or gpa + length > ADDR_LIMIT:
+            self.rejected += 1
+            raise AddressWrapError(f"range {gpa:#x}+{length:#x} wraps past 2**64")
+
+    def locate(self, gpa: int, length: int, writable: bool = False) -> tuple[memoryview, int]:
+        """Return (buffer, offset) such that buffer[offset:offset+length] is the range.
+
+        The range must be contiguous in one mapping. Cheapest form for struct.unpack_from.
+        """
+        self._check(gpa, length)
+        buf, off, avail = self._lookup(gpa, length, writable)
+        if avail < length:
+            self.rejected += 1
+            raise NotContiguousError(f"range {gpa:#x}+{length:#x} is not contiguous")
+        return buf, off
+
+    def view(self, gpa: int, length: int, writable: bool = False) -> memoryview:
+        """A contiguous memoryview of the range (no copy)."""
+        buf, off = self.locate(gpa, length, writable)
+        return buf[off : off + length]
+
+    def views(self, gpa: int, length: int, writable: bool = False) -> list[memoryview]:
+        """Memoryviews covering the range, one per contiguous piece (no copy)."""
+        self._check(gpa, length)
+        out: list[memoryview] = []
+        if length == 0:
+            return out
+        while True:
+            buf, off, avail = self._lookup(gpa, length, writable)
+            if avail >= length:
+                out.append(buf[off : off + length])
+                return out
+            out.append(buf[off : off + avail])
+            gpa += avail
+            length -= avail
+
+    def read(self, gpa: int, length: int) -> bytes:
+        return b"".join(self.views(gpa, length))
+
+    def write(self, gpa: int, data: bytes | bytearray | memoryview) -> None:
+        pos = 0
+        for v in self.views(gpa, len(data), writable=True):
+            n = len(v)
+            v[:] = data[pos : pos + n]
+            pos += n
+
+    def read_u16(self, gpa: int) -> int:
+        buf, off = self.locate(gpa, 2)
+        return U16.unpack_from(buf, off)[0]
+
+    def read_u32(self, gpa: int) -> int:
+        buf, off = self.locate(gpa, 4)
+        return U32.unpack_from(buf, off)[0]
+
+    def read_u64(self, gpa: int) -> int:
+        buf, off = self.locate(gpa, 8)
+        return U64.unpack_from(buf, off)[0]
+
+    def write_u16(self, gpa: int, value: int) -> None:
+        buf, off = self.locate(gpa, 2, True)
+        U16.pack_into(buf, off, value & 0xFFFF)
+
+    def write_u32(self, gpa: int, value: int) -> None:
+        buf, off = self.locate(gpa, 4, True)
+        U32.pack_into(buf, off, value & 0xFFFFFFFF)
+
+    def write_u64(self, gpa: int, value: int) -> None:
+        buf, off = self.locate(gpa, 8, True)
+        U64.pack_into(buf, off, value & 0xFFFFFFFFFFFFFFFF)
+
+
+class MappedMemory(GuestMemory):
+    """Guest memory whose regions are all mapped up front (memfd/mmap, or plain buffers)."""
+
+    def __init__(self, regions: list[Region] | None = None) -> None:
+        super().__init__()
+        self._regions: list[Region] = []
+        self._last: Region | None = None
+        self._owned: list[mmap.mmap] = []
+        for r in regions or []:
+            self.add_region(r)
+
+    @property
+    def regions(self) -> tuple[Region, ...]:
+        return tuple(self._regions)
+
+    def add_region(self, region: Region) -> None:
+        if region.size <= 0 or region.gpa < 0 or region.end > ADDR_LIMIT:
+            raise OutOfBoundsError(f"region {region.gpa:#x}+{region.size:#x} is not valid")
+        if len(region.buf) != region.size:
+            raise ValueError("region buffer size does not match region size")
+        for r in self._regions:
+            if region.gpa < r.end and r.gpa < region.end:
+                raise OutOfBoundsError(
+                    f"region {region.gpa:#x}+{region.size:#x} overlaps {r.gpa:#x}+{r.size:#x}"
+                )
+        self._regions.append(region)
+        self._regions.sort(key=lambda r: r.gpa)
+
+    def add_buffer(self, gpa: int, buf: bytearray | mmap.mmap | memoryview,
+                   writable: bool = True) -> Region:
+        mv = memoryview(buf).cast("B") if not isinstance(buf, memoryview) else buf.cast("B")
+        region = Region(gpa, len(mv), mv, writable)
+        self.add_region(region)
+        return region
+
+    def map_fd(self, gpa: int, size: int, fd: int, offset: int = 0,
+               writable: bool = True) -> Region:
+        """Map `size` bytes of a memfd/file at `offset` as guest RAM at `gpa` (shared)."""
+        prot = mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0)
+        m = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=prot, offset=offset)
+        try:
+            region = self.add_buffer(gpa, m, writable)
+        except Exception:
+            m.close()
+            raise
+        self._owned.append(m)
+        return region
+
+    def _lookup(self, gpa: int, length: int, writable: bool) -> tuple[memoryview, int, int]:
+        r = self._last
+        if r is None or not (r.gpa <= gpa < r.gpa + r.size):
+            for r in self._regions:
+                if r.gpa <= gpa < r.gpa + r.size:
+                    self._last = r
+                    break
+            else:
+                self.rejected += 1
+                raise OutOfBoundsError(f"address {gpa:#x} (+{length:#x}) is outside guest memory")
+        if writable and not r.writable:
+            self.rejected += 1
+            raise ReadOnlyError(f"address {gpa:#x} is in a read-only region")
+        off = gpa - r.gpa
+        avail = r.size - off
+        if avail < length:
+            # Only acceptable when the next region continues exactly here.
+            nxt = gpa + avail
+            if not any(o.gpa == nxt for o in self._regions):
+                self.rejected += 1
+                raise OutOfBoundsError(
+                    f"range {gpa:#x}+{length:#x} runs past the end of guest memory"
+                )
+        return r.buf, off, avail
+
+    def close(self) -> None:
+        self._last = None
+        for r in self._regions:
+            r.buf.release()
+        self._regions.clear()
+        for m in self._owned:
+            try:
+                m.close()
+            except BufferError:  # a view is still exported somewhere; the GC will unmap it
+                pass
+        self._owned.clear()
+
+
+def memfd_memory(size: int, gpa: int = 0x4000_0000, name: str = "vmmiod-guest") -> tuple[MappedMemory, int]:
+    """A MappedMemory backed by a fresh memfd; returns (memory, fd). The caller owns fd."""
+    fd = os.memfd_create(name, os.MFD_CLOEXEC)
+    os.ftruncate(fd, size)
+    mem = MappedMemory()
+    mem.map_fd(gpa, size, fd)
+    return mem, fd

@@ -1,0 +1,224 @@
+"""Guest-side driver model of a split virtqueue, shaped like Linux's virtio_ring.c.
+
+Builds descriptor tables, avail and used rings in guest memory the way the Linux driver does
+(free list threaded through `next`, direct and indirect chains, EVENT_IDX), so tests, property
+tests, the simulated guest and the benchmarks state the guest's side plainly. It is also the
+tool for hostile tests: `raw_*` methods write any value anywhere in the rings.
+
+This is the guest's code: it trusts nothing from the device either (used ids are checked).
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any, Sequence
+
+from vmmiod import barrier
+from vmmiod.memory import GuestMemory
+from vmmiod.virtqueue.split import (
+    DESC,
+    DESC_SIZE,
+    USED_ELEM,
+    VIRTQ_AVAIL_F_NO_INTERRUPT,
+    VIRTQ_DESC_F_INDIRECT,
+    VIRTQ_DESC_F_NEXT,
+    VIRTQ_DESC_F_WRITE,
+    VIRTQ_USED_F_NO_NOTIFY,
+    avail_ring_size,
+    used_ring_size,
+    vring_need_event,
+)
+
+U16 = struct.Struct("<H")
+
+Buffer = tuple[int, int]  # (gpa, length)
+
+
+class Allocator:
+    """A bump allocator over a guest-physical range, with a free list per exact size."""
+
+    def __init__(self, base: int, size: int) -> None:
+        self.base = base
+        self.end = base + size
+        self.top = base
+        self._free: dict[int, list[int]] = {}
+
+    def alloc(self, size: int, align: int = 16) -> int:
+        size = max(size, 1)
+        bucket = self._free.get(size)
+        if bucket:
+            for i, gpa in enumerate(bucket):
+                if gpa % align == 0:
+                    return bucket.pop(i)
+        gpa = (self.top + align - 1) // align * align
+        if gpa + size > self.end:
+            raise MemoryError(f"guest allocator exhausted ({size} bytes wanted)")
+        self.top = gpa + size
+        return gpa
+
+    def free(self, gpa: int, size: int) -> None:
+        self._free.setdefault(max(size, 1), []).append(gpa)
+
+
+class DriverQueue:
+    """One virtqueue as the guest driver sees it."""
+
+    def __init__(self, memory: GuestMemory, alloc: Allocator, size: int, *, index: int = 0,
+                 event_idx: bool = False, indirect: bool = False,
+                 legacy_align: int | None = None) -> None:
+        self.memory = memory
+        self.alloc = alloc
+        self.size = size
+        self.index = index
+        self.event_idx = event_idx
+        self.use_indirect = indirect
+        if legacy_align is None:
+            self.desc_addr = alloc.alloc(DESC_SIZE * size, 16)
+            self.avail_addr = alloc.alloc(avail_ring_size(size), 2)
+            self.used_addr = alloc.alloc(used_ring_size(size), 4)
+        else:
+            # Legacy layout (virtio 0.9.5 / mmio v1): one contiguous area, used ring aligned.
+            avail_end = DESC_SIZE * size + avail_ring_size(size)
+            used_off = (avail_end + legacy_align - 1) // legacy_align * legacy_align
+            total = used_off + used_ring_size(size)
+            self.desc_addr = alloc.alloc(total, max(legacy_align, 4096))
+            self.avail_addr = self.desc_addr + DESC_SIZE * size
+            self.used_addr = self.desc_addr + used_off
+        zero = bytes(DESC_SIZE * size)
+        memory.write(self.desc_addr, zero)
+        memory.write(self.avail_addr, bytes(avail_ring_size(size)))
+        memory.write(self.used_addr, bytes(used_ring_size(size)))
+        self.free_head = 0
+        self.num_free = size
+        for i in range(size):
+            self._write_desc(i, 0, 0, 0, (i + 1) % size)
+        self.avail_idx = 0  # shadow of avail.idx
+        self._published_idx = 0  # avail.idx at the last kick_prepare
+        self.last_used = 0
+        self._tokens: dict[int, tuple[Any, int, int | None, int]] = {}  # head -> token, ndesc, table, tsize
+
+    # -- raw access (hostile tests) -------------------------------------------------------------
+    def _write_desc(self, i: int, addr: int, length: int, flags: int, nxt: int,
+                    table: int | None = None) -> None:
+        base = self.desc_addr if table is None else table
+        buf, off = self.memory.locate(base + DESC_SIZE * i, DESC_SIZE, True)
+        DESC.pack_into(buf, off, addr, length, flags, nxt)
+
+    def raw_desc(self, i: int, addr: int, length: int, flags: int, nxt: int) -> None:
+        self._write_desc(i, addr, length, flags, nxt)
+
+    def raw_avail(self, slot: int, head: int) -> None:
+        self.memory.write_u16(self.avail_addr + 4 + 2 * (slot % self.size), head)
+
+    def raw_avail_idx(self, idx: int) -> None:
+        self.memory.write_u16(self.avail_addr + 2, idx)
+
+    def set_start_index(self, idx: int) -> None:
+        """Start both rings at `idx` (tests of 16-bit wrap-around). Before the device activates."""
+        self.avail_idx = self._published_idx = self.last_used = idx & 0xFFFF
+        self.memory.write_u16(self.avail_addr + 2, idx)
+        self.memory.write_u16(self.used_addr + 2, idx)
+
+    # -- adding buffers -------------------------------------------------------------------------
+    def add(self, out: Sequence[Buffer], in_: Sequence[Buffer], token: Any = None,
+            indirect: bool | None = None) -> int:
+        """Expose driver-readable `out` then device-writable `in_` buffers as one chain."""
+        total = len(out) + len(in_)
+        if total == 0:
+            raise ValueError("a chain needs at least one buffer")
+        use_indirect = self.use_indirect if indirect is None else indirect
+        use_indirect = use_indirect and total > 1 and self.num_free >= 1
+        bufs = [(a, n, 0) for a, n in out] + [(a, n, VIRTQ_DESC_F_WRITE) for a, n in in_]
+        if use_indirect:
+            table = self.alloc.alloc(DESC_SIZE * total, 16)
+            for i, (a, n, fl) in enumerate(bufs):
+                nxt = i + 1 if i + 1 < total else 0
+                self._write_desc(i, a, n, fl | (VIRTQ_DESC_F_NEXT if i + 1 < total else 0),
+                                 nxt, table)
+            head = self.free_head
+            self.free_head = self._desc_next(head)
+            self._write_desc(head, table, DESC_SIZE * total, VIRTQ_DESC_F_INDIRECT, 0)
+            self.num_free -= 1
+            self._tokens[head] = (token, 1, table, DESC_SIZE * total)
+        else:
+            if self.num_free < total:
+                raise BufferError(f"queue {self.index}: {total} descriptors wanted, "
+                                  f"{self.num_free} free")
+            head = i = self.free_head
+            for k, (a, n, fl) in enumerate(bufs):
+                nxt = self._desc_next(i)
+                last = k + 1 == total
+                self._write_desc(i, a, n, fl | (0 if last else VIRTQ_DESC_F_NEXT), nxt)
+                if not last:
+                    i = nxt
+            self.free_head = self._desc_next(i)
+            self.num_free -= total
+            self._tokens[head] = (token, total, None, 0)
+        self.raw_avail(self.avail_idx, head)
+        self.avail_idx = (self.avail_idx + 1) & 0xFFFF
+        return head
+
+    def _desc_next(self, i: int) -> int:
+        buf, off = self.memory.locate(self.desc_addr + DESC_SIZE * i, DESC_SIZE)
+        nxt: int = DESC.unpack_from(buf, off)[3]
+        return nxt
+
+    def kick_prepare(self) -> bool:
+        """Publish new avail entries (ring before idx); True if the device wants a notify."""
+        barrier.wmb()
+        self.memory.write_u16(self.avail_addr + 2, self.avail_idx)
+        barrier.mb()
+        old, new = self._published_idx, self.avail_idx
+        self._published_idx = new
+        if self.event_idx:
+            avail_event = self.memory.read_u16(self.used_addr + 4 + 8 * self.size)
+            return vring_need_event(avail_event, new, old)
+        return not self.memory.read_u16(self.used_addr) & VIRTQ_USED_F_NO_NOTIFY
+
+    # -- used buffers ---------------------------------------------------------------------------
+    def used_idx(self) -> int:
+        return self.memory.read_u16(self.used_addr + 2)
+
+    def get_used(self) -> tuple[Any, int] | None:
+        """The next used (token, length), or None; frees the chain's descriptors."""
+        if self.last_used == self.used_idx():
+            return None
+        barrier.rmb()
+        slot = self.last_used % self.size
+        buf, off = self.memory.locate(self.used_addr + 4 + 8 * slot, 8)
+        head, length = USED_ELEM.unpack_from(buf, off)
+        if head not in self._tokens:
+            raise RuntimeError(f"device returned head {head}, which the driver did not expose")
+        token, ndesc, table, tsize = self._tokens.pop(head)
+        # Thread the chain back into the free list.
+        i = head
+        for _ in range(ndesc - 1):
+            i = self._desc_next(i)
+        self._write_desc(i, 0, 0, 0, self.free_head)
+        self.free_head = head
+        self.num_free += ndesc
+        if table is not None:
+            self.alloc.free(table, tsize)
+        self.last_used = (self.last_used + 1) & 0xFFFF
+        if self.event_idx:
+            self.memory.write_u16(self.avail_addr + 4 + 2 * self.size, self.last_used)
+        return token, length
+
+    def drain_used(self) -> list[tuple[Any, int]]:
+        out = []
+        while (u := self.get_used()) is not None:
+            out.append(u)
+        return out
+
+    def disable_interrupts(self) -> None:
+        if not self.event_idx:
+            self.memory.write_u16(self.avail_addr, VIRTQ_AVAIL_F_NO_INTERRUPT)
+
+    def enable_interrupts(self) -> None:
+        if self.event_idx:
+            self.memory.write_u16(self.avail_addr + 4 + 2 * self.size, self.last_used)
+        else:
+            self.memory.write_u16(self.avail_addr, 0)
+
+    def pending(self) -> int:
+        return len(self._tokens)

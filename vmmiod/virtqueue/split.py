@@ -1,0 +1,351 @@
+"""The device side of a split virtqueue (VIRTIO 1.2, section 2.7), hostile-driver safe.
+
+Sans-IO: a SplitQueue reads and writes rings in a GuestMemory and nothing else. Every value it
+reads from the guest is untrusted; every rule it enforces raises a named VirtqueueError
+(vmmiod/virtqueue/errors.py), and the walk of any chain is bounded by the table sizes.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from vmmiod import barrier
+from vmmiod.memory import GuestMemory, GuestMemoryError
+from vmmiod.virtqueue.errors import (
+    AvailIndexJump,
+    ChainLengthOverflow,
+    ChainTooLong,
+    HeadInFlight,
+    HeadOutOfRange,
+    IndirectBadLength,
+    IndirectNotNegotiated,
+    IndirectWithNext,
+    InvalidQueueSize,
+    MisalignedRing,
+    NestedIndirect,
+    NextOutOfRange,
+    QueueNotReady,
+    ReadableAfterWritable,
+    RingAccessError,
+    RingOutsideMemory,
+    UsedIdNotInFlight,
+)
+
+MAX_QUEUE_SIZE = 32768
+
+VIRTQ_DESC_F_NEXT = 1
+VIRTQ_DESC_F_WRITE = 2
+VIRTQ_DESC_F_INDIRECT = 4
+VIRTQ_USED_F_NO_NOTIFY = 1
+VIRTQ_AVAIL_F_NO_INTERRUPT = 1
+
+DESC = struct.Struct("<QIHH")  # addr, len, flags, next
+DESC_SIZE = 16
+USED_ELEM = struct.Struct("<II")  # id, len
+U16 = struct.Struct("<H")
+MAX_INDIRECT = 65536  # an indirect table holds at most 2**16 descriptors (its next is a u16)
+LEN_LIMIT = 1 << 32
+
+DESC_ALIGN, AVAIL_ALIGN, USED_ALIGN = 16, 2, 4
+
+
+def desc_table_size(size: int) -> int:
+    return DESC_SIZE * size
+
+
+def avail_ring_size(size: int) -> int:
+    return 6 + 2 * size  # flags, idx, ring[size], used_event
+
+
+def used_ring_size(size: int) -> int:
+    return 6 + 8 * size  # flags, idx, ring[size], avail_event
+
+
+def vring_need_event(event: int, new: int, old: int) -> bool:
+    """VIRTIO 1.2 2.7.10: notify iff `event` lies in the half-open window (old, new]."""
+    return ((new - event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
+
+
+class DescriptorChain:
+    """One available chain, already walked and checked; buffers resolved on access.
+
+    `readable` and `writable` hold (gpa, length) pairs in chain order. Views into guest memory
+    are looked up only when asked for, so a guest that remaps memory between pop and use is
+    caught by the memory layer's bounds checks at that moment.
+    """
+
+    __slots__ = ("memory", "head", "readable", "writable", "readable_len", "writable_len")
+
+    def __init__(self, memory: GuestMemory, head: int, readable: list[tuple[int, int]],
+                 writable: list[tuple[int, int]], readable_len: int, writable_len: int) -> None:
+        self.memory = memory
+        self.head = head
+        self.readable = readable
+        self.writable = writable
+        self.readable_len = readable_len
+        self.writable_len = writable_len
+
+    def __repr__(self) -> str:
+        return (f"DescriptorChain(head={self.head}, readable={self.readable}, "
+                f"writable={self.writable})")
+
+    def _views(self, bufs: list[tuple[int, int]], offset: int, length: int | None,
+               writable: bool) -> list[memoryview]:
+        out: list[memoryview] = []
+        remaining = -1 if length is None else length
+        mem = self.memory
+        for gpa, blen in bufs:
+            if remaining == 0:
+                break
+            if offset >= blen:
+                offset -= blen
+                continue
+            take = blen - offset
+            if 0 < remaining < take:
+                take = remaining
+            if take:
+                out.extend(mem.views(gpa + offset, take, writable))
+            if remaining > 0:
+                remaining -= take
+            offset = 0
+        return out
+
+    def readable_views(self, offset: int = 0, length: int | None = None) -> list[memoryview]:
+        """Views of the driver-written bytes [offset, offset+length) in chain order."""
+        return self._views(self.readable, offset, length, False)
+
+    def writable_views(self, offset: int = 0, length: int | None = None) -> list[memoryview]:
+        """Views of the device-writable space [offset, offset+length) in chain order."""
+        return self._views(self.writable, offset, length, True)
+
+    def read(self, offset: int = 0, length: int | None = None) -> bytes:
+        """A copy of the readable bytes (for small headers and control messages)."""
+        return b"".join(self.readable_views(offset, length))
+
+    def write(self, data: bytes | bytearray | memoryview, offset: int = 0) -> int:
+        """Copy `data` into the writable space from `offset`; returns bytes written."""
+        pos = 0
+        n = len(data)
+        for v in self.writable_views(offset, n):
+            k = len(v)
+            v[:] = data[pos:pos + k]
+            pos += k
+        return pos
+
+
+class SplitQueue:
+    """Device side of one split virtqueue."""
+
+    def __init__(self, max_size: int, index: int = 0) -> None:
+        if not 1 <= max_size <= MAX_QUEUE_SIZE or max_size & (max_size - 1):
+            raise ValueError(f"queue max size {max_size} is not a power of two in 1..32768")
+        self.index = index
+        self.max_size = max_size
+        self.reset()
+
+    # -- configuration --------------------------------------------------------------------------
+    def reset(self) -> None:
+        self.size = self.max_size
+        self.desc_addr = 0
+        self.avail_addr = 0
+        self.used_addr = 0
+        self.ready = False
+        self.event_idx = False
+        self.indirect = False
+        self.memory: GuestMemory | None = None
+        self.next_avail = 0
+        self.next_used = 0
+        self._avail_idx = 0  # avail.idx as last read
+        self._signalled_used = 0
+        self._signalled_valid = False
+        self._in_flight = bytearray(0)
+        self._gen = -1
+
+    def check_config(self) -> None:
+        """Size and alignment rules that need no memory (2.7: sizes, 2.7.5-2.7.8 alignment)."""
+        n = self.size
+        if not 1 <= n <= self.max_size or n & (n - 1):
+            raise InvalidQueueSize(f"queue size {n} is not a power of two in 1..{self.max_size}")
+        if self.desc_addr % DESC_ALIGN:
+            raise MisalignedRing(f"descriptor table {self.desc_addr:#x} not 16-byte aligned")
+        if self.avail_addr % AVAIL_ALIGN:
+            raise MisalignedRing(f"avail ring {self.avail_addr:#x} not 2-byte aligned")
+        if self.used_addr % USED_ALIGN:
+            raise MisalignedRing(f"used ring {self.used_addr:#x} not 4-byte aligned")
+
+    def activate(self, memory: GuestMemory, *, event_idx: bool = False,
+                 indirect: bool = False) -> None:
+        """Check the configuration against guest memory and start serving the queue."""
+        self.check_config()
+        self.memory = memory
+        self.event_idx = event_idx
+        self.indirect = indirect
+        self._map_rings()
+        self._in_flight = bytearray(self.size)
+        self.ready = True
+
+    def _map_rings(self) -> None:
+        mem = self.memory
+        assert mem is not None
+        n = self.size
+        try:
+            self._desc_buf, self._desc_off = mem.locate(self.desc_addr, desc_table_size(n))
+            self._avail_buf, self._avail_off = mem.locate(self.avail_addr, avail_ring_size(n))
+            self._used_buf, self._used_off = mem.locate(self.used_addr, used_ring_size(n), True)
+        except GuestMemoryError as exc:
+            self.ready = False
+            raise RingOutsideMemory(f"queue {self.index}: {exc}") from exc
+        self._gen = mem.generation
+
+    def _check_generation(self) -> None:
+        mem = self.memory
+        if mem is None or not self.ready:
+            raise QueueNotReady(f"queue {self.index} is not ready")
+        if mem.generation != self._gen:
+            self._map_rings()
+
+    # -- avail ring -----------------------------------------------------------------------------
+    def avail_idx(self) -> int:
+        """Read avail.idx (one read per batch) and check the distance rule."""
+        idx: int = U16.unpack_from(self._avail_buf, self._avail_off + 2)[0]
+        if ((idx - self.next_avail) & 0xFFFF) > self.size:
+            self.ready = False
+            raise AvailIndexJump(
+                f"queue {self.index}: avail.idx {idx} is more than {self.size} "
+                f"ahead of {self.next_avail}")
+        barrier.rmb()  # ring entries after the index that covers them
+        self._avail_idx = idx
+        return idx
+
+    def has_available(self) -> bool:
+        self._check_generation()
+        return self._avail_idx != self.next_avail or self.avail_idx() != self.next_avail
+
+    def pop(self) -> DescriptorChain | None:
+        """The next available chain, or None. Reads avail.idx only when the cached one is used up."""
+        self._check_generation()
+        if self._avail_idx == self.next_avail and self.avail_idx() == self.next_avail:
+            return None
+        slot = self.next_avail % self.size
+        head: int = U16.unpack_from(self._avail_buf, self._avail_off + 4 + 2 * slot)[0]
+        chain = self._walk(head)
+        if self._in_flight[head]:
+            raise HeadInFlight(f"queue {self.index}: head {head} is already in flight")
+        self.next_avail = (self.next_avail + 1) & 0xFFFF
+        self._in_flight[head] = 1
+        return chain
+
+    def _walk(self, head: int) -> DescriptorChain:
+        n = self.size
+        if head >= n:
+            raise HeadOutOfRange(f"queue {self.index}: head {head} >= size {n}")
+        mem = self.memory
+        assert mem is not None
+        buf, base = self._desc_buf, self._desc_off
+        table_size = n
+        budget = n
+        in_indirect = False
+        readable: list[tuple[int, int]] = []
+        writable: list[tuple[int, int]] = []
+        rlen = wlen = 0
+        idx = head
+        unpack = DESC.unpack_from
+        while True:
+            if budget == 0:
+                raise ChainTooLong(f"queue {self.index}: chain from head {head} loops")
+            budget -= 1
+            addr, length, flags, nxt = unpack(buf, base + DESC_SIZE * idx)
+            if flags & VIRTQ_DESC_F_INDIRECT:
+                if not self.indirect:
+                    raise IndirectNotNegotiated(f"queue {self.index}: INDIRECT_DESC not negotiated")
+                if in_indirect:
+                    raise NestedIndirect(f"queue {self.index}: indirect inside indirect table")
+                if flags & VIRTQ_DESC_F_NEXT:
+                    raise IndirectWithNext(f"queue {self.index}: INDIRECT together with NEXT")
+                if length == 0 or length % DESC_SIZE or length // DESC_SIZE > MAX_INDIRECT:
+                    raise IndirectBadLength(f"queue {self.index}: indirect table length {length}")
+                try:
+                    buf, base = mem.locate(addr, length)
+                except GuestMemoryError as exc:
+                    raise RingAccessError(f"queue {self.index}: indirect table: {exc}") from exc
+                table_size = budget = length // DESC_SIZE
+                in_indirect = True
+                idx = 0
+                continue
+            if flags & VIRTQ_DESC_F_WRITE:
+                writable.append((addr, length))
+                wlen += length
+            else:
+                if writable:
+                    raise ReadableAfterWritable(
+                        f"queue {self.index}: readable descriptor after a writable one")
+                readable.append((addr, length))
+                rlen += length
+            if rlen + wlen >= LEN_LIMIT:
+                raise ChainLengthOverflow(f"queue {self.index}: chain length exceeds 2**32-1")
+            if not flags & VIRTQ_DESC_F_NEXT:
+                break
+            if nxt >= table_size:
+                raise NextOutOfRange(f"queue {self.index}: next {nxt} >= {table_size}")
+            idx = nxt
+        return DescriptorChain(mem, head, readable, writable, rlen, wlen)
+
+    def undo_pop(self) -> None:
+        """Give the last popped chain back (e.g. a receive buffer that turned out too small)."""
+        self.next_avail = (self.next_avail - 1) & 0xFFFF
+        slot = self.next_avail % self.size
+        head: int = U16.unpack_from(self._avail_buf, self._avail_off + 4 + 2 * slot)[0]
+        if head < self.size:
+            self._in_flight[head] = 0
+
+    # -- used ring ------------------------------------------------------------------------------
+    def add_used(self, head: int, length: int) -> None:
+        """Write a used element (not yet visible to the driver until publish_used)."""
+        if not 0 <= head < len(self._in_flight) or not self._in_flight[head]:
+            raise UsedIdNotInFlight(f"queue {self.index}: head {head} is not in flight")
+        self._in_flight[head] = 0
+        slot = self.next_used % self.size
+        USED_ELEM.pack_into(self._used_buf, self._used_off + 4 + 8 * slot, head, length)
+        self.next_used = (self.next_used + 1) & 0xFFFF
+
+    def publish_used(self) -> bool:
+        """Make added elements visible (element before idx); True if the driver wants an interrupt."""
+        if not self.ready:
+            return False
+        self._check_generation()
+        barrier.wmb()
+        U16.pack_into(self._used_buf, self._used_off + 2, self.next_used)
+        barrier.mb()  # the idx store before reading the driver's suppression state
+        new = self.next_used
+        if self.event_idx:
+            old = self._signalled_used
+            valid = self._signalled_valid
+            self._signalled_used = new
+            self._signalled_valid = True
+            if valid and old == new:
+                return False
+            used_event: int = U16.unpack_from(
+                self._avail_buf, self._avail_off + 4 + 2 * self.size)[0]
+            return not valid or vring_need_event(used_event, new, old)
+        flags: int = U16.unpack_from(self._avail_buf, self._avail_off)[0]
+        return not flags & VIRTQ_AVAIL_F_NO_INTERRUPT
+
+    def in_flight(self) -> int:
+        return sum(self._in_flight)
+
+    # -- driver notifications -------------------------------------------------------------------
+    def disable_notification(self) -> None:
+        """Ask the driver not to notify while the device is draining (no-op with EVENT_IDX)."""
+        if not self.event_idx:
+            self._check_generation()
+            U16.pack_into(self._used_buf, self._used_off, VIRTQ_USED_F_NO_NOTIFY)
+
+    def enable_notification(self) -> bool:
+        """Ask for the next notification; True if buffers arrived meanwhile (drain again)."""
+        self._check_generation()
+        if self.event_idx:
+            U16.pack_into(self._used_buf, self._used_off + 4 + 8 * self.size, self.next_avail)
+        else:
+            U16.pack_into(self._used_buf, self._used_off, 0)
+        barrier.mb()
+        return self.avail_idx() != self.next_avail
