@@ -33,6 +33,16 @@ def bit(n: int) -> int:
     return 1 << n
 
 
+class BackendError(Exception):
+    """A backend could not be opened (image missing or locked, TAP refused, socket in use).
+
+    Raised by `VirtioDevice.open()`; the message names the device and says what to do. The
+    daemon logs it and exits with `exit_code` before serving anything.
+    """
+
+    exit_code = 69  # EX_UNAVAILABLE
+
+
 class InterruptLine(Protocol):
     """A guest interrupt line, provided by the hypervisor adaptor.
 
@@ -116,6 +126,9 @@ class VirtioDevice:
 
     async def close(self) -> None:
         """Flush and close the backend. Called once by the daemon at shutdown."""
+
+    def reopen(self) -> None:
+        """SIGHUP: reopen log-like outputs (console file backend) for log rotation."""
 
     def activate(self, memory: GuestMemory, queues: list[SplitQueue], features: int,
                  transport: Transport) -> None:
