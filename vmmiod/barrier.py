@@ -8,7 +8,7 @@ fences here (see vmmiod/hypervisors/xen/ and docs/architecture.md) through `inst
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 
 def _noop() -> None:

@@ -137,15 +137,18 @@ class GuestMemory:
 
     def read_u16(self, gpa: int) -> int:
         buf, off = self.locate(gpa, 2)
-        return U16.unpack_from(buf, off)[0]
+        value: int = U16.unpack_from(buf, off)[0]
+        return value
 
     def read_u32(self, gpa: int) -> int:
         buf, off = self.locate(gpa, 4)
-        return U32.unpack_from(buf, off)[0]
+        value: int = U32.unpack_from(buf, off)[0]
+        return value
 
     def read_u64(self, gpa: int) -> int:
         buf, off = self.locate(gpa, 8)
-        return U64.unpack_from(buf, off)[0]
+        value: int = U64.unpack_from(buf, off)[0]
+        return value
 
     def write_u16(self, gpa: int, value: int) -> None:
         buf, off = self.locate(gpa, 2, True)

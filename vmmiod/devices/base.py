@@ -13,7 +13,8 @@ the event loop, so the adaptor can complete the vCPU's access first (see docs/ar
 from __future__ import annotations
 
 import asyncio
-from typing import Any, ClassVar, Protocol, Sequence
+from collections.abc import Sequence
+from typing import Any, ClassVar, Protocol
 
 import structlog
 

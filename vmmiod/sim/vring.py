@@ -11,7 +11,8 @@ This is the guest's code: it trusts nothing from the device either (used ids are
 from __future__ import annotations
 
 import struct
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from vmmiod import barrier
 from vmmiod.memory import GuestMemory
@@ -156,6 +157,10 @@ class DriverQueue:
             self._tokens[head] = (token, total, None, 0)
         self.raw_avail(self.avail_idx, head)
         self.avail_idx = (self.avail_idx + 1) & 0xFFFF
+        # Like Linux's virtqueue_add_split: the index is published at once (ring entry first);
+        # kick_prepare only decides whether the device needs a notification.
+        barrier.wmb()
+        self.memory.write_u16(self.avail_addr + 2, self.avail_idx)
         return head
 
     def _desc_next(self, i: int) -> int:
@@ -164,9 +169,7 @@ class DriverQueue:
         return nxt
 
     def kick_prepare(self) -> bool:
-        """Publish new avail entries (ring before idx); True if the device wants a notify."""
-        barrier.wmb()
-        self.memory.write_u16(self.avail_addr + 2, self.avail_idx)
+        """True if the device wants a notification for the entries added since the last kick."""
         barrier.mb()
         old, new = self._published_idx, self.avail_idx
         self._published_idx = new

@@ -74,7 +74,7 @@ class DescriptorChain:
     caught by the memory layer's bounds checks at that moment.
     """
 
-    __slots__ = ("memory", "head", "readable", "writable", "readable_len", "writable_len")
+    __slots__ = ("head", "memory", "readable", "readable_len", "writable", "writable_len")
 
     def __init__(self, memory: GuestMemory, head: int, readable: list[tuple[int, int]],
                  writable: list[tuple[int, int]], readable_len: int, writable_len: int) -> None:
@@ -183,6 +183,11 @@ class SplitQueue:
         self._map_rings()
         self._in_flight = bytearray(self.size)
         self.ready = True
+
+    def set_indices(self, next_avail: int, next_used: int) -> None:
+        """Resume at given ring indexes (migration, restart, wrap-around tests)."""
+        self.next_avail = self._avail_idx = next_avail & 0xFFFF
+        self.next_used = self._signalled_used = next_used & 0xFFFF
 
     def _map_rings(self) -> None:
         mem = self.memory
