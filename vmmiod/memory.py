@@ -211,6 +211,15 @@ class MappedMemory(GuestMemory):
         self._owned.append(m)
         return region
 
+    def views(self, gpa: int, length: int, writable: bool = False) -> list[memoryview]:
+        # Hot path (every buffer of every chain): the last region hit, whole range inside it.
+        r = self._last
+        if (r is not None and r.gpa <= gpa and gpa + length <= r.gpa + r.size and length > 0
+                and (r.writable or not writable)):
+            off = gpa - r.gpa
+            return [r.buf[off:off + length]]
+        return super().views(gpa, length, writable)
+
     def _lookup(self, gpa: int, length: int, writable: bool) -> tuple[memoryview, int, int]:
         r = self._last
         if r is None or not (r.gpa <= gpa < r.gpa + r.size):
