@@ -1,0 +1,446 @@
+"""virtio-blk (VIRTIO 1.2, 5.2): a guest disk on a raw image file or a host block device.
+
+Three parts, Firecracker-style: this module (features, config space, the queue loop,
+completions, counters), `block_request` (the single parse step that names every rule a request
+can break) and `block_backend` (the image: size, lock, O_DIRECT, preadv/pwritev, fdatasync,
+hole punching).
+
+Where the blocking work runs was decided by measurement (vmmiod/bench/block.py, figures in
+docs/block.md): reads and writes run inline on the event loop, straight between the image and
+guest memory, because a page-cache preadv costs a few microseconds while a hand-off to a worker
+thread costs several times that. The operations that can stall for milliseconds (fdatasync for
+FLUSH and writethrough writes, hole punching and zeroing) run on one worker thread per device,
+in submission order, so the IOREQs of the other devices are never held up behind them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import math
+import struct
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from vmmiod.config import BlockConfig, GuestConfig
+from vmmiod.devices.base import BackendError, VirtioDevice, bit
+from vmmiod.devices.block_backend import IOV_MAX, Backing, ImageLocked
+from vmmiod.devices.block_request import (
+    ID_BYTES,
+    SECTOR_SHIFT,
+    TYPE_NAMES,
+    VIRTIO_BLK_S_IOERR,
+    VIRTIO_BLK_S_OK,
+    VIRTIO_BLK_S_UNSUPP,
+    VIRTIO_BLK_T_DISCARD,
+    VIRTIO_BLK_T_FLUSH,
+    VIRTIO_BLK_T_GET_ID,
+    VIRTIO_BLK_T_IN,
+    VIRTIO_BLK_T_OUT,
+    VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
+    Limits,
+    Request,
+    RequestError,
+    UnsupportedType,
+    parse,
+)
+from vmmiod.memory import GuestMemory, GuestMemoryError
+from vmmiod.virtqueue import DescriptorChain, SplitQueue, VirtqueueError
+
+# Feature bits (5.2.3).
+VIRTIO_BLK_F_SIZE_MAX = 1
+VIRTIO_BLK_F_SEG_MAX = 2
+VIRTIO_BLK_F_GEOMETRY = 4
+VIRTIO_BLK_F_RO = 5
+VIRTIO_BLK_F_BLK_SIZE = 6
+VIRTIO_BLK_F_FLUSH = 9
+VIRTIO_BLK_F_TOPOLOGY = 10
+VIRTIO_BLK_F_CONFIG_WCE = 11
+VIRTIO_BLK_F_MQ = 12
+VIRTIO_BLK_F_DISCARD = 13
+VIRTIO_BLK_F_WRITE_ZEROES = 14
+
+# struct virtio_blk_config up to write_zeroes_may_unmap (5.2.4), 60 bytes: capacity, size_max,
+# seg_max, geometry (cylinders, heads, sectors), blk_size, topology (physical_block_exp,
+# alignment_offset, min_io_size, opt_io_size), writeback, unused0, num_queues,
+# max_discard_sectors, max_discard_seg, discard_sector_alignment, max_write_zeroes_sectors,
+# max_write_zeroes_seg, write_zeroes_may_unmap, unused1[3].
+BLK_CONFIG = struct.Struct("<QIIHBBIBBHIBBHIIIIIB3x")
+CONFIG_WRITEBACK_OFFSET = 32
+
+SIZE_MAX = 1 << 20  # largest data segment offered (Linux splits larger ones)
+MAX_RANGE_SECTORS = 1 << 22  # 2 GiB per discard / write-zeroes range
+MAX_RANGES = 32  # ranges per discard / write-zeroes request (Linux clamps to 256)
+LOG_FIRST = 10  # guest-caused warnings logged in full, then one in LOG_EVERY
+LOG_EVERY = 1000
+
+# What the worker thread does for a deferred request before its status is known.
+KIND_SYNC, KIND_DISCARD, KIND_WRITE_ZEROES, KIND_WRITE_SYNC = range(4)
+Deferred = tuple[Request, int, int]  # request, used length, kind
+KIND_OPS = {KIND_SYNC: "flush", KIND_DISCARD: "discard", KIND_WRITE_ZEROES: "write_zeroes",
+            KIND_WRITE_SYNC: "write_sync"}
+
+
+def default_serial(guest: str, device: str) -> str:
+    """A stable GET_ID serial of at most 20 bytes from the guest and device names."""
+    s = f"{guest}-{device}"
+    if len(s.encode()) <= ID_BYTES:
+        return s
+    digest = hashlib.sha256(s.encode()).hexdigest()[:8]
+    return f"{s.encode()[:11].decode(errors='ignore')}-{digest}"
+
+
+class BlockDevice(VirtioDevice):
+    device_id = 2
+    type_name = "block"
+
+    def __init__(self, cfg: BlockConfig, guest: GuestConfig, *, access_platform: bool = False,
+                 log: Any = None) -> None:
+        nqueues = max(1, cfg.queues)
+        super().__init__(cfg.id, [cfg.queue_size] * nqueues, access_platform=access_platform,
+                         log=log)
+        self.cfg = cfg
+        serial = cfg.serial if cfg.serial is not None else default_serial(guest.name, cfg.id)
+        self.serial_id = serial.encode()[:ID_BYTES].ljust(ID_BYTES, b"\0")
+        self.backing = Backing(cfg.path, readonly=cfg.readonly, cache=cfg.cache, lock=cfg.lock)
+        self.limits: Limits | None = None
+        self.writeback = cfg.cache != "writethrough"  # the config space's writeback field
+        self._writethrough = not self.writeback  # effective mode while active
+        self._flush_error: OSError | None = None  # sticky: see _run_deferred
+        self._flush_error_logged = False
+        self._executor: ThreadPoolExecutor | None = None
+        self._epoch = 0  # bumped on reset: late worker completions are dropped
+        self._deferred: list[list[Deferred]] = []
+        self._log_counts: dict[str, int] = {}
+        self.counters.update({
+            "requests_in": 0, "requests_out": 0, "requests_flush": 0, "requests_get_id": 0,
+            "requests_discard": 0, "requests_write_zeroes": 0, "requests_unsupported": 0,
+            "bytes_read": 0, "bytes_written": 0, "errors": 0, "malformed": 0,
+            "io_errors": 0, "enospc": 0, "eio": 0, "flushes": 0, "in_flight": 0,
+        })
+
+    # -- backend ---------------------------------------------------------------------------------
+    async def open(self) -> None:
+        try:
+            self.backing.open()
+        except ImageLocked as exc:
+            raise BackendError(
+                f"block device {self.name!r}: image {self.cfg.path} is locked by another "
+                f"process (another vmmiod or a VMM is using it); stop that process first, or "
+                f"set 'lock: false' for this device if sharing the image is intended") from exc
+        except OSError as exc:
+            raise BackendError(f"block device {self.name!r}: cannot open {self.cfg.path}: "
+                               f"{exc.strerror or exc}") from exc
+        b = self.backing
+        if b.direct_unavailable:
+            self.log.warning("block_direct_io_unavailable", path=str(self.cfg.path))
+        self.limits = Limits(
+            capacity=b.size >> SECTOR_SHIFT, seg_max=self._seg_max(), size_max=SIZE_MAX,
+            readonly=self.cfg.readonly, discard=not self.cfg.readonly,
+            write_zeroes=not self.cfg.readonly, max_discard_sectors=MAX_RANGE_SECTORS,
+            max_discard_seg=MAX_RANGES, max_write_zeroes_sectors=MAX_RANGE_SECTORS,
+            max_write_zeroes_seg=MAX_RANGES)
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"blk-{self.name}")
+        self.log.info("block_opened", path=str(self.cfg.path), size=b.size,
+                      block_device=b.is_block_device, cache=self.cfg.cache, direct=b.direct,
+                      readonly=self.cfg.readonly, queues=len(self.queue_max_sizes))
+
+    async def close(self) -> None:
+        if self.backing.fd < 0:
+            return
+        executor, self._executor = self._executor, None
+        try:
+            if executor is not None:
+                await asyncio.get_running_loop().run_in_executor(executor, self.backing.close)
+                executor.shutdown(wait=True)
+            else:
+                self.backing.close()
+        except OSError as exc:
+            self.log.error("block_close_failed", errno=exc.errno, error=exc.strerror)
+        self.log.info("block_closed", **self.stats())
+
+    def _seg_max(self) -> int:
+        # Header and status take two descriptors of a direct chain; preadv takes IOV_MAX.
+        return max(1, min(self.cfg.queue_size - 2, IOV_MAX - 2))
+
+    # -- features and config space -------------------------------------------------------------
+    def device_features(self) -> int:
+        f = super().device_features()
+        f |= (bit(VIRTIO_BLK_F_SIZE_MAX) | bit(VIRTIO_BLK_F_SEG_MAX) | bit(VIRTIO_BLK_F_BLK_SIZE)
+              | bit(VIRTIO_BLK_F_FLUSH) | bit(VIRTIO_BLK_F_CONFIG_WCE))
+        if self.backing.is_block_device:
+            f |= bit(VIRTIO_BLK_F_TOPOLOGY)
+        if self.cfg.readonly:
+            f |= bit(VIRTIO_BLK_F_RO)
+        else:
+            f |= bit(VIRTIO_BLK_F_DISCARD) | bit(VIRTIO_BLK_F_WRITE_ZEROES)
+        if len(self.queue_max_sizes) > 1:
+            f |= bit(VIRTIO_BLK_F_MQ)
+        return f
+
+    def blk_size(self) -> int:
+        b = self.backing
+        if b.is_block_device:
+            return b.topology.logical
+        return b.direct_align if b.direct else 512
+
+    def config_bytes(self) -> bytes:
+        b = self.backing
+        t = b.topology
+        logical = max(1, t.logical)
+        exp = int(math.log2(t.physical // logical)) if t.physical > logical else 0
+        granularity = max(1, b.discard_granularity >> SECTOR_SHIFT)
+        return BLK_CONFIG.pack(
+            b.size >> SECTOR_SHIFT, SIZE_MAX, self._seg_max(),
+            0, 0, 0,  # geometry: not offered
+            self.blk_size(),
+            exp, min(255, t.align_offset // logical), min(0xFFFF, t.io_min // logical),
+            min(0xFFFFFFFF, t.io_opt // logical),
+            1 if self.writeback else 0, 0, len(self.queue_max_sizes),
+            MAX_RANGE_SECTORS, MAX_RANGES, granularity,
+            MAX_RANGE_SECTORS, MAX_RANGES, 1)
+
+    def write_config(self, offset: int, size: int, value: int) -> None:
+        """Only `writeback` is writable (CONFIG_WCE, 5.2.6.3): 0 writethrough, 1 writeback."""
+        if offset != CONFIG_WRITEBACK_OFFSET or size != 1 or value not in (0, 1):
+            self.log.warning("block_config_write_ignored", offset=offset, size=size,
+                             value=value)
+            return
+        self.writeback = bool(value)
+        self._writethrough = not self.writeback or (
+            self.active and not self.has_feature(VIRTIO_BLK_F_FLUSH))
+        self.log.info("block_cache_mode_changed", writeback=self.writeback)
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def on_activate(self) -> None:
+        self._deferred = [[] for _ in self.queues]
+        # A driver that cannot flush must get durable writes (5.2.6.3: without FLUSH the
+        # device behaves as writethrough).
+        self._writethrough = not self.writeback or not self.has_feature(VIRTIO_BLK_F_FLUSH)
+
+    def on_reset(self) -> None:
+        self._epoch += 1  # completions of work already on the worker thread are dropped
+        self._deferred = []
+        self.counters["in_flight"] = 0
+        if not self.active:  # a real reset, not a fault: config returns to its initial state
+            self.writeback = self.cfg.cache != "writethrough"
+
+    # -- the queue loop -------------------------------------------------------------------------
+    def process_queue(self, index: int) -> None:
+        limits, memory = self.limits, self.memory
+        if limits is None or memory is None:
+            self.fault("block backend is not open", queue=index)
+            return
+        q = self.queues[index]
+        used_before = q.next_used
+        budget = q.size  # chains per turn: a guest that refills forever cannot starve the loop
+        handle = self._handle
+        while True:
+            q.disable_notification()
+            while budget:
+                chain = q.pop()
+                if chain is None:
+                    break
+                handle(index, q, memory, limits, chain)
+                budget -= 1
+            if not budget:
+                self._end_batch(index, q.next_used != used_before)
+                self._reschedule(index)
+                return
+            if not q.enable_notification():
+                break
+        self._end_batch(index, q.next_used != used_before)
+
+    def _reschedule(self, index: int) -> None:
+        if self._loop is not None and index not in self._pending:
+            self._pending.add(index)
+            self._loop.call_soon(self._run_queue, index)
+
+    def _handle(self, index: int, q: SplitQueue, mem: GuestMemory, limits: Limits,
+                chain: DescriptorChain) -> None:
+        """One request: parse, then inline I/O or a place on the worker's list."""
+        try:
+            req = parse(chain, limits)
+        except RequestError as exc:
+            self._reject(q, mem, chain, exc)
+            return
+        t = req.type
+        c = self.counters
+        if t == VIRTIO_BLK_T_IN:
+            c["requests_in"] += 1
+            views: list[memoryview] = []
+            for gpa, n in req.data:
+                views += mem.views(gpa, n, True)
+            try:
+                self.backing.readv(views, req.sector << SECTOR_SHIFT, req.data_len)
+                status = VIRTIO_BLK_S_OK
+                c["bytes_read"] += req.data_len
+            except OSError as exc:
+                status = self._io_error("read", exc, req)
+            buf, off = mem.locate(req.status_gpa, 1, True)
+            buf[off] = status
+            q.add_used(req.head, chain.writable_len)
+        elif t == VIRTIO_BLK_T_OUT:
+            c["requests_out"] += 1
+            views = []
+            for gpa, n in req.data:
+                views += mem.views(gpa, n, False)
+            try:
+                self.backing.writev(views, req.sector << SECTOR_SHIFT, req.data_len)
+            except OSError as exc:
+                status = self._io_error("write", exc, req)
+            else:
+                c["bytes_written"] += req.data_len
+                if self._writethrough:
+                    self._defer(index, req, KIND_WRITE_SYNC)
+                    return
+                status = VIRTIO_BLK_S_OK
+            buf, off = mem.locate(req.status_gpa, 1, True)
+            buf[off] = status
+            q.add_used(req.head, 1)
+        elif t == VIRTIO_BLK_T_FLUSH:
+            c["requests_flush"] += 1
+            self._defer(index, req, KIND_SYNC)
+        elif t == VIRTIO_BLK_T_GET_ID:
+            c["requests_get_id"] += 1
+            pos = 0
+            for gpa, n in req.data:
+                mem.write(gpa, self.serial_id[pos:pos + n])
+                pos += n
+            self._complete(q, mem, req.head, req.status_gpa, VIRTIO_BLK_S_OK,
+                           chain.writable_len)
+        elif t == VIRTIO_BLK_T_DISCARD:
+            c["requests_discard"] += 1
+            self._defer(index, req, KIND_DISCARD)
+        else:  # parse() lets through only the types above and WRITE_ZEROES
+            c["requests_write_zeroes"] += 1
+            self._defer(index, req, KIND_WRITE_ZEROES)
+
+    def _complete(self, q: SplitQueue, mem: GuestMemory, head: int, status_gpa: int | None,
+                  status: int, used_len: int) -> None:
+        if status_gpa is not None:
+            buf, off = mem.locate(status_gpa, 1, True)
+            buf[off] = status
+        if status != VIRTIO_BLK_S_OK:
+            self.counters["errors"] += 1
+        q.add_used(head, used_len)
+
+    def _reject(self, q: SplitQueue, mem: GuestMemory, chain: DescriptorChain,
+                exc: RequestError) -> None:
+        """A request that broke a rule: its status, no I/O, a (rate-limited) warning."""
+        if isinstance(exc, UnsupportedType):
+            self.counters["requests_unsupported"] += 1
+        else:
+            self.counters["malformed"] += 1
+            self._warn("block_request_malformed", rule=exc.rule, reason=str(exc),
+                       head=chain.head, queue=q.index)
+        used = 0 if exc.status_gpa is None else 1
+        self._complete(q, mem, chain.head, exc.status_gpa, exc.status, used)
+
+    def _io_error(self, op: str, exc: OSError, req: Request | None) -> int:
+        c = self.counters
+        c["io_errors"] += 1
+        name = {28: "enospc", 5: "eio"}.get(exc.errno or 0)  # ENOSPC, EIO
+        if name is not None:
+            c[name] += 1
+        self._warn("block_io_error", op=op, errno=exc.errno, error=exc.strerror,
+                   sector=None if req is None else req.sector)
+        return VIRTIO_BLK_S_IOERR
+
+    def _warn(self, event: str, **kw: Any) -> None:
+        """Guest-triggerable warnings: the first few in full, then one in LOG_EVERY."""
+        n = self._log_counts.get(event, 0) + 1
+        self._log_counts[event] = n
+        if n <= LOG_FIRST or n % LOG_EVERY == 0:
+            self.log.warning(event, occurrences=n, **kw)
+
+    def _end_batch(self, index: int, added: bool) -> None:
+        if self._deferred and self._deferred[index]:
+            work, self._deferred[index] = self._deferred[index], []
+            self._submit(index, work)
+        if added:  # without EVENT_IDX an empty publish would still interrupt the driver
+            self.notify_used(index)
+
+    # -- deferred work: fdatasync, discard, write zeroes on the worker thread -------------------
+    def _defer(self, index: int, req: Request, kind: int) -> None:
+        used = 1
+        self._deferred[index].append((req, used, kind))
+        self.counters["in_flight"] += 1
+
+    def _submit(self, index: int, work: list[Deferred]) -> None:
+        epoch = self._epoch
+        if self._loop is None or self._executor is None:  # no loop (sans-IO use): inline
+            self._finish_deferred(index, epoch, work, self._run_deferred(work))
+            return
+        fut = self._loop.run_in_executor(self._executor, self._run_deferred, work)
+        fut.add_done_callback(
+            lambda f: self._finish_deferred(index, epoch, work, f.result()))
+
+    def _run_deferred(self, work: list[Deferred]) -> list[tuple[int, OSError | None]]:
+        """On the worker: ranges in order, then one fdatasync covering the whole batch.
+
+        One fdatasync serves every FLUSH and writethrough write of the batch: each of them
+        covers only writes completed before it, and all of those were done before this ran.
+        After a failed fdatasync the kernel may have dropped the dirty pages, so later flushes
+        cannot promise anything: the failure is sticky (every later sync fails too).
+        """
+        results: list[tuple[int, OSError | None]] = []
+        need_sync = False
+        b = self.backing
+        for req, _used, kind in work:
+            try:
+                if kind == KIND_DISCARD:
+                    for sector, count, _flags in req.ranges or ():
+                        b.discard(sector << SECTOR_SHIFT, count << SECTOR_SHIFT)
+                elif kind == KIND_WRITE_ZEROES:
+                    for sector, count, flags in req.ranges or ():
+                        b.write_zeroes(sector << SECTOR_SHIFT, count << SECTOR_SHIFT,
+                                       bool(flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP))
+                    need_sync = need_sync or self._writethrough
+                else:
+                    need_sync = True
+                results.append((VIRTIO_BLK_S_OK, None))
+            except OSError as exc:
+                results.append((VIRTIO_BLK_S_IOERR, exc))
+        if need_sync:
+            err = self._flush_error
+            if err is None:
+                try:
+                    b.flush()
+                except OSError as exc:
+                    err = self._flush_error = exc
+            self.counters["flushes"] += 1
+            if err is not None:
+                for i, (req, _used, kind) in enumerate(work):
+                    if kind in (KIND_SYNC, KIND_WRITE_SYNC) and results[i][1] is None:
+                        results[i] = (VIRTIO_BLK_S_IOERR, err)
+        return results
+
+    def _finish_deferred(self, index: int, epoch: int, work: list[Deferred],
+                         results: list[tuple[int, OSError | None]]) -> None:
+        """Back on the loop: write statuses, return the chains, interrupt once."""
+        if epoch != self._epoch or not self.active or self.failed:
+            return  # the device was reset meanwhile: these chains belong to nobody now
+        self.counters["in_flight"] -= len(work)
+        mem = self.memory
+        assert mem is not None
+        q = self.queues[index]
+        try:
+            for (req, used, kind), (status, exc) in zip(work, results):
+                if exc is not None:
+                    self._io_error(KIND_OPS[kind], exc, req)
+                    if exc is self._flush_error and not self._flush_error_logged:
+                        self._flush_error_logged = True
+                        self.log.error("block_flush_failed", errno=exc.errno,
+                                       error=exc.strerror, sticky=True)
+                self._complete(q, mem, req.head, req.status_gpa, status, used)
+            self.notify_used(index)
+        except (VirtqueueError, GuestMemoryError) as exc:
+            self.fault(f"queue {index}: {exc}", queue=index, error=type(exc).__name__)
+
+    def stats(self) -> dict[str, int]:
+        return dict(self.counters)
+
+
+__all__ = ["BlockDevice", "TYPE_NAMES", "VIRTIO_BLK_S_IOERR", "VIRTIO_BLK_S_OK",
+           "VIRTIO_BLK_S_UNSUPP", "default_serial"]
