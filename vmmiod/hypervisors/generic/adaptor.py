@@ -1,0 +1,381 @@
+"""The generic adaptor: IOREQs from any VMM over a Unix socket (docs/generic-ioreq.md).
+
+Xen's request page is kept as it is (ioreq_t slots, READY -> INPROCESS -> IORESP_READY), so
+`vmmiod.ioreq.serve_ioreq_slot` serves both adaptors; Xen's event channels become eventfds and
+foreign mapping becomes memfds mapped once at connect time. One VMM at a time; a VMM that goes
+away resets every device (`bus.detach_memory()`) and the daemon waits for the next one, or
+exits when the config says `on_disconnect: exit`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import mmap
+import os
+import socket
+import stat
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from vmmiod.config import MMIO_WINDOW_SIZE, Config, GenericConfig
+from vmmiod.hypervisors.base import Adaptor
+from vmmiod.hypervisors.generic import fds as fdcheck
+from vmmiod.hypervisors.generic.protocol import (
+    IRQ_MODE_EVENTFD,
+    IRQ_MODE_LEVEL,
+    MAX_MESSAGE,
+    MSG_BYE,
+    REFUSE_BUSY,
+    REFUSE_FD_COUNT,
+    REFUSE_IRQS,
+    REFUSE_MALFORMED,
+    ClientHello,
+    ProtocolError,
+    Window,
+    header,
+    pack_irq_level,
+    pack_refuse,
+    pack_server_hello,
+    parse_client_hello,
+    parse_header,
+)
+from vmmiod.memory import MappedMemory
+
+MSG_ACCEPT_BYTES = header(3)
+EVENTFD_ONE = (1).to_bytes(8, "little")
+HELLO_TIMEOUT = 10.0  # seconds a connected peer has to send its hello
+SCM_MAX_FD = 253  # Linux's limit of fds in one SCM_RIGHTS message
+
+
+class GenericLine:
+    """One guest interrupt line. A no-op while no VMM is connected (or the VMM gave no line)."""
+
+    def __init__(self, irq: int, counters: dict[str, int]) -> None:
+        self.irq = irq
+        self.fd: int | None = None  # IRQ_MODE_EVENTFD: the VMM's eventfd
+        self.sock: socket.socket | None = None  # IRQ_MODE_LEVEL: the connection
+        self.level = False
+        self._counters = counters
+
+    def bind(self, fd: int | None, sock: socket.socket | None) -> None:
+        self.fd, self.sock, self.level = fd, sock, False
+
+    def raise_(self) -> None:
+        if self.fd is not None:
+            try:
+                os.write(self.fd, EVENTFD_ONE)
+                self._counters["interrupts"] += 1
+            except OSError:  # counter at its maximum: the VMM does not read its eventfd
+                self._counters["interrupts_dropped"] += 1
+        elif self.sock is not None and not self.level:
+            self._send_level(True)
+
+    def lower(self) -> None:
+        if self.sock is not None and self.level:
+            self._send_level(False)
+
+    def _send_level(self, level: bool) -> None:
+        assert self.sock is not None
+        try:
+            self.sock.send(pack_irq_level(self.irq, level))
+            self.level = level
+            self._counters["interrupts"] += int(level)
+        except OSError:  # the VMM does not read its socket; its EOF is handled elsewhere
+            self._counters["interrupts_dropped"] += 1
+
+
+@dataclass
+class _Connection:
+    sock: socket.socket
+    hello: ClientHello
+    memory: MappedMemory
+    page: mmap.mmap
+    page_view: memoryview
+    req_fds: list[int]
+    resp_fds: list[int]
+    fds: list[int] = field(default_factory=list)  # every fd received, closed at disconnect
+
+
+class GenericAdaptor(Adaptor):
+    kind = "generic"
+
+    def __init__(self, config: Config, bus: Any, log: Any) -> None:
+        super().__init__(bus, log)
+        assert isinstance(config.hypervisor, GenericConfig)
+        self.config = config
+        self.hv: GenericConfig = config.hypervisor
+        self.counters = {"connections": 0, "refused": 0, "disconnects": 0, "ioreqs": 0,
+                         "ioreqs_unanswered": 0, "interrupts": 0, "interrupts_dropped": 0}
+        self._lines: dict[int, GenericLine] = {}
+        self._listener: socket.socket | None = None
+        self._listener_ino: int | None = None
+        self._pending: dict[socket.socket, asyncio.TimerHandle] = {}
+        self._conn: _Connection | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._serve: Callable[[Any, int, Any], bool] | None = None
+
+    # -- Adaptor interface -------------------------------------------------------------------------
+    async def prepare(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        if self.finished is None:
+            self.finished = self._loop.create_future()
+
+    def interrupt_line(self, irq: int) -> GenericLine:
+        line = self._lines.get(irq)
+        if line is None:
+            line = self._lines[irq] = GenericLine(irq, self.counters)
+        return line
+
+    def server_windows(self) -> list[Window]:
+        """The windows announced to a VMM: what is on the bus (the config when it cannot say)."""
+        out = []
+        if hasattr(self.bus, "windows"):
+            for base, size, window in self.bus.windows():
+                irq = getattr(getattr(window, "irq_line", None), "irq", None)
+                if irq is not None:
+                    out.append(Window(base, size, irq))
+            return out
+        for dev in self.config.devices:
+            if dev.mmio.base is not None and dev.mmio.irq is not None:
+                out.append(Window(dev.mmio.base, MMIO_WINDOW_SIZE, dev.mmio.irq))
+        return out
+
+    async def start(self) -> None:
+        from vmmiod.ioreq import serve_ioreq_slot  # the completion shared with the Xen adaptor
+
+        self._serve = serve_ioreq_slot
+        if self._loop is None:
+            await self.prepare()
+        assert self._loop is not None
+        path = self.hv.socket
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            if stat.S_ISSOCK(os.lstat(path).st_mode):
+                os.unlink(path)  # a stale socket of an earlier run; anything else is not ours
+        except FileNotFoundError:
+            pass
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        try:
+            sock.bind(str(path))
+            os.chmod(path, self.hv.socket_mode)
+            sock.listen(8)
+        except OSError:
+            sock.close()
+            raise
+        sock.setblocking(False)
+        self._listener = sock
+        self._listener_ino = os.stat(path).st_ino
+        self._loop.add_reader(sock.fileno(), self._on_accept)
+        self.log.info("vmm_listening", socket=str(path), windows=len(self.server_windows()),
+                      on_disconnect=self.hv.on_disconnect)
+
+    async def stop(self) -> None:
+        if self._listener is not None:
+            assert self._loop is not None
+            self._loop.remove_reader(self._listener.fileno())
+            self._listener.close()
+            self._listener = None
+            try:
+                if os.stat(self.hv.socket).st_ino == self._listener_ino:
+                    os.unlink(self.hv.socket)
+            except OSError:
+                pass
+        for sock in list(self._pending):
+            self._drop_pending(sock)
+        if self._conn is not None:
+            self._disconnect("daemon_stopping", exit_allowed=False)
+
+    # -- connections -------------------------------------------------------------------------------
+    def _on_accept(self) -> None:
+        assert self._listener is not None and self._loop is not None
+        try:
+            sock, _ = self._listener.accept()
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:  # EMFILE and friends: keep listening
+            self.log.warning("vmm_accept_failed", error=str(exc))
+            return
+        sock.setblocking(False)
+        if self._conn is not None:
+            self._refuse(sock, ProtocolError(REFUSE_BUSY, "another VMM is connected"))
+            return
+        try:
+            sock.send(pack_server_hello(self.server_windows()))
+        except OSError:
+            sock.close()
+            return
+        self._pending[sock] = self._loop.call_later(HELLO_TIMEOUT, self._hello_timeout, sock)
+        self._loop.add_reader(sock.fileno(), self._on_hello, sock)
+
+    def _drop_pending(self, sock: socket.socket) -> None:
+        timer = self._pending.pop(sock, None)
+        if timer is not None:
+            timer.cancel()
+        if self._loop is not None and sock.fileno() >= 0:
+            self._loop.remove_reader(sock.fileno())
+
+    def _hello_timeout(self, sock: socket.socket) -> None:
+        self._drop_pending(sock)
+        self._refuse(sock, ProtocolError(REFUSE_MALFORMED, f"no hello within {HELLO_TIMEOUT} s"))
+
+    def _refuse(self, sock: socket.socket, err: ProtocolError) -> None:
+        self.counters["refused"] += 1
+        self.log.warning("vmm_refused", reason=err.reason, message=str(err))
+        try:
+            sock.send(pack_refuse(err.reason, str(err)))
+        except OSError:
+            pass
+        sock.close()
+
+    def _on_hello(self, sock: socket.socket) -> None:
+        try:
+            data, fds, flags, _ = socket.recv_fds(sock, MAX_MESSAGE + 1, SCM_MAX_FD)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._drop_pending(sock)
+            self.log.warning("vmm_refused", reason=REFUSE_MALFORMED, message=str(exc))
+            sock.close()
+            return
+        self._drop_pending(sock)
+        if not data and not fds:  # the peer left before saying hello
+            sock.close()
+            return
+        try:
+            if self._conn is not None:
+                raise ProtocolError(REFUSE_BUSY, "another VMM is connected")
+            if flags & (socket.MSG_CTRUNC | socket.MSG_TRUNC):
+                raise ProtocolError(REFUSE_FD_COUNT if flags & socket.MSG_CTRUNC else
+                                    REFUSE_MALFORMED, "hello or its fds were truncated")
+            conn = self._build(sock, data, fds)
+        except ProtocolError as err:
+            fdcheck.close_all(fds)
+            self._refuse(sock, err)
+            return
+        self._activate(conn)
+
+    def _build(self, sock: socket.socket, data: bytes, fds: list[int]) -> _Connection:
+        """Check the hello and its fds and map memory; raises ProtocolError, leaves nothing mapped."""
+        hello = parse_client_hello(data)
+        want = hello.fd_count()
+        if len(fds) != want:
+            raise ProtocolError(REFUSE_FD_COUNT, f"hello announces {want} fds, {len(fds)} came")
+        missing = sorted(set(self._lines) - {i.irq for i in hello.irqs})
+        if missing:
+            raise ProtocolError(REFUSE_IRQS, f"no line for irq(s) {missing} used by devices")
+        n_reg, n_cpu = len(hello.regions), hello.n_vcpus
+        page_fd = fds[n_reg]
+        req_fds = fds[n_reg + 1:n_reg + 1 + n_cpu]
+        resp_fds = fds[n_reg + 1 + n_cpu:n_reg + 1 + 2 * n_cpu]
+        line_fds = fds[n_reg + 1 + 2 * n_cpu:]
+        for k, fd in enumerate(req_fds):
+            fdcheck.check_eventfd(fd, f"vCPU {k} request eventfd")
+        for k, fd in enumerate(resp_fds):
+            fdcheck.check_eventfd(fd, f"vCPU {k} response eventfd")
+        for k, fd in enumerate(line_fds):
+            fdcheck.check_eventfd(fd, f"interrupt eventfd {k}")
+        page = fdcheck.map_ioreq_page(page_fd)
+        try:
+            memory = fdcheck.map_regions(hello.regions, fds[:n_reg])
+        except BaseException:
+            page.close()
+            raise
+        # The daemon never blocks on its peer: a full eventfd counter or an unread socket makes
+        # a write fail with EAGAIN instead (O_NONBLOCK is shared with the VMM; it polls).
+        for fd in req_fds + resp_fds + line_fds:
+            os.set_blocking(fd, False)
+        return _Connection(sock, hello, memory, page, memoryview(page), req_fds, resp_fds,
+                           list(fds))
+
+    def _activate(self, conn: _Connection) -> None:
+        assert self._loop is not None
+        self._conn = conn
+        self.counters["connections"] += 1
+        it = iter(conn.fds[len(conn.hello.regions) + 1 + 2 * conn.hello.n_vcpus:])
+        for spec in conn.hello.irqs:
+            line = self._lines.get(spec.irq)
+            fd = next(it) if spec.mode == IRQ_MODE_EVENTFD else None
+            if line is not None:
+                line.bind(fd, conn.sock if spec.mode == IRQ_MODE_LEVEL else None)
+        self.bus.attach_memory(conn.memory)
+        for vcpu, fd in enumerate(conn.req_fds):
+            self._loop.add_reader(fd, self._on_request, vcpu)
+        self._loop.add_reader(conn.sock.fileno(), self._on_message)
+        try:
+            conn.sock.send(MSG_ACCEPT_BYTES)
+        except OSError:
+            self._disconnect("send_failed")
+            return
+        self.log.info("vmm_connected", vcpus=conn.hello.n_vcpus,
+                      regions=len(conn.hello.regions),
+                      ram_bytes=sum(r.size for r in conn.hello.regions),
+                      irqs=[i.irq for i in conn.hello.irqs])
+
+    def _on_request(self, vcpu: int) -> None:
+        conn = self._conn
+        if conn is None:
+            return
+        try:
+            os.read(conn.req_fds[vcpu], 8)
+        except (BlockingIOError, InterruptedError):
+            return
+        assert self._serve is not None
+        self.counters["ioreqs"] += 1
+        if self._serve(conn.page_view, vcpu, self.bus):
+            try:
+                os.write(conn.resp_fds[vcpu], EVENTFD_ONE)
+            except OSError:
+                pass
+        else:
+            # Not READY (spurious kick, or a VMM scribbling the page): nothing to answer.
+            self.counters["ioreqs_unanswered"] += 1
+
+    def _on_message(self) -> None:
+        conn = self._conn
+        if conn is None:
+            return
+        try:
+            data = conn.sock.recv(MAX_MESSAGE)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._disconnect("vmm_closed")
+            return
+        try:
+            _, msg_type = parse_header(data)
+        except ProtocolError:
+            msg_type = -1
+        if msg_type == MSG_BYE:
+            self._disconnect("vmm_bye")
+        else:
+            self.log.warning("vmm_message_ignored", type=msg_type, length=len(data))
+
+    def _disconnect(self, why: str, exit_allowed: bool = True) -> None:
+        conn = self._conn
+        if conn is None:
+            return
+        self._conn = None
+        self.counters["disconnects"] += 1
+        assert self._loop is not None
+        for fd in conn.req_fds:
+            self._loop.remove_reader(fd)
+        self._loop.remove_reader(conn.sock.fileno())
+        for line in self._lines.values():
+            line.bind(None, None)
+        self.bus.detach_memory()  # resets every device; none may keep a view of guest RAM
+        conn.page_view.release()
+        conn.page.close()
+        conn.memory.close()
+        fdcheck.close_all(conn.fds)
+        conn.sock.close()
+        self.log.info("vmm_disconnected", why=why, ioreqs=self.counters["ioreqs"],
+                      next="exit" if self.hv.on_disconnect == "exit" and exit_allowed else "wait")
+        if exit_allowed and self.hv.on_disconnect == "exit":
+            if self.finished is not None and not self.finished.done():
+                self.finished.set_result(0)
+
+    @property
+    def connected(self) -> bool:
+        return self._conn is not None
