@@ -146,6 +146,7 @@ class ConsoleGuest:
         self.send_raw(CONTROL_TRANSMITQ, CONTROL.pack(port_id, event, value))
 
     def send_raw(self, index: int, data: bytes) -> None:
+        self._reap_tx(index)
         gpa = self.alloc.alloc(max(len(data), 1), 8)
         self.memory.write(gpa, data)
         self.driver[index].add([(gpa, len(data))], [], token=(gpa, len(data)))
