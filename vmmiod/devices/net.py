@@ -1,0 +1,480 @@
+"""virtio-net (VIRTIO 1.2, section 5.1): a guest's network card on a TAP or a datagram socket.
+
+Queues: 0 receiveq, 1 transmitq, 2 controlq (with CTRL_VQ). Frames move between guest memory
+and the backend without a copy through Python bytes: receive reads (os.readv / recvmsg_into)
+straight into the writable views of the posted chains, header in place; transmit hands the
+chain's readable views to os.writev / sendmsg.
+
+Receive runs only while the guest has buffers posted: the backend fd is watched (add_reader)
+while the device holds or can pop receive chains, and unwatched otherwise, so a flood waits in
+the kernel's bounded TAP/socket queue, never in the daemon. With MRG_RXBUF the device holds
+enough chains for the largest frame the guest may get, fills them in order and writes
+num_buffers; without it every frame must fit one chain. A frame that does not fit what the
+guest posted is dropped and counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any, Protocol
+
+import structlog
+
+from vmmiod.config import GuestConfig, NetConfig, TapBackend
+from vmmiod.devices.base import VIRTIO_F_VERSION_1, BackendError, VirtioDevice, bit
+from vmmiod.devices.net_ctrl import CTRL_MAX_PAYLOAD, VIRTIO_NET_ERR, RxFilter, execute
+from vmmiod.devices.net_dgram import RECV_FOREIGN, DgramSocket
+from vmmiod.devices.net_proto import (
+    CONFIG,
+    CONFIG_MAC_OFFSET,
+    ETH_ALEN,
+    ETH_HLEN,
+    GUEST_OFFLOAD_MASK,
+    MAX_FRAME_WITH_HDR,
+    NET_HDR_LEN,
+    NET_HDR_LEN_LEGACY,
+    NUM_BUFFERS_OFFSET,
+    U16,
+    VIRTIO_NET_F_CSUM,
+    VIRTIO_NET_F_CTRL_GUEST_OFFLOADS,
+    VIRTIO_NET_F_CTRL_MAC_ADDR,
+    VIRTIO_NET_F_CTRL_RX,
+    VIRTIO_NET_F_CTRL_VQ,
+    VIRTIO_NET_F_GUEST_CSUM,
+    VIRTIO_NET_F_GUEST_ECN,
+    VIRTIO_NET_F_GUEST_TSO4,
+    VIRTIO_NET_F_GUEST_TSO6,
+    VIRTIO_NET_F_GUEST_UFO,
+    VIRTIO_NET_F_HOST_ECN,
+    VIRTIO_NET_F_HOST_TSO4,
+    VIRTIO_NET_F_HOST_TSO6,
+    VIRTIO_NET_F_MAC,
+    VIRTIO_NET_F_MRG_RXBUF,
+    VIRTIO_NET_F_MTU,
+    VIRTIO_NET_F_STATUS,
+    VIRTIO_NET_S_LINK_UP,
+    VLAN_HLEN,
+    RxDrop,
+    TxDrop,
+    check_tx_header,
+    default_mac,
+    features_consistent,
+    format_mac,
+    gather,
+    parse_mac,
+    scatter,
+)
+from vmmiod.devices.net_tap import TapInterface
+from vmmiod.memory import GuestMemoryError
+from vmmiod.virtqueue import DescriptorChain, SplitQueue, VirtqueueError
+
+RX_QUEUE, TX_QUEUE, CTRL_QUEUE = 0, 1, 2
+CTRL_QUEUE_SIZE = 64
+IOV_MAX = 1024  # Linux's UIO_MAXIOV; one iovec is kept for the overflow buffer
+# Frames per wake-up of each direction before yielding the loop to the other devices.
+RX_BUDGET = 128
+TX_BUDGET = 256
+
+
+class NetBackendIO(Protocol):
+    fd: int
+    offloads: bool
+    link_up: bool
+
+    def describe(self) -> dict[str, Any]: ...
+    def open(self, loop: asyncio.AbstractEventLoop, on_link: Any) -> None: ...
+    def close(self) -> None: ...
+    def configure(self, hdr_len: int, features: int) -> None: ...
+    def recv(self, iov: list[memoryview], cap: int, hdr_len: int) -> int: ...
+    def send(self, views: list[memoryview], hdr_len: int) -> bool: ...
+
+
+class _RxBuffer:
+    """A receive chain the device holds, with its writable views looked up once."""
+
+    __slots__ = ("cap", "chain", "gen", "views")
+
+    def __init__(self, chain: DescriptorChain, gen: int) -> None:
+        self.chain = chain
+        self.gen = gen
+        self.views: list[memoryview] = []
+        self.cap = 0
+        self.lookup(gen)
+
+    def lookup(self, gen: int) -> None:
+        views = self.chain.writable_views()
+        if len(views) > IOV_MAX - 1:
+            del views[IOV_MAX - 1:]  # a hostile scatter list: use the part an iovec can carry
+        self.views = views
+        self.cap = sum(len(v) for v in views)
+        self.gen = gen
+
+
+class NetDevice(VirtioDevice):
+    device_id = 1
+    type_name = "net"
+
+    def __init__(self, cfg: NetConfig, guest: GuestConfig, *, access_platform: bool = False,
+                 log: Any = None) -> None:
+        log = log if log is not None else structlog.get_logger().bind(
+            guest=guest.name, device=cfg.id)
+        super().__init__(cfg.id, (cfg.queue_size, cfg.queue_size, CTRL_QUEUE_SIZE),
+                         access_platform=access_platform, log=log)
+        self.cfg = cfg
+        self.mac = parse_mac(cfg.mac) if cfg.mac else default_mac(guest.name, cfg.id)
+        self.backend: NetBackendIO
+        if isinstance(cfg.backend, TapBackend):
+            self.backend = TapInterface(cfg.backend, guest.name, cfg.id, cfg.mtu, self.log)
+        else:
+            self.backend = DgramSocket(cfg.backend, self.log)
+        self.rx_filter = RxFilter()
+        self.hdr_len = NET_HDR_LEN
+        self.mrg_rxbuf = False
+        self.guest_offloads = 0
+        self._rx_need = 0
+        self._rx_held: list[_RxBuffer] = []
+        self._rx_held_cap = 0
+        self._reading = False
+        self._tx_waiting = False
+        self._opened = False
+        for key in ("rx_frames", "rx_bytes", "tx_frames", "tx_bytes", "ctrl_commands",
+                    "ctrl_errors", "config_interrupts", "link_changes"):
+            self.counters[key] = 0
+        for reason in RxDrop:
+            self.counters[f"rx_dropped_{reason.value}"] = 0
+        for tx in TxDrop:
+            self.counters[f"tx_dropped_{tx.value}"] = 0
+
+    # -- features and config space --------------------------------------------------------------
+    def device_features(self) -> int:
+        f = super().device_features()
+        for b in (VIRTIO_NET_F_MAC, VIRTIO_NET_F_STATUS, VIRTIO_NET_F_MRG_RXBUF,
+                  VIRTIO_NET_F_MTU, VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_CTRL_RX,
+                  VIRTIO_NET_F_CTRL_MAC_ADDR):
+            f |= bit(b)
+        if self.backend.offloads:
+            for b in (VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_HOST_TSO4,
+                      VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6,
+                      VIRTIO_NET_F_HOST_ECN, VIRTIO_NET_F_GUEST_ECN,
+                      VIRTIO_NET_F_CTRL_GUEST_OFFLOADS):
+                f |= bit(b)
+        return f
+
+    def validate_features(self, features: int) -> bool:
+        return features_consistent(features)
+
+    @property
+    def link_up(self) -> bool:
+        return self._opened and self.backend.link_up
+
+    def config_bytes(self) -> bytes:
+        status = VIRTIO_NET_S_LINK_UP if self.link_up else 0
+        return CONFIG.pack(self.mac, status, 1, self.cfg.mtu)
+
+    def write_config(self, offset: int, size: int, value: int) -> None:
+        # Only a legacy driver (no VERSION_1) may set the MAC through config space (5.1.4.2).
+        if self.has_feature(VIRTIO_F_VERSION_1) or offset < CONFIG_MAC_OFFSET \
+                or offset + size > ETH_ALEN:
+            return
+        mac = bytearray(self.mac)
+        mac[offset:offset + size] = value.to_bytes(size, "little")
+        self.mac = bytes(mac)
+
+    # -- backend lifecycle ----------------------------------------------------------------------
+    async def open(self) -> None:
+        try:
+            self.backend.open(asyncio.get_running_loop(), self._link_changed)
+        except BackendError as exc:
+            raise BackendError(f"net device {self.name}: {exc}") from None
+        self._opened = True
+        self.log.info("net_device_opened", mac=format_mac(self.mac), mtu=self.cfg.mtu,
+                      **self.backend.describe())
+
+    async def close(self) -> None:
+        self._rx_stop()
+        self._tx_unwait()
+        self.backend.close()
+        self._opened = False
+        self.log.info("net_device_closed", **self.stats())
+
+    def _link_changed(self, up: bool) -> None:
+        self.counters["link_changes"] += 1
+        if self.active and not self.failed and self.transport is not None \
+                and self.has_feature(VIRTIO_NET_F_STATUS):
+            self.counters["config_interrupts"] += 1
+            self.transport.signal_config_change()
+
+    # -- activation -----------------------------------------------------------------------------
+    def on_activate(self) -> None:
+        mrg = self.has_feature(VIRTIO_NET_F_MRG_RXBUF)
+        self.mrg_rxbuf = mrg
+        self.hdr_len = NET_HDR_LEN if mrg or self.has_feature(VIRTIO_F_VERSION_1) \
+            else NET_HDR_LEN_LEGACY
+        self.rx_filter.reset()
+        self._rx_held = []
+        self._rx_held_cap = 0
+        self._apply_offloads(self.driver_features & GUEST_OFFLOAD_MASK)
+        self.log.info("net_device_activated", features=hex(self.driver_features),
+                      mrg_rxbuf=mrg, hdr_len=self.hdr_len, link_up=self.link_up)
+        self._rx_start()
+
+    def _apply_offloads(self, offloads: int) -> None:
+        self.guest_offloads = offloads
+        gso = offloads & (bit(VIRTIO_NET_F_GUEST_TSO4) | bit(VIRTIO_NET_F_GUEST_TSO6)
+                          | bit(VIRTIO_NET_F_GUEST_UFO))
+        # The largest frame the backend may hand the guest, header included.
+        self._rx_need = MAX_FRAME_WITH_HDR if gso else \
+            self.hdr_len + ETH_HLEN + VLAN_HLEN + self.cfg.mtu
+        if self._opened:
+            try:
+                self.backend.configure(self.hdr_len, (self.driver_features & ~GUEST_OFFLOAD_MASK)
+                                       | offloads)
+            except OSError as exc:
+                self.log.error("net_backend_error", op="configure", error=str(exc))
+
+    def on_reset(self) -> None:
+        self._rx_stop()
+        self._tx_unwait()
+        self._rx_held = []
+        self._rx_held_cap = 0
+
+    def process_queue(self, index: int) -> None:
+        if index == RX_QUEUE:
+            self._rx_start()
+        elif index == TX_QUEUE:
+            self._tx_process()
+        elif index == CTRL_QUEUE and self.has_feature(VIRTIO_NET_F_CTRL_VQ):
+            self._ctrl_process()
+
+    def _queue(self, index: int) -> SplitQueue | None:
+        if index < len(self.queues) and self.queues[index].ready:
+            return self.queues[index]
+        return None
+
+    def _guarded(self, fn: Any, index: int) -> None:
+        """Run backend-driven queue work (fd callbacks) with the base class's fault handling."""
+        if not self.active or self.failed:
+            return
+        try:
+            fn()
+        except (VirtqueueError, GuestMemoryError) as exc:
+            self.fault(f"queue {index}: {exc}", queue=index, error=type(exc).__name__)
+
+    def _reschedule(self, index: int) -> None:
+        if self._loop is not None and index not in self._pending:
+            self._pending.add(index)
+            self._loop.call_soon(self._run_queue, index)
+
+    # -- receive --------------------------------------------------------------------------------
+    def _rx_start(self) -> None:
+        q = self._queue(RX_QUEUE)
+        if self._reading or q is None or not self._opened or self._loop is None:
+            return
+        if not self._rx_held and not q.has_available() and not q.enable_notification():
+            return  # wait for the guest's next receive-queue notification
+        q.disable_notification()
+        self._loop.add_reader(self.backend.fd, self._guarded, self._rx_ready, RX_QUEUE)
+        self._reading = True
+
+    def _rx_stop(self) -> None:
+        if self._reading:
+            self._reading = False
+            if self._loop is not None and self.backend.fd >= 0:
+                self._loop.remove_reader(self.backend.fd)
+
+    def _rx_fill(self, q: SplitQueue) -> bool:
+        """Hold enough posted chains for the next frame; False if the guest posted none."""
+        held = self._rx_held
+        gen = q.memory.generation if q.memory is not None else 0
+        for b in held:
+            if b.gen != gen:  # guest memory was remapped since the lookup (Xen invalidate)
+                self._rx_held_cap -= b.cap
+                b.lookup(gen)
+                self._rx_held_cap += b.cap
+        want = self._rx_need if self.mrg_rxbuf else 1
+        while (self._rx_held_cap < want if self.mrg_rxbuf else not held) and len(held) < q.size:
+            chain = q.pop()
+            if chain is None:
+                break
+            # Each buffer must at least hold the header (5.1.6.3.1), and carry nothing to read.
+            if chain.readable or chain.writable_len < self.hdr_len:
+                self._rx_drop(RxDrop.BAD_BUFFER)
+                q.add_used(chain.head, 0)
+                continue
+            b = _RxBuffer(chain, gen)
+            held.append(b)
+            self._rx_held_cap += b.cap
+        return bool(held)
+
+    def _rx_drop(self, reason: RxDrop) -> None:
+        self.counters[f"rx_dropped_{reason.value}"] += 1
+
+    def _rx_ready(self) -> None:
+        q = self._queue(RX_QUEUE)
+        if q is None:
+            self._rx_stop()
+            return
+        start = q.next_used
+        try:
+            for _ in range(RX_BUDGET):
+                if not self._rx_fill(q):
+                    self._rx_stop()
+                    if q.enable_notification():  # buffers arrived while we looked
+                        self._reschedule(RX_QUEUE)
+                    return
+                self._rx_one(q)
+        except BlockingIOError:
+            pass
+        except OSError as exc:
+            self._rx_stop()
+            self.log.warning("net_backend_error", op="receive", error=str(exc))
+        finally:
+            if q.next_used != start:
+                self.notify_used(RX_QUEUE)
+
+    def _rx_one(self, q: SplitQueue) -> None:
+        """Receive one frame into the held chains (BlockingIOError when none is queued)."""
+        held = self._rx_held
+        hdr_len = self.hdr_len
+        if self.mrg_rxbuf and len(held) > 1:
+            iov = [v for b in held for v in b.views]
+            cap = self._rx_held_cap
+            if len(iov) > IOV_MAX - 1:
+                del iov[IOV_MAX - 1:]
+                cap = sum(len(v) for v in iov)
+        else:
+            iov = held[0].views  # the backend may append to it for the call, and restores it
+            cap = held[0].cap
+        n = self.backend.recv(iov, cap, hdr_len)
+        if n == RECV_FOREIGN:
+            self._rx_drop(RxDrop.FOREIGN_SENDER)
+            return
+        if n > cap:
+            self._rx_drop(RxDrop.TOO_BIG)
+            return
+        if n < hdr_len + ETH_HLEN:
+            self._rx_drop(RxDrop.RUNT)
+            return
+        if self.has_feature(VIRTIO_NET_F_CTRL_RX) and \
+                not self.rx_filter.accept(gather(iov, hdr_len, ETH_ALEN), self.mac):
+            self._rx_drop(RxDrop.FILTERED)
+            return  # the chains stay held; the next frame overwrites them
+        k = 0
+        remaining = n
+        while remaining > 0:
+            b = held[k]
+            take = min(b.cap, remaining)
+            q.add_used(b.chain.head, take)
+            remaining -= take
+            self._rx_held_cap -= b.cap
+            k += 1
+        if hdr_len == NET_HDR_LEN:
+            scatter(held[0].views, NUM_BUFFERS_OFFSET, U16.pack(k))
+        del held[:k]
+        self.counters["rx_frames"] += 1
+        self.counters["rx_bytes"] += n - hdr_len
+
+    # -- transmit -------------------------------------------------------------------------------
+    def _tx_process(self) -> None:
+        q = self._queue(TX_QUEUE)
+        if q is None or self._tx_waiting:
+            return
+        q.disable_notification()
+        done = 0
+        try:
+            while True:
+                if done >= TX_BUDGET:
+                    self._reschedule(TX_QUEUE)  # yield to the other devices, then go on
+                    break
+                chain = q.pop()
+                if chain is None:
+                    if q.enable_notification():
+                        q.disable_notification()
+                        continue
+                    break
+                if not self._tx_one(q, chain):
+                    break
+                done += 1
+        finally:
+            if done:
+                self.notify_used(TX_QUEUE)
+
+    def _tx_one(self, q: SplitQueue, chain: DescriptorChain) -> bool:
+        """Send one chain; False when the backend is full (the chain goes back to the ring)."""
+        hdr_len = self.hdr_len
+        hdr = chain.read(0, hdr_len) if chain.readable_len >= hdr_len else b""
+        reason = check_tx_header(hdr, chain.readable_len, hdr_len, self.driver_features)
+        if reason is None and not self.link_up:
+            reason = TxDrop.LINK_DOWN
+        if reason is None:
+            views = chain.readable_views()
+            if len(views) > IOV_MAX:
+                views = [memoryview(b"".join(views))]  # hostile scatter list: one bounded copy
+            try:
+                if not self.backend.send(views, hdr_len):
+                    reason = TxDrop.NO_PEER
+            except BlockingIOError:
+                q.undo_pop()
+                self._tx_wait()
+                return False
+            except OSError as exc:
+                reason = TxDrop.BACKEND_ERROR
+                if self.counters["tx_dropped_backend_error"] == 0:
+                    self.log.warning("net_backend_error", op="transmit", error=str(exc))
+        if reason is None:
+            self.counters["tx_frames"] += 1
+            self.counters["tx_bytes"] += chain.readable_len - hdr_len
+        else:
+            self.counters[f"tx_dropped_{reason.value}"] += 1
+        q.add_used(chain.head, 0)  # always returned; the device wrote nothing into it
+        return True
+
+    def _tx_wait(self) -> None:
+        if not self._tx_waiting and self._loop is not None:
+            self._tx_waiting = True
+            self._loop.add_writer(self.backend.fd, self._tx_writable)
+
+    def _tx_unwait(self) -> None:
+        if self._tx_waiting:
+            self._tx_waiting = False
+            if self._loop is not None and self.backend.fd >= 0:
+                self._loop.remove_writer(self.backend.fd)
+
+    def _tx_writable(self) -> None:
+        self._tx_unwait()
+        self._reschedule(TX_QUEUE)
+
+    # -- control --------------------------------------------------------------------------------
+    def _ctrl_process(self) -> None:
+        q = self._queue(CTRL_QUEUE)
+        if q is None:
+            return
+        done = 0
+        while done < CTRL_QUEUE_SIZE and (chain := q.pop()) is not None:
+            done += 1
+            self.counters["ctrl_commands"] += 1
+            if chain.readable_len < 2 or chain.writable_len < 1:
+                # No command or nowhere to put the ack (5.1.6.5): return it untouched.
+                self.counters["ctrl_errors"] += 1
+                q.add_used(chain.head, 0)
+                continue
+            head = chain.read(0, 2)
+            if chain.readable_len - 2 > CTRL_MAX_PAYLOAD:
+                ack = VIRTIO_NET_ERR
+            else:
+                result = execute(self.rx_filter, head[0], head[1], chain.read(2),
+                                 self.driver_features, self.driver_features & GUEST_OFFLOAD_MASK)
+                ack = result.ack
+                if result.new_mac is not None:
+                    self.mac = result.new_mac
+                if result.new_offloads is not None:
+                    self._apply_offloads(result.new_offloads)
+                self.log.debug("net_ctrl_command", cls=head[0], cmd=head[1], ack=ack)
+            if ack != 0:
+                self.counters["ctrl_errors"] += 1
+            chain.write(bytes((ack,)))
+            q.add_used(chain.head, 1)
+        if done:
+            self.notify_used(CTRL_QUEUE)
+        if done == CTRL_QUEUE_SIZE:
+            self._reschedule(CTRL_QUEUE)

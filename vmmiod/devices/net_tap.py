@@ -1,0 +1,301 @@
+"""The TAP backend of virtio-net: /dev/net/tun with a virtio-net header on every frame.
+
+The TAP is opened IFF_TAP | IFF_NO_PI | IFF_VNET_HDR, so the kernel reads and writes the same
+header the guest uses: checksum and segmentation offloads pass straight through (TUNSETOFFLOAD
+says which ones the guest takes on receive; TUNSETVNETHDRSZ the header size). Interface
+set-up (MTU, bridge port, IFF_UP) uses the classic socket ioctls, so no `ip` binary is needed.
+Link changes come from an rtnetlink socket (RTMGRP_LINK) and are confirmed with SIOCGIFFLAGS.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import fcntl
+import hashlib
+import os
+import re
+import socket
+import struct
+from collections.abc import Callable
+from typing import Any
+
+from vmmiod.config import TapBackend
+from vmmiod.devices.base import BackendError
+from vmmiod.devices.net_proto import (
+    MAX_FRAME_WITH_HDR,
+    VIRTIO_NET_F_GUEST_CSUM,
+    VIRTIO_NET_F_GUEST_ECN,
+    VIRTIO_NET_F_GUEST_TSO4,
+    VIRTIO_NET_F_GUEST_TSO6,
+    VIRTIO_NET_F_GUEST_UFO,
+)
+
+TUN_PATH = "/dev/net/tun"
+# ioctl numbers (_IOW('T', n, int) etc.; the same encoding on x86-64 and arm64).
+TUNSETIFF = 0x400454CA
+TUNSETOFFLOAD = 0x400454D0
+TUNSETVNETHDRSZ = 0x400454D8
+IFF_TAP = 0x0002
+IFF_NO_PI = 0x1000
+IFF_VNET_HDR = 0x4000
+TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, TUN_F_UFO = 0x01, 0x02, 0x04, 0x08, 0x10
+
+SIOCGIFFLAGS = 0x8913
+SIOCSIFFLAGS = 0x8914
+SIOCSIFMTU = 0x8922
+SIOCGIFMTU = 0x8921
+SIOCBRADDIF = 0x89A2
+IFF_UP = 0x1
+IFF_RUNNING = 0x40
+
+IFNAMSIZ = 16
+IFREQ_FLAGS = struct.Struct("16sH22x")  # struct ifreq with ifr_flags
+IFREQ_INT = struct.Struct("16si20x")  # struct ifreq with ifr_ifindex / ifr_mtu
+
+# rtnetlink: a link message is nlmsghdr (16 bytes) then ifinfomsg.
+NETLINK_ROUTE = 0
+RTMGRP_LINK = 1
+RTM_NEWLINK, RTM_DELLINK = 16, 17
+NLMSGHDR = struct.Struct("=IHHII")
+IFINFOMSG = struct.Struct("=BxHiII")
+
+IFNAME_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,15}$")
+
+
+def default_ifname(guest: str, device_id: str) -> str:
+    """A stable interface name for (guest, device) within Linux's 15 characters."""
+
+    def clean(s: str) -> str:
+        return re.sub(r"[^A-Za-z0-9_.\-]", "", s)
+
+    name = f"{clean(guest)}-{clean(device_id)}"
+    if IFNAME_RE.match(name) and name not in (".", ".."):
+        return name
+    tag = hashlib.sha256(f"{guest}\0{device_id}".encode()).hexdigest()[:4]
+    return f"{clean(guest)[:5]}-{clean(device_id)[:4]}-{tag}"
+
+
+def tun_offload_flags(features: int) -> int:
+    """Guest receive offloads -> TUNSETOFFLOAD flags (what the kernel may hand the TAP reader)."""
+
+    def has(n: int) -> bool:
+        return bool(features >> n & 1)
+
+    if not has(VIRTIO_NET_F_GUEST_CSUM):
+        return 0  # every segmentation offload builds on a partial checksum
+    flags = TUN_F_CSUM
+    if has(VIRTIO_NET_F_GUEST_TSO4):
+        flags |= TUN_F_TSO4
+    if has(VIRTIO_NET_F_GUEST_TSO6):
+        flags |= TUN_F_TSO6
+    if flags & (TUN_F_TSO4 | TUN_F_TSO6) and has(VIRTIO_NET_F_GUEST_ECN):
+        flags |= TUN_F_TSO_ECN
+    if has(VIRTIO_NET_F_GUEST_UFO):
+        flags |= TUN_F_UFO
+    return flags
+
+
+class TapInterface:
+    """One TAP interface, attached or created, with link monitoring."""
+
+    offloads = True  # checksum and segmentation offloads pass through
+
+    def __init__(self, cfg: TapBackend, guest: str, device_id: str, mtu: int, log: Any) -> None:
+        self.cfg = cfg
+        self.ifname = cfg.ifname or default_ifname(guest, device_id)
+        self.mtu = mtu
+        self.log = log
+        self.fd = -1
+        self.link_up = False
+        self.created = False
+        self._ctl: socket.socket | None = None
+        self._nl: socket.socket | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._on_link: Callable[[bool], None] | None = None
+        # Frames that overrun the guest's buffers land here, so truncation is seen (a TAP read
+        # returns at most the iovec's size and silently drops the rest).
+        self._overflow = bytearray(MAX_FRAME_WITH_HDR + 4096)
+        self._overflow_view = memoryview(self._overflow)
+
+    def describe(self) -> dict[str, Any]:
+        return {"backend": "tap", "ifname": self.ifname, "bridge": self.cfg.bridge}
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def open(self, loop: asyncio.AbstractEventLoop, on_link: Callable[[bool], None]) -> None:
+        name = self.ifname
+        if not IFNAME_RE.match(name):
+            raise BackendError(f"TAP name {name!r} is not a valid interface name (1-15 of "
+                               "letters, digits, '_', '.', '-')")
+        existed = self._exists(name)
+        if not existed and not self.cfg.create:
+            raise BackendError(f"TAP interface {name} does not exist and create is false: "
+                               f"create it (ip tuntap add {name} mode tap) or set create: true")
+        try:
+            fd = os.open(TUN_PATH, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise BackendError(f"{TUN_PATH} is missing: load the tun module (modprobe tun)")
+        except PermissionError:
+            raise BackendError(f"{TUN_PATH}: permission denied (needs root or CAP_NET_ADMIN)")
+        try:
+            ifr = IFREQ_FLAGS.pack(name.encode(), IFF_TAP | IFF_NO_PI | IFF_VNET_HDR)
+            fcntl.ioctl(fd, TUNSETIFF, ifr)
+        except OSError as exc:
+            os.close(fd)
+            why = {errno.EPERM: "not permitted (needs CAP_NET_ADMIN, or be the TAP's owner)",
+                   errno.EBUSY: "already in use by another process",
+                   errno.EINVAL: "exists and is not a TAP interface (or a multiqueue one)"}
+            raise BackendError(f"TAP {name}: {why.get(exc.errno or 0, exc.strerror)}") from None
+        self.fd = fd
+        self.created = not existed
+        try:
+            self._ctl = socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            self.configure(12, 0)
+            self._set_mtu()
+            if self.cfg.bridge:
+                self._enslave(self.cfg.bridge)
+            if self.created or self.cfg.bridge:
+                self._set_flags(IFF_UP, IFF_UP)
+            self._nl = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK
+                                     | socket.SOCK_CLOEXEC, NETLINK_ROUTE)
+            self._nl.bind((0, RTMGRP_LINK))
+        except BackendError:
+            self.close()
+            raise
+        except OSError as exc:
+            self.close()
+            raise BackendError(f"TAP {name}: set-up failed: {exc.strerror or exc}") from None
+        self._loop = loop
+        self._on_link = on_link
+        loop.add_reader(self._nl.fileno(), self._on_netlink)
+        self.link_up = self._query_link()
+        self.log.info("net_backend_opened", ifname=name, created=self.created,
+                      bridge=self.cfg.bridge, link_up=self.link_up)
+
+    def close(self) -> None:
+        if self._nl is not None:
+            if self._loop is not None:
+                self._loop.remove_reader(self._nl.fileno())
+            self._nl.close()
+            self._nl = None
+        if self._ctl is not None:
+            self._ctl.close()
+            self._ctl = None
+        if self.fd >= 0:
+            os.close(self.fd)  # a TAP we created (not persistent) disappears with its last fd
+            self.fd = -1
+        self.link_up = False
+
+    @staticmethod
+    def _exists(name: str) -> bool:
+        try:
+            socket.if_nametoindex(name)
+            return True
+        except OSError:
+            return False
+
+    # -- interface set-up (ioctls on a control socket) ---------------------------------------------
+    def _ioctl(self, req: int, arg: bytes) -> bytes:
+        assert self._ctl is not None
+        return fcntl.ioctl(self._ctl.fileno(), req, arg)
+
+    def _set_flags(self, mask: int, value: int) -> None:
+        cur = IFREQ_FLAGS.unpack(self._ioctl(SIOCGIFFLAGS, IFREQ_FLAGS.pack(
+            self.ifname.encode(), 0)))[1]
+        self._ioctl(SIOCSIFFLAGS, IFREQ_FLAGS.pack(self.ifname.encode(), (cur & ~mask) | value))
+
+    def _set_mtu(self) -> None:
+        cur = IFREQ_INT.unpack(self._ioctl(SIOCGIFMTU, IFREQ_INT.pack(self.ifname.encode(), 0)))[1]
+        if cur == self.mtu:
+            return
+        try:
+            self._ioctl(SIOCSIFMTU, IFREQ_INT.pack(self.ifname.encode(), self.mtu))
+        except OSError as exc:
+            # The guest is told `mtu` through the MTU feature; a mismatch is the operator's to fix.
+            self.log.warning("net_tap_mtu_mismatch", ifname=self.ifname, tap_mtu=cur,
+                             guest_mtu=self.mtu, error=exc.strerror)
+
+    def _enslave(self, bridge: str) -> None:
+        master = f"/sys/class/net/{self.ifname}/master"
+        try:
+            if os.path.basename(os.readlink(master)) == bridge:
+                return  # already a port of this bridge (an attached, pre-wired TAP)
+        except OSError:
+            pass
+        if not self._exists(bridge):
+            raise BackendError(f"TAP {self.ifname}: bridge {bridge} does not exist")
+        ifindex = socket.if_nametoindex(self.ifname)
+        try:
+            self._ioctl(SIOCBRADDIF, IFREQ_INT.pack(bridge.encode(), ifindex))
+        except OSError as exc:
+            raise BackendError(f"TAP {self.ifname}: cannot add to bridge {bridge}: "
+                               f"{exc.strerror}") from None
+
+    # -- link state -----------------------------------------------------------------------------
+    def _query_link(self) -> bool:
+        try:
+            flags = IFREQ_FLAGS.unpack(self._ioctl(SIOCGIFFLAGS, IFREQ_FLAGS.pack(
+                self.ifname.encode(), 0)))[1]
+        except OSError:
+            return False  # interface gone
+        return bool(flags & IFF_UP and flags & IFF_RUNNING)
+
+    def _on_netlink(self) -> None:
+        assert self._nl is not None
+        ours = False
+        try:
+            ifindex = socket.if_nametoindex(self.ifname)
+        except OSError:
+            ifindex = -1
+        while True:
+            try:
+                data = self._nl.recv(65536)
+            except BlockingIOError:
+                break
+            except OSError as exc:
+                if exc.errno == errno.ENOBUFS:  # events lost: re-read the state below
+                    ours = True
+                    continue
+                break
+            pos = 0
+            while pos + NLMSGHDR.size <= len(data):
+                length, kind = NLMSGHDR.unpack_from(data, pos)[:2]
+                if length < NLMSGHDR.size:
+                    break
+                if kind in (RTM_NEWLINK, RTM_DELLINK) and \
+                        pos + NLMSGHDR.size + IFINFOMSG.size <= len(data):
+                    index = IFINFOMSG.unpack_from(data, pos + NLMSGHDR.size)[2]
+                    if index == ifindex or (kind == RTM_DELLINK and ifindex < 0):
+                        ours = True
+                pos += (length + 3) & ~3
+        if not ours:
+            return
+        up = self._query_link()
+        if up != self.link_up:
+            self.link_up = up
+            self.log.info("net_link_changed", ifname=self.ifname, link_up=up)
+            if self._on_link is not None:
+                self._on_link(up)
+
+    # -- data path ------------------------------------------------------------------------------
+    def configure(self, hdr_len: int, features: int) -> None:
+        """Header size and receive offloads for what the guest negotiated (at DRIVER_OK)."""
+        fcntl.ioctl(self.fd, TUNSETVNETHDRSZ, struct.pack("i", hdr_len))
+        fcntl.ioctl(self.fd, TUNSETOFFLOAD, tun_offload_flags(features))
+
+    def recv(self, iov: list[memoryview], cap: int, hdr_len: int) -> int:
+        """Read one frame (with its header, in place) into `iov` of `cap` bytes.
+
+        Returns its length; more than `cap` means it did not fit (and is gone).
+        Raises BlockingIOError when nothing is queued.
+        """
+        iov.append(self._overflow_view)
+        try:
+            return os.readv(self.fd, iov)
+        finally:
+            iov.pop()
+
+    def send(self, views: list[memoryview], hdr_len: int) -> bool:
+        """Write one frame (header included) from guest memory. False: no peer (never, here)."""
+        os.writev(self.fd, views)
+        return True
