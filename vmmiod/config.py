@@ -6,9 +6,12 @@ reports every problem found with file, line and key path; see docs/configuration
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal, Union
+
+import yaml
 
 EX_CONFIG = 78
 MMIO_WINDOW_SIZE = 0x200
@@ -48,6 +51,7 @@ class LogConfig:
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["auto", "json", "console"] = "auto"
     stats_interval: float = 60.0  # seconds between per-device counter records; 0 = off
+    file: Path | None = None  # None: stderr (journald); a file is reopened on SIGHUP
 
 
 @dataclass(frozen=True)
@@ -162,3 +166,56 @@ class Config:
     hypervisor: HypervisorConfig
     log: LogConfig
     devices: tuple[DeviceConfig, ...]
+
+
+# -- parsing ------------------------------------------------------------------------------------------
+class ConfigError(Exception):
+    """The configuration is invalid. `problems`: one "file:line: key.path: message" each."""
+
+    exit_code = EX_CONFIG
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = list(problems)
+
+
+def load(path: str | os.PathLike[str], *, check_files: bool = True) -> Config:
+    """Read and check one guest's YAML file. Raises ConfigError listing every problem found.
+
+    Relative paths in the file are relative to the file's folder. `check_files=False` skips
+    the checks that look at the host (backing files exist and are accessible).
+    """
+    label = os.fspath(path)
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"{label}:0: (file): cannot read it: {exc.strerror or exc}"]) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"{label}:0: (file): not UTF-8 text: {exc.reason}"]) from None
+    return load_text(text, label, base_dir=Path(path).absolute().parent, check_files=check_files)
+
+
+def load_text(text: str, label: str = "<config>", *, base_dir: Path | None = None,
+              check_files: bool = True) -> Config:
+    """Like `load()` for text already read; `label` names it in messages."""
+    from vmmiod.configreader import Reader
+
+    loader = yaml.SafeLoader(text)
+    try:
+        root = loader.get_single_node()
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        line = mark.line + 1 if mark is not None else 1
+        detail = f"{exc.problem}" + (f" ({exc.context})" if exc.context else "")
+        raise ConfigError([f"{label}:{line}: (yaml): {detail}"]) from None
+    except yaml.YAMLError as exc:
+        raise ConfigError([f"{label}:1: (yaml): {exc}"]) from None
+    finally:
+        loader.dispose()
+    reader = Reader(label, base_dir or Path.cwd(), loader)
+    from vmmiod.configschema import Schema
+
+    config = Schema(reader, check_files).config(root, Path(label))
+    if reader.problems or config is None:
+        raise ConfigError(reader.messages())
+    return config

@@ -1,0 +1,235 @@
+"""Typed reading of a composed YAML document, with every problem recorded and none raised.
+
+`vmmiod.config` describes the schema; this module knows YAML nodes: it reads mappings, lists
+and scalars, checks their types and ranges, and records each problem with its line and key
+path (`devices[1].mmio.base`), so one run reports everything that is wrong. Working on nodes
+(yaml.compose) rather than on constructed Python objects is what gives us line numbers.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+
+import yaml
+from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+
+TAG_STR = "tag:yaml.org,2002:str"
+TAG_INT = "tag:yaml.org,2002:int"
+TAG_FLOAT = "tag:yaml.org,2002:float"
+TAG_BOOL = "tag:yaml.org,2002:bool"
+TAG_NULL = "tag:yaml.org,2002:null"
+TAG_MERGE = "tag:yaml.org,2002:merge"
+
+# What a wrong-typed value is called in messages.
+_KIND = {TAG_STR: "a string", TAG_INT: "an integer", TAG_FLOAT: "a number",
+         TAG_BOOL: "a boolean", TAG_NULL: "nothing (null)"}
+
+
+def line_of(node: Node) -> int:
+    return int(node.start_mark.line) + 1
+
+
+def child(path: str, key: str | int) -> str:
+    """The key path of a mapping key or list item below `path`."""
+    if isinstance(key, int):
+        return f"{path}[{key}]"
+    return f"{path}.{key}" if path else key
+
+
+def suggest(word: str, choices: Iterable[str]) -> str:
+    """' (did you mean 'x'?)' for the closest choice, or '' when nothing is close."""
+    close = difflib.get_close_matches(word, list(choices), n=1, cutoff=0.6)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def describe(node: Node) -> str:
+    if isinstance(node, MappingNode):
+        return "a mapping"
+    if isinstance(node, SequenceNode):
+        return "a list"
+    kind = _KIND.get(node.tag, f"a value tagged {node.tag}")
+    if node.tag == TAG_NULL:
+        return kind
+    return f"{kind} {node.value!r}"
+
+
+class Reader:
+    """Reads values from nodes; a bad value records a problem and reads as None."""
+
+    def __init__(self, label: str, base_dir: Path, loader: yaml.SafeLoader) -> None:
+        self.label = label  # the file name as the user gave it
+        self.base_dir = base_dir  # relative paths in the file are relative to its folder
+        self._loader = loader
+        self.problems: list[tuple[int, str, str]] = []  # (line, key path, message)
+
+    def problem(self, where: Node | int, path: str, message: str) -> None:
+        line = where if isinstance(where, int) else line_of(where)
+        self.problems.append((line, path or "(document)", message))
+
+    def messages(self) -> list[str]:
+        ordered = sorted(enumerate(self.problems), key=lambda p: (p[1][0], p[0]))
+        return [f"{self.label}:{line}: {path}: {msg}" for _, (line, path, msg) in ordered]
+
+    # -- containers -----------------------------------------------------------------------------
+    def mapping(self, node: Node, path: str, allowed: Sequence[str],
+                required: Sequence[str] = (), *,
+                elsewhere: Mapping[str, str] | None = None) -> dict[str, Node] | None:
+        """The keys of a mapping node, after checking for unknown, duplicate and missing keys.
+
+        `elsewhere` names where a key not allowed here would be valid ("kind generic"), for a
+        message more useful than "unknown key".
+        """
+        if not isinstance(node, MappingNode):
+            self.problem(node, path, f"expected a mapping, got {describe(node)}")
+            return None
+        self._flatten(node)
+        out: dict[str, Node] = {}
+        first_line: dict[str, int] = {}
+        for key_node, value in node.value:
+            if not isinstance(key_node, ScalarNode) or key_node.tag == TAG_NULL:
+                self.problem(key_node, path, f"a key must be a name, got {describe(key_node)}")
+                continue
+            key = str(key_node.value)
+            if key in out:
+                self.problem(key_node, child(path, key),
+                             f"duplicate key (first at line {first_line[key]})")
+                continue
+            if key not in allowed and elsewhere and key in elsewhere:
+                self.problem(key_node, child(path, key), f"only valid with {elsewhere[key]}")
+                continue
+            if key not in allowed:
+                hint = suggest(key, allowed) or f" (expected one of: {', '.join(allowed)})"
+                self.problem(key_node, child(path, key), f"unknown key{hint}")
+                continue
+            out[key] = value
+            first_line[key] = line_of(key_node)
+        for key in required:
+            if key not in out:
+                self.problem(node, child(path, key), "missing required key")
+        return out
+
+    def _flatten(self, node: MappingNode) -> None:
+        # YAML merge keys (`<<: *defaults`) are resolved by the constructor, not the composer.
+        if any(k.tag == TAG_MERGE for k, _ in node.value):
+            try:
+                self._loader.flatten_mapping(node)
+            except yaml.MarkedYAMLError as exc:
+                self.problem(node, "", f"bad merge key: {exc.problem}")
+
+    def sequence(self, node: Node, path: str) -> list[Node] | None:
+        if not isinstance(node, SequenceNode):
+            self.problem(node, path, f"expected a list, got {describe(node)}")
+            return None
+        return list(node.value)
+
+    # -- scalars --------------------------------------------------------------------------------
+    def string(self, node: Node, path: str, *, max_len: int | None = None) -> str | None:
+        """A string. Plain numbers and booleans are read as the text written (`serial: 0042`)."""
+        if not isinstance(node, ScalarNode) or node.tag == TAG_NULL:
+            self.problem(node, path, f"expected a string, got {describe(node)}")
+            return None
+        text = str(node.value)
+        if not text:
+            self.problem(node, path, "must not be empty")
+            return None
+        if max_len is not None and len(text.encode()) > max_len:
+            self.problem(node, path, f"{text!r} is longer than {max_len} bytes")
+            return None
+        return text
+
+    def choice(self, node: Node, path: str, choices: Sequence[str]) -> str | None:
+        if not isinstance(node, ScalarNode) or node.tag not in (TAG_STR, TAG_BOOL, TAG_INT):
+            self.problem(node, path, f"expected one of {', '.join(choices)}, got {describe(node)}")
+            return None
+        text = str(node.value)
+        if text not in choices:
+            self.problem(node, path, f"{text!r} is not one of {', '.join(choices)}"
+                         + suggest(text, choices))
+            return None
+        return text
+
+    def integer(self, node: Node, path: str, lo: int | None = None, hi: int | None = None,
+                *, octal_strings: bool = False) -> int | None:
+        """An integer, written as a YAML number or as a decimal/0x-hex string ("0x2000000")."""
+        value: int | None = None
+        if isinstance(node, ScalarNode) and node.tag == TAG_INT:
+            value = self._construct_int(node)
+        elif isinstance(node, ScalarNode) and node.tag == TAG_STR:
+            value = parse_int(str(node.value), octal=octal_strings)
+        if value is None:
+            self.problem(node, path, f"expected an integer (decimal or 0x hex), got {describe(node)}")
+            return None
+        return self._in_range(node, path, value, lo, hi, hexa=node.value.lower().startswith("0x"))
+
+    def number(self, node: Node, path: str, lo: float | None = None,
+               hi: float | None = None) -> float | None:
+        value: float | None = None
+        if isinstance(node, ScalarNode) and node.tag in (TAG_INT, TAG_FLOAT, TAG_STR):
+            try:
+                value = float(str(node.value).replace("_", ""))
+            except ValueError:
+                value = None
+            if value is not None and not math.isfinite(value):
+                value = None
+        if value is None:
+            self.problem(node, path, f"expected a number, got {describe(node)}")
+            return None
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            self.problem(node, path, f"{node.value} is outside {lo:g}..{hi:g}")
+            return None
+        return value
+
+    def boolean(self, node: Node, path: str) -> bool | None:
+        if isinstance(node, ScalarNode) and node.tag == TAG_BOOL:
+            return bool(self._loader.construct_yaml_bool(node))
+        self.problem(node, path, f"expected true or false, got {describe(node)}")
+        return None
+
+    def path(self, node: Node, path: str) -> Path | None:
+        text = self.string(node, path)
+        if text is None:
+            return None
+        if "\0" in text:
+            self.problem(node, path, "a path must not contain NUL")
+            return None
+        p = Path(text).expanduser()
+        return p if p.is_absolute() else self.base_dir / p
+
+    def is_word(self, node: Node, word: str) -> bool:
+        """True for a plain string scalar equal to `word` (e.g. `auto`)."""
+        return isinstance(node, ScalarNode) and node.tag == TAG_STR and node.value == word
+
+    # -- helpers --------------------------------------------------------------------------------
+    def _construct_int(self, node: ScalarNode) -> int | None:
+        try:
+            return int(self._loader.construct_yaml_int(node))
+        except (ValueError, yaml.YAMLError):
+            return None
+
+    def _in_range(self, node: Node, path: str, value: int, lo: int | None, hi: int | None,
+                  hexa: bool) -> int | None:
+        fmt = (lambda v: hex(v)) if hexa else str
+        if lo is not None and value < lo:
+            self.problem(node, path, f"{fmt(value)} is below the minimum {fmt(lo)}")
+            return None
+        if hi is not None and value > hi:
+            self.problem(node, path, f"{fmt(value)} is above the maximum {fmt(hi)}")
+            return None
+        return value
+
+
+def parse_int(text: str, *, octal: bool = False) -> int | None:
+    """Decimal or 0x/0o/0b text; with `octal`, bare digits are octal (file modes like "0600")."""
+    text = text.strip()
+    if octal and text.isdigit():
+        try:
+            return int(text, 8)
+        except ValueError:
+            return None
+    try:
+        return int(text, 0)
+    except ValueError:
+        return None

@@ -1,0 +1,290 @@
+"""The daemon: wires one guest's adaptor, bus, windows and devices from its config, and runs
+their lifecycle (start, READY, signals, periodic counters, orderly stop).
+
+This is the only module that knows both the hypervisor adaptors and the devices. Each is
+imported by its kind only when a config uses it, so a missing optional part (the Xen bindings
+on a machine without Xen) matters only to the configs that need it.
+
+Start: adaptor.prepare() -> devices built and opened -> one VirtioMmio window per device on the
+bus -> adaptor.start() -> READY=1. Stop (SIGTERM/SIGINT, or the guest gone): STOPPING=1 ->
+bus.detach_memory() (every device resets: no new queue work, no view of guest memory kept) ->
+each device's close() (backends flushed and closed, worker threads joined) -> adaptor.stop()
+(guest memory unmapped last, once nothing can touch it). The whole stop is bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib
+import os
+import signal
+import time
+from collections.abc import Callable
+from typing import Any
+
+from vmmiod import __version__
+from vmmiod import log as logsetup
+from vmmiod.config import MMIO_WINDOW_SIZE, Config, ConfigError, DeviceConfig, MmioConfig, load
+from vmmiod.systemd import Notifier
+
+EX_OK = 0
+EX_UNAVAILABLE = 69
+EX_SOFTWARE = 70
+EX_CONFIG = 78
+STOP_TIMEOUT = 10.0  # seconds for the whole orderly stop; the unit's TimeoutStopSec is larger
+
+ADAPTORS = {"generic": ("vmmiod.hypervisors.generic", "GenericAdaptor"),
+            "xen": ("vmmiod.hypervisors.xen", "XenAdaptor")}
+DEVICES = {"block": ("vmmiod.devices.block", "BlockDevice"),
+           "net": ("vmmiod.devices.net", "NetDevice"),
+           "console": ("vmmiod.devices.console", "ConsoleDevice")}
+
+
+class StartupError(Exception):
+    """Serving could not start; the message says why, `exit_code` is the process status."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+def _load_class(what: str, module: str, name: str) -> Any:
+    try:
+        return getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as exc:
+        raise StartupError(f"{what} is not available in this installation ({module}.{name}: "
+                           f"{exc}); reinstall vmmiod", EX_UNAVAILABLE) from exc
+
+
+class Daemon:
+    def __init__(self, config: Config, *, notifier: Notifier, log: Any,
+                 level_from_cli: bool = False, stop_timeout: float = STOP_TIMEOUT) -> None:
+        self.config = config
+        self.notifier = notifier
+        self.log = log
+        self.level_from_cli = level_from_cli  # --log-level given: SIGHUP keeps it
+        self.stop_timeout = stop_timeout
+        self.bus: Any = None
+        self.adaptor: Any = None
+        self.devices: list[tuple[DeviceConfig, Any]] = []  # opened devices, in config order
+        self.windows: list[tuple[str, int, int]] = []  # (device id, base, irq) on the bus
+        self._stop: asyncio.Event | None = None
+        self._stop_signal: int | None = None
+        self._adaptor_started = False
+
+    # -- run ------------------------------------------------------------------------------------
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        self._stop = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_stop_signal, sig)
+        loop.add_signal_handler(signal.SIGHUP, self._on_hup)
+        try:
+            return await self._run()
+        finally:
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                loop.remove_signal_handler(sig)
+            self.notifier.close()
+
+    async def _run(self) -> int:
+        assert self._stop is not None
+        cfg = self.config
+        self.log.info("daemon_starting", version=__version__, config=str(cfg.path), pid=os.getpid(),
+                      hypervisor=cfg.hypervisor.kind, devices=len(cfg.devices))
+        self.notifier.status(f"starting: {cfg.hypervisor.kind} adaptor")
+        starting = asyncio.ensure_future(self._start())
+        stop_wait = asyncio.ensure_future(self._stop.wait())
+        await asyncio.wait({starting, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():  # a signal during start-up (e.g. while waiting for a domain)
+            starting.cancel()
+            await asyncio.gather(starting, return_exceptions=True)
+            self.log.info("startup_interrupted", signal=self._signal_name())
+            await self._teardown()
+            return EX_OK
+        stop_wait.cancel()
+        try:
+            starting.result()
+        except StartupError as exc:
+            self.log.error("startup_failed", message=str(exc), exit_code=exc.exit_code)
+            self.notifier.status(f"failed: {exc}")
+            await self._teardown()
+            return exc.exit_code
+        return await self._serve()
+
+    async def _serve(self) -> int:
+        assert self._stop is not None and self.adaptor is not None
+        cfg = self.config
+        status = f"serving {len(self.devices)} device(s) for guest {cfg.guest.name}"
+        self.notifier.ready(status)
+        self.log.info("daemon_ready", windows=[
+            {"device": d, "base": hex(b), "irq": i} for d, b, i in self.windows])
+        background = [asyncio.ensure_future(self.notifier.watchdog_loop())]
+        if cfg.log.stats_interval > 0:
+            background.append(asyncio.ensure_future(self._stats_loop(cfg.log.stats_interval)))
+        waits: set[asyncio.Future[Any]] = {asyncio.ensure_future(self._stop.wait())}
+        if self.adaptor.finished is not None:
+            waits.add(self.adaptor.finished)
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        code = EX_OK
+        finished = self.adaptor.finished
+        if finished is not None and finished.done() and not self._stop.is_set():
+            code = finished.result() if not finished.exception() else EX_SOFTWARE
+            self.log.info("guest_finished", exit_code=code)
+        for task in background:
+            task.cancel()
+        await asyncio.gather(*background, return_exceptions=True)
+        self.notifier.stopping("stopping")
+        if not await self._teardown():
+            code = code or EX_SOFTWARE
+        self.log.info("daemon_stopped", exit_code=code, signal=self._signal_name())
+        return code
+
+    # -- start-up -------------------------------------------------------------------------------
+    async def _start(self) -> None:
+        cfg = self.config
+        from vmmiod.hypervisors.base import PlatformUnavailable
+
+        bus_cls = _load_class("the MMIO bus", "vmmiod.bus", "MmioBus")
+        window_cls = _load_class("the virtio-mmio window", "vmmiod.mmio", "VirtioMmio")
+        self.bus = bus_cls(log=self.log)
+        adaptor_cls = _load_class(f"the {cfg.hypervisor.kind} adaptor", *ADAPTORS[cfg.hypervisor.kind])
+        try:
+            self.adaptor = adaptor_cls(cfg, self.bus, self.log.bind(adaptor=cfg.hypervisor.kind))
+            await self.adaptor.prepare()
+        except PlatformUnavailable as exc:
+            raise StartupError(str(exc), getattr(exc, "exit_code", EX_UNAVAILABLE)) from exc
+        discovered = {dev_id: (base, irq) for dev_id, base, irq in self.adaptor.windows()}
+        self.notifier.status("starting: opening device backends")
+        from vmmiod.devices.base import BackendError
+
+        for dcfg in cfg.devices:
+            base, irq = self._window_of(dcfg.id, dcfg.mmio, discovered)
+            cls = _load_class(f"the {dcfg.type} device", *DEVICES[dcfg.type])
+            dlog = self.log.bind(device=dcfg.id)
+            device = cls(dcfg, guest=cfg.guest, access_platform=self.adaptor.access_platform,
+                         log=dlog)
+            try:
+                await device.open()
+            except BackendError as exc:
+                raise StartupError(str(exc), exc.exit_code) from exc
+            self.devices.append((dcfg, device))
+            window = window_cls(device, self.adaptor.interrupt_line(irq),
+                                version=dcfg.mmio.version, log=dlog)
+            try:
+                self.bus.register(base, MMIO_WINDOW_SIZE, window)
+            except ValueError as exc:  # bus.BusError: a discovered window overlaps another
+                raise StartupError(f"device {dcfg.id!r}: {exc}", EX_CONFIG) from exc
+            self.windows.append((dcfg.id, base, irq))
+        try:
+            await self.adaptor.start()
+        except PlatformUnavailable as exc:
+            raise StartupError(str(exc), getattr(exc, "exit_code", EX_UNAVAILABLE)) from exc
+        except OSError as exc:
+            raise StartupError(f"the {cfg.hypervisor.kind} adaptor cannot start serving: "
+                               f"{exc}", EX_UNAVAILABLE) from exc
+        self._adaptor_started = True
+
+    def _window_of(self, dev_id: str, mmio: MmioConfig,
+                   discovered: dict[str, tuple[int, int]]) -> tuple[int, int]:
+        if not mmio.auto:
+            assert mmio.base is not None and mmio.irq is not None
+            return mmio.base, mmio.irq
+        if dev_id not in discovered:
+            raise StartupError(f"device {dev_id!r} has 'mmio: auto' but the "
+                               f"{self.config.hypervisor.kind} adaptor found no window for it "
+                               "(is it declared in the guest's toolstack config?)", EX_CONFIG)
+        return discovered[dev_id]
+
+    # -- stop -----------------------------------------------------------------------------------
+    async def _teardown(self) -> bool:
+        """Quiesce, close, tear down; bounded by stop_timeout. False when a step timed out."""
+        deadline = time.monotonic() + self.stop_timeout
+        ok = True
+        if self.bus is not None:
+            self.bus.detach_memory()
+        for dcfg, device in reversed(self.devices):
+            ok &= await self._bounded(device.close(), deadline, "device_close", device=dcfg.id)
+        if self.adaptor is not None:
+            ok &= await self._bounded(self.adaptor.stop(), deadline, "adaptor_stop")
+        if self.devices:
+            self._log_stats(final=True)
+        return ok
+
+    async def _bounded(self, step: Any, deadline: float, name: str, **context: Any) -> bool:
+        try:
+            await asyncio.wait_for(step, max(0.0, deadline - time.monotonic()))
+            return True
+        except TimeoutError:
+            self.log.error("stop_timeout", step=name, timeout=self.stop_timeout, **context)
+        except Exception as exc:  # one failing step must not keep the others from running
+            self.log.error("stop_step_failed", step=name, error=repr(exc), **context)
+        return False
+
+    # -- signals --------------------------------------------------------------------------------
+    def _on_stop_signal(self, sig: int) -> None:
+        assert self._stop is not None
+        if self._stop.is_set():
+            # A second signal: the operator does not want to wait for the orderly stop.
+            self.log.warning("stop_forced", signal=signal.Signals(sig).name)
+            os._exit(128 + sig)
+        self._stop_signal = sig
+        self.log.info("stop_requested", signal=signal.Signals(sig).name)
+        self._stop.set()
+
+    def _on_hup(self) -> None:
+        logsetup.reopen()
+        level = logsetup.current_level()
+        if not self.level_from_cli:
+            try:
+                level = load(self.config.path, check_files=False).log.level
+                logsetup.set_level(level)
+            except ConfigError as exc:
+                self.log.warning("config_reload_failed", problems=exc.problems)
+        for dcfg, device in self.devices:
+            try:
+                device.reopen()
+            except Exception as exc:  # a console file that cannot be reopened keeps the old one
+                self.log.warning("device_reopen_failed", device=dcfg.id, error=repr(exc))
+        self.log.info("logs_reopened", level=level)
+
+    def _signal_name(self) -> str | None:
+        return signal.Signals(self._stop_signal).name if self._stop_signal else None
+
+    # -- counters -------------------------------------------------------------------------------
+    async def _stats_loop(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            self._log_stats(final=False)
+
+    def _log_stats(self, final: bool) -> None:
+        for dcfg, device in self.devices:
+            self.log.info("device_stats", **{**device.stats(), "device": dcfg.id,
+                                             "type": dcfg.type, "final": final})
+        if self.adaptor is not None:
+            extra = {"bus_requests": getattr(self.bus, "requests", 0)}
+            self.log.info("adaptor_stats", **{**self.adaptor.stats(), **extra,
+                                              "adaptor": self.config.hypervisor.kind,
+                                              "final": final})
+
+
+def loop_factory() -> tuple[Callable[[], asyncio.AbstractEventLoop], dict[str, Any]]:
+    """uvloop when importable (and not refused by VMMIOD_EVENT_LOOP=asyncio), else asyncio."""
+    if os.environ.get("VMMIOD_EVENT_LOOP") == "asyncio":
+        return asyncio.new_event_loop, {"loop": "asyncio", "reason": "VMMIOD_EVENT_LOOP=asyncio"}
+    try:
+        import uvloop
+    except ImportError as exc:
+        return asyncio.new_event_loop, {"loop": "asyncio", "reason": f"uvloop: {exc}"}
+    return uvloop.new_event_loop, {"loop": "uvloop",
+                                   "version": getattr(uvloop, "__version__", "?")}
+
+
+def run(config: Config, *, level_from_cli: bool = False) -> int:
+    """`vmmiod run`: serve one guest until stopped. Logging is configured by the caller."""
+    log = logsetup.get_logger(guest=config.guest.name)
+    notifier = Notifier(log=log)
+    factory, loop_info = loop_factory()
+    with asyncio.Runner(loop_factory=factory) as runner:
+        log.info("event_loop_selected", **loop_info)
+        daemon = Daemon(config, notifier=notifier, log=log, level_from_cli=level_from_cli)
+        return runner.run(daemon.run())
