@@ -100,13 +100,17 @@ class SimVmm:
                 time.sleep(0.05)
         sock.settimeout(self.timeout)
         try:
-            server = proto.parse_server_hello(self._recv(sock))
+            first = self._recv(sock)
+            if proto.parse_header(first)[1] == proto.MSG_REFUSE:  # busy: no hello at all
+                raise Refused(*proto.parse_refuse(first))
+            server = proto.parse_server_hello(first)
             hello, fds = self.client_hello(server)
             socket.send_fds(sock, [proto.pack_client_hello(hello)], fds)
             self._expect_accept(sock)
         except BaseException:
             sock.close()
             raise
+        sock.settimeout(None)  # from here on every wait is a poll() with its own timeout
         self.sock, self.server = sock, server
         self._polls = []
         for fd in self.resp_fds:

@@ -113,6 +113,7 @@ class GenericAdaptor(Adaptor):
         self._conn: _Connection | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._serve: Callable[[Any, int, Any], bool] | None = None
+        self.hello_timeout = HELLO_TIMEOUT
 
     # -- Adaptor interface -------------------------------------------------------------------------
     async def prepare(self) -> None:
@@ -204,7 +205,7 @@ class GenericAdaptor(Adaptor):
         except OSError:
             sock.close()
             return
-        self._pending[sock] = self._loop.call_later(HELLO_TIMEOUT, self._hello_timeout, sock)
+        self._pending[sock] = self._loop.call_later(self.hello_timeout, self._hello_timeout, sock)
         self._loop.add_reader(sock.fileno(), self._on_hello, sock)
 
     def _drop_pending(self, sock: socket.socket) -> None:
@@ -216,7 +217,7 @@ class GenericAdaptor(Adaptor):
 
     def _hello_timeout(self, sock: socket.socket) -> None:
         self._drop_pending(sock)
-        self._refuse(sock, ProtocolError(REFUSE_MALFORMED, f"no hello within {HELLO_TIMEOUT} s"))
+        self._refuse(sock, ProtocolError(REFUSE_MALFORMED, f"no hello within {self.hello_timeout} s"))
 
     def _refuse(self, sock: socket.socket, err: ProtocolError) -> None:
         self.counters["refused"] += 1

@@ -1,0 +1,210 @@
+"""Bad peers on the generic channel: each is refused with a message, nothing else is disturbed
+(no fd kept, nothing mapped, devices untouched, the next VMM served, a connected VMM unaffected)."""
+
+from __future__ import annotations
+
+import mmap
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Callable, Iterator
+
+import pytest
+
+from vmmiod.config import BlockConfig, GuestConfig, MmioConfig
+from vmmiod.devices.block import BlockDevice
+from vmmiod.hypervisors.generic import protocol as proto
+from vmmiod.sim.block import VIRTIO_BLK_T_IN, BlockDriver
+from vmmiod.sim.inproc import ThreadedDaemon
+from vmmiod.sim.virtio_mmio import MAGIC
+from vmmiod.sim.vmm import Refused, SimVmm, sealed_memfd
+
+BASE, IRQ = 0x0200_0000, 33
+Hello = tuple[proto.ClientHello, list[int]]
+
+
+@pytest.fixture
+def daemon(tmp_path: Path) -> Iterator[ThreadedDaemon]:
+    img = tmp_path / "disk.img"
+    with open(img, "wb") as f:
+        f.truncate(1 << 20)
+    dev = BlockDevice(BlockConfig("vda", MmioConfig(BASE, IRQ), img), GuestConfig("t"))
+    with ThreadedDaemon(tmp_path / "vmm.sock", [(dev, BASE, IRQ)]) as td:
+        yield td
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def exchange(path: Path, build: Callable[[proto.ServerHello], tuple[bytes, list[int]]]
+             ) -> tuple[int, int, str]:
+    """Connect, read the server hello, send what `build` makes of it; (type, reason, text)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as s:
+        s.settimeout(5)
+        s.connect(str(path))
+        payload, fds = build(proto.parse_server_hello(s.recv(proto.MAX_MESSAGE)))
+        socket.send_fds(s, [payload], fds) if fds else s.send(payload)
+        answer = s.recv(proto.MAX_MESSAGE)
+        _, msg_type = proto.parse_header(answer)
+        if msg_type != proto.MSG_REFUSE:
+            return msg_type, 0, ""
+        assert s.recv(proto.MAX_MESSAGE) == b""  # and the daemon hung up
+        return (msg_type, *proto.parse_refuse(answer))
+
+
+def assert_undisturbed(daemon: ThreadedDaemon) -> None:
+    assert not daemon.call(lambda: daemon.adaptor.connected)
+    assert daemon.call(lambda: daemon.bus.memory) is None
+    assert not daemon.call(lambda: daemon.windows[0].device.active)
+    with SimVmm() as vmm:  # the next, well-behaved VMM is served
+        dev = BlockDriver(vmm, vmm.connect(daemon.socket_path).windows[0])
+        dev.start()
+        assert dev.request(VIRTIO_BLK_T_IN, 0, length=512).status == 0
+
+
+def vmm_fds(vmm: SimVmm) -> set[int]:
+    return {vmm.ram_fd, vmm.page_fd, *vmm.req_fds, *vmm.resp_fds, *vmm.irq_fds.values()}
+
+
+def replace_fd(fds: list[int], index: int, new: int) -> list[int]:
+    out = list(fds)
+    out[index] = new
+    return out
+
+
+def bad_page(size: int) -> Callable[[SimVmm, Hello], tuple[bytes, list[int]]]:
+    def make(vmm: SimVmm, h: Hello) -> tuple[bytes, list[int]]:
+        return proto.pack_client_hello(h[0]), replace_fd(h[1], 1, sealed_memfd("p", size))
+    return make
+
+
+def unsealed_ram(vmm: SimVmm, h: Hello) -> tuple[bytes, list[int]]:
+    fd = os.memfd_create("ram", os.MFD_CLOEXEC)
+    os.ftruncate(fd, vmm.ram_size)
+    return proto.pack_client_hello(h[0]), replace_fd(h[1], 0, fd)
+
+
+def short_ram(vmm: SimVmm, h: Hello) -> tuple[bytes, list[int]]:
+    """The memfd holds less than the region claims: mapping it would SIGBUS later."""
+    return proto.pack_client_hello(h[0]), replace_fd(h[1], 0, sealed_memfd("ram", 1 << 20))
+
+
+def pipe_as_eventfd(vmm: SimVmm, h: Hello) -> tuple[bytes, list[int]]:
+    r, w = os.pipe()
+    os.close(w)
+    return proto.pack_client_hello(h[0]), replace_fd(h[1], 2, r)
+
+
+def socket_as_ram(vmm: SimVmm, h: Hello) -> tuple[bytes, list[int]]:
+    a, b = socket.socketpair()
+    b.close()
+    return proto.pack_client_hello(h[0]), replace_fd(h[1], 0, a.detach())
+
+
+def overlapping_regions(vmm: SimVmm, h: Hello) -> tuple[bytes, list[int]]:
+    hello = h[0]
+    regions = (proto.RegionSpec(vmm.ram_gpa, 1 << 20), proto.RegionSpec(vmm.ram_gpa + 4096, 4096))
+    import dataclasses
+    bad = dataclasses.replace(hello, regions=regions)
+    return proto.pack_client_hello(bad), [h[1][0], *h[1]]
+
+
+def missing_irq(vmm: SimVmm, h: Hello) -> tuple[bytes, list[int]]:
+    import dataclasses
+    bad = dataclasses.replace(h[0], irqs=())
+    return proto.pack_client_hello(bad), h[1][:-1]
+
+
+CASES = {
+    "garbage": (lambda v, h: (b"\x00" * 40, h[1]), proto.REFUSE_MALFORMED),
+    "bad_magic": (lambda v, h: (b"XXXX" + proto.pack_client_hello(h[0])[4:], h[1]),
+                  proto.REFUSE_MALFORMED),
+    "future_version": (lambda v, h: (proto.header(proto.MSG_CLIENT_HELLO, 9)
+                                     + proto.pack_client_hello(h[0])[8:], h[1]),
+                       proto.REFUSE_VERSION),
+    "truncated": (lambda v, h: (proto.pack_client_hello(h[0])[:-3], h[1]),
+                  proto.REFUSE_MALFORMED),
+    "no_fds": (lambda v, h: (proto.pack_client_hello(h[0]), []), proto.REFUSE_FD_COUNT),
+    "one_fd_short": (lambda v, h: (proto.pack_client_hello(h[0]), h[1][:-1]),
+                     proto.REFUSE_FD_COUNT),
+    "one_fd_extra": (lambda v, h: (proto.pack_client_hello(h[0]), [*h[1], h[1][0]]),
+                     proto.REFUSE_FD_COUNT),
+    "page_too_small": (bad_page(100), proto.REFUSE_PAGE),
+    "page_too_big": (bad_page(8192), proto.REFUSE_PAGE),
+    "pipe_as_eventfd": (pipe_as_eventfd, proto.REFUSE_BAD_FD),
+    "socket_as_ram": (socket_as_ram, proto.REFUSE_REGIONS),
+    "ram_shorter_than_region": (short_ram, proto.REFUSE_REGIONS),
+    "unsealed_memfd": (unsealed_ram, proto.REFUSE_REGIONS),
+    "overlapping_regions": (overlapping_regions, proto.REFUSE_REGIONS),
+    "missing_irq_line": (missing_irq, proto.REFUSE_IRQS),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_peer_is_refused(daemon: ThreadedDaemon, case: str) -> None:
+    make, reason = CASES[case]
+    with SimVmm(ram_size=4 << 20) as vmm:
+        before = open_fds()
+        fds: list[int] = []
+
+        def build(server: proto.ServerHello) -> tuple[bytes, list[int]]:
+            payload, sent = make(vmm, vmm.client_hello(server))  # type: ignore[operator]
+            fds.extend(f for f in sent if f not in vmm_fds(vmm))
+            return payload, sent
+
+        msg_type, got_reason, text = exchange(daemon.socket_path, build)
+        assert (msg_type, got_reason) == (proto.MSG_REFUSE, reason), text
+        assert text  # a message saying why
+        for fd in set(fds):  # the test's own extra fds (bad pages, pipes)
+            os.close(fd)
+        assert open_fds() == before + len(vmm.irq_fds)  # the daemon kept none of the fds
+    assert daemon.call(lambda: daemon.adaptor.counters["refused"]) >= 1
+    assert_undisturbed(daemon)
+
+
+def test_too_many_fds_for_one_message(daemon: ThreadedDaemon) -> None:
+    """More fds than SCM_MAX_FD (253): the kernel truncates; the daemon refuses."""
+    with SimVmm(vcpus=127) as vmm:
+        with pytest.raises((Refused, OSError)):
+            vmm.connect(daemon.socket_path)
+    assert_undisturbed(daemon)
+
+
+def test_second_vmm_is_refused_while_one_is_served(daemon: ThreadedDaemon) -> None:
+    with SimVmm() as first:
+        dev = BlockDriver(first, first.connect(daemon.socket_path).windows[0])
+        dev.start()
+        with SimVmm() as second:
+            with pytest.raises(Refused) as exc:
+                second.connect(daemon.socket_path)
+            assert exc.value.reason == proto.REFUSE_BUSY
+        # The first VMM never noticed.
+        assert dev.request(VIRTIO_BLK_T_IN, 0, length=4096).status == 0
+        assert first.read(BASE) == MAGIC
+
+
+def test_silent_peer_times_out(daemon: ThreadedDaemon) -> None:
+    daemon.adaptor.hello_timeout = 0.2
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as s:
+        s.settimeout(5)
+        s.connect(str(daemon.socket_path))
+        proto.parse_server_hello(s.recv(proto.MAX_MESSAGE))
+        answer = s.recv(proto.MAX_MESSAGE)  # says nothing; the daemon gives up on it
+        assert proto.parse_header(answer)[1] == proto.MSG_REFUSE
+        assert "no hello" in proto.parse_refuse(answer)[1]
+    assert_undisturbed(daemon)
+
+
+def test_peer_scribbling_on_the_page_does_not_hurt(daemon: ThreadedDaemon) -> None:
+    """Spurious kicks and garbage slots: answered or ignored, never a crash."""
+    with SimVmm(vcpus=2) as vmm:
+        vmm.connect(daemon.socket_path)
+        vmm.page[32:64] = b"\xff" * 32  # vCPU 1: state 15, type 255, size 2**32-1 ...
+        os.write(vmm.req_fds[1], (1).to_bytes(8, "little"))
+        os.write(vmm.req_fds[0], (1).to_bytes(8, "little"))  # kick with no request: NONE
+        time.sleep(0.1)
+        assert vmm.read(BASE) == MAGIC
+        assert daemon.call(lambda: daemon.adaptor.counters["ioreqs_unanswered"]) == 2
+        assert isinstance(vmm.page, mmap.mmap)
