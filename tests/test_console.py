@@ -22,7 +22,7 @@ from vmmiod.config import (
     PtyBackend,
     SocketBackend,
 )
-from vmmiod.devices.base import BackendError
+from vmmiod.devices.base import VIRTIO_F_ACCESS_PLATFORM, BackendError
 from vmmiod.devices.console import (
     CONFIG,
     CONFIG_EMERG_WR,
@@ -79,6 +79,9 @@ def test_features_and_config_space() -> None:
     assert multi.device_features() & (1 << VIRTIO_CONSOLE_F_MULTIPORT)
     assert len(multi.queue_max_sizes) == 8  # (3 ports + control) * 2, as Linux's init_vqs
     assert multi.read_config(4, 4) == 3
+    assert not f & (1 << VIRTIO_F_ACCESS_PLATFORM)
+    grants = ConsoleDevice(dev.cfg, GUEST, access_platform=True)
+    assert grants.device_features() & (1 << VIRTIO_F_ACCESS_PLATFORM)
 
 
 # -- pty --------------------------------------------------------------------------------------
@@ -344,12 +347,13 @@ async def test_file_backend_appends_and_reopens(tmp_path: Path) -> None:
 async def test_emergency_write_before_any_queue(tmp_path: Path) -> None:
     path = tmp_path / "guest.log"
     dev = console(FileBackend(path=path))
+    dev.write_config(CONFIG_EMERG_WR, 4, ord(">"))  # even before the backend is open
     await dev.open()
     try:
         for ch in b"early panic":  # no activate(): no queue exists yet
             dev.write_config(CONFIG_EMERG_WR, 4, 0xABCD00 | ch)
-        assert path.read_bytes() == b"early panic"
-        assert dev.counters["emergency_writes"] == 11
+        assert path.read_bytes() == b">early panic"
+        assert dev.counters["emergency_writes"] == 12
     finally:
         await dev.close()
     # Socket with no client yet: kept in the ring and replayed.

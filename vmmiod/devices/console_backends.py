@@ -320,6 +320,10 @@ class FileBackend(PortBackend):
         self._file_fd = self._open_file()
         self.connected = True  # a file is always there: nothing goes to the ring
         self.loop = asyncio.get_running_loop()
+        if self.ring:  # emergency writes that came before open()
+            kept = bytes(self.ring.data)
+            self.ring.consume(len(kept))
+            self.write(kept)
         self.log.info("console_file_opened", port=self.port, path=str(self.path))
 
     async def close(self) -> None:
