@@ -450,7 +450,12 @@ class NetDevice(VirtioDevice):
         if q is None:
             return
         done = 0
-        while done < CTRL_QUEUE_SIZE and (chain := q.pop()) is not None:
+        while done < CTRL_QUEUE_SIZE:
+            chain = q.pop()
+            if chain is None:
+                if q.enable_notification():
+                    continue
+                break
             done += 1
             self.counters["ctrl_commands"] += 1
             if chain.readable_len < 2 or chain.writable_len < 1:

@@ -126,6 +126,7 @@ class NetDriver:
         self.transport = RecordingTransport()
         self._rx_free: list[int] = []
         self._rx_posted = 0
+        self.rx_errors = 0
         device.activate(memory, split, feats, self.transport)
 
     def has(self, n: int) -> bool:
@@ -155,6 +156,9 @@ class NetDriver:
         while (u := self.rxq.get_used()) is not None:
             gpa, length = u
             self._rx_posted -= 1
+            if length == 0:
+                self.rx_errors += 1  # a buffer the device refused; Linux drops it the same way
+                continue
             self._rx_free.append(gpa)
             if not self.hdr_len <= length <= self.rx_buf_size:
                 raise RuntimeError(f"device returned a receive length of {length}")
