@@ -1,0 +1,380 @@
+"""XenAdaptor: vmmiod as the IOREQ server of one Xen guest (see docs/xen.md).
+
+prepare(): libraries, /dev/xen nodes, xenstore, the guest's domid (waited for), handles, the
+dm_op probe (ENOSYS = hypervisor without IOREQ support), barriers, the toolstack's backend
+entries (InitWait written as soon as they appear, since xl waits 10 s for it).
+start(): guest memory on the bus, the IOREQ server, the optional eventfd fast path, then
+xentoolcore_restrict_all(domid). stop(): Closed, teardown, unmap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import os
+import platform
+import time
+from typing import Any
+
+from vmmiod.config import Config, XenConfig
+from vmmiod.hypervisors.base import Adaptor, PlatformUnavailable
+from vmmiod.hypervisors.xen import backends, fences
+from vmmiod.hypervisors.xen.guestmem import XenGuestMemory, XenMapper
+from vmmiod.hypervisors.xen.handles import DeviceModel, EventChannels, ForeignMemory, GrantTable
+from vmmiod.hypervisors.xen.irq import IrqRangeError, Privcmd, XenInterruptLine, check_irq
+from vmmiod.hypervisors.xen.libs import Loader, XenLibs, load_libraries
+from vmmiod.hypervisors.xen.server import IoreqServer
+from vmmiod.hypervisors.xen.xenstore import XenStore, XenStoreError, find_domid_by_name
+
+POLL_INTERVAL = 0.2  # seconds between looks for the domain / backend entries
+
+NO_IOREQ_SERVER = (
+    "the Xen hypervisor has no IOREQ server support (dm_op failed with ENOSYS). Debian's arm64 "
+    "Xen is built without CONFIG_IOREQ_SERVER: rebuild the hypervisor from Debian's xen source "
+    "package with CONFIG_EXPERT=y and CONFIG_IOREQ_SERVER=y (see docs/xen.md), or use a Xen "
+    "built with it (amd64 builds have it)")
+
+NODES = {
+    "privcmd": "load the xen-privcmd module (modprobe xen-privcmd)",
+    "evtchn": "load the xen-evtchn module (modprobe xen-evtchn)",
+    "gntdev": "load the xen-gntdev module (modprobe xen-gntdev); needed for grants",
+}
+
+
+class BackendMismatch(PlatformUnavailable):
+    """The toolstack's devices and the YAML config disagree (a configuration problem)."""
+
+    exit_code = 78
+
+
+class XenAdaptor(Adaptor):
+    kind = "xen"
+
+    def __init__(self, config: Config, bus: Any, log: Any, *, loader: Loader | None = None,
+                 dev_dir: str = "/dev/xen", machine: str | None = None) -> None:
+        super().__init__(bus, log)
+        if not isinstance(config.hypervisor, XenConfig):
+            raise TypeError("XenAdaptor needs a XenConfig")
+        self.config = config
+        self.xen: XenConfig = config.hypervisor
+        self._loader = loader
+        self.dev_dir = dev_dir
+        self.machine = (machine or platform.machine()).lower()
+        self.libs: XenLibs | None = None
+        self.domid = -1
+        self.xs: XenStore | None = None
+        self.dm: DeviceModel | None = None
+        self.evtchn: EventChannels | None = None
+        self.fmem: ForeignMemory | None = None
+        self.memory: XenGuestMemory | None = None
+        self.mapper: XenMapper | None = None
+        self.server: IoreqServer | None = None
+        self.privcmd: Privcmd | None = None
+        self.backends: backends.Backends | None = None
+        self._irq_method = self._choose_irq_method()
+        self._lines: dict[int, XenInterruptLine] = {}
+        self._grants = self.xen.grants is True
+        self.restricted = False
+        self._nr_vcpus = 0
+        self.counters = {"events": 0, "ioreqs": 0, "interrupts": 0, "interrupt_errors": 0}
+
+    # -- prepare ----------------------------------------------------------------------------------
+    async def prepare(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.finished = loop.create_future()
+        self.libs = load_libraries(self._loader) if self._loader else load_libraries()
+        self._check_nodes(["privcmd", "evtchn"])
+        try:
+            self.xs = XenStore(self.libs)
+        except XenStoreError as exc:
+            raise PlatformUnavailable(
+                f"cannot connect to xenstored ({os.strerror(exc.errno or errno.ENOENT)}): start "
+                "the Xen services in dom0 (systemctl start xenstored.service, or xencommons)"
+            ) from None
+        self.domid = await self._resolve_domid()
+        self.log = self.log.bind(domid=self.domid)
+        self._open_handles()
+        self._probe_dm_op()
+        try:
+            fences.install_fences(self.log, self.machine)
+        except OSError as exc:
+            raise PlatformUnavailable(str(exc)) from None
+        self.backends = backends.Backends(self.xs, self.xen.backend_domid, self.domid,
+                                          self.config.devices, self.log)
+        await self._discover()
+        if self._grants:
+            self._check_nodes(["gntdev"])
+        self._check_irqs()
+        self.backends.watch(loop, self._on_domain_release)
+        self.log.info("xen_prepared", vcpus=self._nr_vcpus, grants=self._grants,
+                      interrupts=self._irq_method, windows=[
+                          {"device": d, "base": hex(b), "irq": i} for d, b, i in self.windows()])
+
+    def _check_nodes(self, names: list[str]) -> None:
+        if not os.path.isdir(self.dev_dir):
+            raise PlatformUnavailable(
+                f"{self.dev_dir} does not exist: vmmiod's Xen adaptor must run in a Xen dom0 (or "
+                "a driver domain) with the Xen kernel modules loaded (modprobe xen-privcmd "
+                "xen-evtchn xen-gntdev)")
+        for name in names:
+            path = os.path.join(self.dev_dir, name)
+            if not os.path.exists(path):
+                raise PlatformUnavailable(f"{path} is missing: {NODES[name]}")
+
+    async def _resolve_domid(self) -> int:
+        assert self.xs is not None
+        guest = self.config.guest
+        deadline = time.monotonic() + max(self.xen.domain_wait, 0.0)
+        announced = False
+        while True:
+            if guest.domid is not None:
+                if (self.xs.read(f"/local/domain/{guest.domid}/name") is not None
+                        or self.xs.domain_introduced(guest.domid)):
+                    return guest.domid
+            else:
+                found = find_domid_by_name(self.xs, guest.name)
+                if found is not None:
+                    self.log.info("xen_domain_resolved", name=guest.name, domid=found)
+                    return found
+            if time.monotonic() >= deadline:
+                what = (f"domain {guest.domid}" if guest.domid is not None
+                        else f"a domain named {guest.name!r}")
+                raise PlatformUnavailable(
+                    f"{what} did not appear within {self.xen.domain_wait:g} s (hypervisor."
+                    "domain_wait): create the guest (xl create -p) before or while vmmiod starts")
+            if not announced:
+                self.log.info("xen_domain_waiting", name=guest.name, domid=guest.domid,
+                              timeout=self.xen.domain_wait)
+                announced = True
+            await asyncio.sleep(POLL_INTERVAL)
+
+    def _open_handles(self) -> None:
+        assert self.libs is not None
+        try:
+            self.dm = DeviceModel(self.libs, self.domid)
+            self.evtchn = EventChannels(self.libs)
+            self.fmem = ForeignMemory(self.libs)
+        except OSError as exc:
+            raise PlatformUnavailable(
+                f"cannot open the Xen interfaces ({exc}): run vmmiod as root in dom0 with "
+                "/dev/xen/privcmd and /dev/xen/evtchn available") from None
+
+    def _probe_dm_op(self) -> None:
+        assert self.dm is not None
+        try:
+            self._nr_vcpus = self.dm.nr_vcpus()
+        except OSError as exc:
+            if exc.errno == errno.ENOSYS:
+                raise PlatformUnavailable(NO_IOREQ_SERVER) from None
+            if exc.errno == errno.EOPNOTSUPP:
+                raise PlatformUnavailable(
+                    "the hypervisor does not know XEN_DMOP_nr_vcpus: Xen >= 4.15 is needed"
+                ) from None
+            if exc.errno in (errno.EPERM, errno.EACCES):
+                raise PlatformUnavailable(
+                    f"not allowed to act as device model for domain {self.domid} ({exc}): run "
+                    "vmmiod in dom0, or in a driver domain that is the guest's target "
+                    "(and with xsm=dummy on Debian's arm64 Xen)") from None
+            raise PlatformUnavailable(f"dm_op on domain {self.domid} failed: {exc}") from None
+
+    async def _discover(self) -> None:
+        assert self.backends is not None
+        deadline = time.monotonic() + max(self.xen.domain_wait, 0.0)
+        announced = False
+        while True:
+            try:
+                done = self.backends.discover()
+            except backends.MismatchError as exc:
+                raise BackendMismatch(str(exc)) from None
+            if done:
+                break
+            if time.monotonic() >= deadline:
+                raise BackendMismatch(self.backends.missing_message())
+            if not announced:
+                self.log.info("xen_backends_waiting", missing=self.backends.missing_ids())
+                announced = True
+            await asyncio.sleep(POLL_INTERVAL)
+        if self.xen.grants == "auto":
+            usage = self.backends.grant_usage()
+            if usage is None:
+                raise BackendMismatch(
+                    "the toolstack's virtio entries disagree on grant_usage; set hypervisor."
+                    "grants explicitly or declare every device alike")
+            self._grants = usage
+
+    def _check_irqs(self) -> None:
+        for dev_id, _base, irq in self._all_windows():
+            try:
+                check_irq(self._irq_method, irq)
+            except IrqRangeError as exc:
+                raise BackendMismatch(f"device {dev_id!r}: {exc} (hypervisor.interrupts: "
+                                      f"{self.xen.interrupts})") from None
+
+    def _choose_irq_method(self) -> str:
+        if self.xen.interrupts != "auto":
+            return self.xen.interrupts
+        return "spi" if fences.needs_fences(self.machine) else "isa"
+
+    # -- what the daemon asks ---------------------------------------------------------------------
+    @property
+    def access_platform(self) -> bool:
+        return self._grants
+
+    def windows(self) -> list[tuple[str, int, int]]:
+        return self.backends.auto_windows() if self.backends is not None else []
+
+    def _all_windows(self) -> list[tuple[str, int, int]]:
+        auto = {d: (b, i) for d, b, i in self.windows()}
+        out = []
+        for dcfg in self.config.devices:
+            if dcfg.mmio.auto:
+                if dcfg.id in auto:
+                    out.append((dcfg.id, *auto[dcfg.id]))
+            elif dcfg.mmio.base is not None and dcfg.mmio.irq is not None:
+                out.append((dcfg.id, dcfg.mmio.base, dcfg.mmio.irq))
+        return out
+
+    def interrupt_line(self, irq: int) -> XenInterruptLine:
+        assert self.dm is not None, "prepare() first"
+        line = self._lines.get(irq)
+        if line is None:
+            line = XenInterruptLine(self.dm, self._irq_method, irq, self.counters, self.log)
+            self._lines[irq] = line
+        return line
+
+    # -- start ------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        assert self.dm and self.evtchn and self.fmem and self.libs and self.backends
+        loop = asyncio.get_running_loop()
+        libs = self.libs
+        self.mapper = XenMapper(self.domid, self.fmem, lambda: GrantTable(libs))
+        self.memory = XenGuestMemory(self.mapper, grants=self._grants,
+                                     cache_pages=self.xen.map_cache_pages, log=self.log)
+        self.bus.attach_memory(self.memory)
+        ranges = [(base, base + size - 1) for base, size, _w in self.bus.windows()]
+        self.server = IoreqServer(self.domid, self.dm, self.evtchn, self.fmem, self.bus,
+                                  self.log, self.counters)
+        try:
+            self.server.create(ranges)
+        except OSError as exc:
+            self.server.destroy()
+            if exc.errno == errno.ENOSYS:
+                raise PlatformUnavailable(NO_IOREQ_SERVER) from None
+            raise
+        self.server.attach_loop(loop)
+        self._fast_path(loop)
+        self._restrict()
+        self.log.info("xen_serving", server=self.server.sid, vcpus=self.server.nr_vcpus,
+                      windows=len(ranges), grants=self._grants)
+
+    def _fast_path(self, loop: asyncio.AbstractEventLoop) -> None:
+        """privcmd IRQFD for Arm SPIs, IOEVENTFD for QueueNotify; silently absent elsewhere."""
+        path = os.path.join(self.dev_dir, "privcmd")
+        try:
+            self.privcmd = Privcmd(self.domid, path)
+        except OSError:
+            return
+        irqfds = 0
+        if self._irq_method == "spi":
+            for irq, line in self._lines.items():
+                try:
+                    line.eventfd = self.privcmd.irqfd(irq)
+                    irqfds += 1
+                except OSError:
+                    break  # the kernel has no IRQFD: every line keeps its dm_op
+        ioeventfds = self._ioeventfds(loop)
+        if irqfds or ioeventfds:
+            self.log.info("xen_eventfd_fast_path", irqfds=irqfds, ioeventfds=ioeventfds)
+
+    def _ioeventfds(self, loop: asyncio.AbstractEventLoop) -> int:
+        assert self.privcmd is not None and self.server is not None
+        from vmmiod.hypervisors.xen.abi import VIRTIO_MMIO_QUEUE_NOTIFY
+
+        count = 0
+        for base, _size, window in self.bus.windows():
+            device = getattr(window, "device", None)
+            nq = len(getattr(device, "queue_max_sizes", ()))
+            notify = base + VIRTIO_MMIO_QUEUE_NOTIFY
+            for vq in range(nq):
+                try:
+                    # The kernel matches ioreq.addr against addr + QueueNotify: pass the base.
+                    efd = self.privcmd.ioeventfd(self.server.page_addr, self.server.ports,
+                                                 base, vq)
+                except OSError:
+                    return count
+                loop.add_reader(efd, self._on_ioeventfd, efd, notify, vq)
+                count += 1
+        return count
+
+    def _on_ioeventfd(self, efd: int, notify: int, vq: int) -> None:
+        try:
+            os.eventfd_read(efd)
+        except BlockingIOError:
+            return
+        # The kernel already answered the guest's write; replay it on the bus for the window.
+        self.counters["ioeventfd_notifies"] = self.counters.get("ioeventfd_notifies", 0) + 1
+        self.bus.access(notify, 4, True, vq)
+
+    def _restrict(self) -> None:
+        """xentoolcore_restrict_all(domid): every handle may then touch only this guest.
+
+        libxenstore and libxengnttab implement "restrict" by pointing their fd at /dev/null
+        (xenstore has no per-domain restriction, gntdev cannot be restricted), so the xenstore
+        watch connection is closed first and reopened after, and grants open their handle on
+        first use, after this.
+        """
+        assert self.libs is not None and self.backends is not None
+        self.backends.suspend_watch()
+        rc = self.libs.toolcore.xentoolcore_restrict_all(self.domid)
+        if rc < 0:
+            self.log.warning("xen_restrict_failed", errno=os.strerror(_errno()))
+        else:
+            self.restricted = True
+            self.log.info("xen_restricted", domid=self.domid,
+                          handles=["devicemodel", "foreignmemory", "evtchn", "privcmd"])
+        xs = XenStore(self.libs)
+        self.xs = xs
+        self.backends.resume_watch(xs, asyncio.get_running_loop(), self._on_domain_release)
+
+    # -- the guest goes away ----------------------------------------------------------------------
+    def _on_domain_release(self) -> None:
+        if self.xs is None or self.finished is None or self.finished.done():
+            return
+        if self.xs.domain_introduced(self.domid):
+            return
+        self.log.info("xen_domain_gone", domid=self.domid)
+        self.finished.set_result(0)
+
+    # -- stop -------------------------------------------------------------------------------------
+    async def stop(self) -> None:
+        if self.backends is not None:
+            self.backends.close()  # Closed (6) for every entry we served; stop watching
+        if self.server is not None:
+            self.server.destroy()
+        if self.privcmd is not None:
+            self.privcmd.close()
+            self.privcmd = None
+        if self.memory is not None:
+            self.memory.close()
+        if self.mapper is not None:
+            self.mapper.close()
+        for name in ("dm", "evtchn", "fmem", "xs"):
+            handle: Any = getattr(self, name)
+            if handle is not None:
+                handle.close()
+                setattr(self, name, None)
+        if self.finished is not None and not self.finished.done():
+            self.finished.set_result(0)
+        self.log.info("xen_stopped", **self.counters)
+
+    def stats(self) -> dict[str, int]:
+        out = dict(self.counters)
+        if self.memory is not None:
+            out.update({f"map_{k}": v for k, v in self.memory.counters.items()})
+        return out
+
+
+def _errno() -> int:
+    import ctypes
+
+    return ctypes.get_errno()
