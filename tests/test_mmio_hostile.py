@@ -73,7 +73,7 @@ def events(logs: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
     return [e for e in logs if e["event"] == name]
 
 
-# -- status machine -------------------------------------------------------------------------------
+# -- status machine --------------------------------------------------------------------------------
 @pytest.mark.parametrize("version", [1, 2])
 @pytest.mark.parametrize("start, attempt", [
     (0, DRIVER),  # DRIVER before ACKNOWLEDGE
@@ -330,7 +330,7 @@ def test_device_fault_from_hostile_ring_needs_reset_then_recovers() -> None:
     assert roundtrip(rig, bring_up(rig)[0], b"again") == b"niaga"
 
 
-# -- access sizes, write-only and read-only registers, unknown offsets ------------------------------
+# -- access sizes, write-only and read-only registers, unknown offsets -----------------------------
 @pytest.mark.parametrize("size", [1, 2, 8, 3])
 def test_non_32_bit_register_accesses_are_ignored(size: int) -> None:
     rig = make_rig(2)

@@ -77,7 +77,8 @@ ops = st.one_of(
     st.tuples(st.just("interrupt")),
     st.tuples(st.just("probe"), st.booleans()),
     st.tuples(st.just("kick"), st.integers(0, 2)),
-    st.tuples(st.just("scribble"), st.integers(0, RING_AREA - 8), st.binary(min_size=1, max_size=8)),
+    st.tuples(st.just("scribble"), st.integers(0, RING_AREA - 8),
+              st.binary(min_size=1, max_size=8)),
     st.tuples(st.just("device"), st.sampled_from(["config", "used", "fault"])),
 )
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import structlog
 
-from vmmiod.devices.base import VirtioDevice, bit
+from vmmiod.devices.base import VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, VirtioDevice, bit
 from vmmiod.memory import MappedMemory
 from vmmiod.mmio import VirtioMmio
 from vmmiod.mmio_regs import (
@@ -166,7 +166,7 @@ def make_rig(version: int = 2, *, queues: tuple[int, ...] = ECHO_QUEUES,
     return Rig(window, device, line, memory, ram, Allocator(RAM_BASE, RAM_SIZE))
 
 
-# -- the Linux driver's moves, as helpers for tests that are not about the probe itself -------------
+# -- the Linux driver's moves, as helpers for tests that are not about the probe itself ------------
 def negotiate(rig: Rig, features: int | None = None) -> int:
     """Reset, ACK, DRIVER, features (high half then low, as Linux), FEATURES_OK on v2."""
     rig.w(STATUS, 0)
@@ -213,9 +213,10 @@ def bring_up(rig: Rig, features: int | None = None) -> list[DriverQueue]:
     if rig.window.version == 1:
         rig.w(GUEST_PAGE_SIZE, PAGE)
     f = negotiate(rig, features)
-    ev = bool(f >> 29 & 1)
-    ind = bool(f >> 28 & 1)
-    dqs = [setup_queue(rig, i, event_idx=ev, indirect=ind) for i in range(len(rig.device.queue_max_sizes))]
+    ev = bool(f >> VIRTIO_F_EVENT_IDX & 1)
+    ind = bool(f >> VIRTIO_F_INDIRECT_DESC & 1)
+    dqs = [setup_queue(rig, i, event_idx=ev, indirect=ind)
+           for i in range(len(rig.device.queue_max_sizes))]
     rig.w(STATUS, rig.r(STATUS) | DRIVER_OK)
     return dqs
 
@@ -235,7 +236,7 @@ def roundtrip(rig: Rig, dq: DriverQueue, payload: bytes) -> bytes:
     return rig.memory.read(in_[0], len(payload))
 
 
-# -- checks of the rig itself ---------------------------------------------------------------------
+# -- checks of the rig itself ----------------------------------------------------------------------
 def test_echo_device_validate_features_rule() -> None:
     dev = EchoDevice()
     assert dev.validate_features(bit(FEATURE_PLAIN) | bit(FEATURE_NEEDS_PLAIN))
