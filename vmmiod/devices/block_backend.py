@@ -307,6 +307,8 @@ class Backing:
 def _full(op: object, fd: int, views: Sequence[memoryview], offset: int, length: int) -> None:
     """One preadv/pwritev in the common case; loop over short transfers and IOV_MAX chunks."""
     call = op  # os.preadv or os.pwritev: (fd, buffers, offset) -> int
+    if not length:
+        return
     if len(views) <= IOV_MAX:
         n = call(fd, views, offset)  # type: ignore[operator]
         if n == length:

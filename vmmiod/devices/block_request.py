@@ -193,16 +193,6 @@ def _status_gpa(writable: Sequence[Segment]) -> int | None:
     return None
 
 
-def _check_segments(segs: list[Segment], limits: Limits, status_gpa: int) -> None:
-    if len(segs) > limits.seg_max:
-        raise TooManySegments(f"{len(segs)} data segments, SEG_MAX is {limits.seg_max}",
-                              status_gpa)
-    for _, n in segs:
-        if n > limits.size_max:
-            raise SegmentTooLarge(f"data segment of {n} bytes, SIZE_MAX is {limits.size_max}",
-                                  status_gpa)
-
-
 def _check_range(sector: int, nbytes: int, limits: Limits, status_gpa: int) -> None:
     if nbytes % SECTOR_SIZE:
         raise LengthNotMultiple(f"data length {nbytes} is not a multiple of 512", status_gpa)
@@ -238,29 +228,50 @@ def parse(chain: DescriptorChain, limits: Limits) -> Request:
     in_len = chain.writable_len - 1  # device-writable bytes before the status
     out_len = chain.readable_len - REQ_HEADER_SIZE  # driver-readable bytes after the header
 
-    # 3. Per type: direction, length, range, segments.
+    # 3. Per type: direction, length, range, segments. IN and OUT are the hot path: their
+    # checks are written out here rather than called (a call costs as much as a check).
     if rtype == VIRTIO_BLK_T_IN:
         if out_len:
             raise DataDirection(f"IN with {out_len} driver-readable data bytes", status_gpa)
-        _check_range(sector, in_len, limits, status_gpa)
         if len(writable) == 2 and writable[0][1] == in_len:
-            segs = [writable[0]] if in_len else []
+            segs = [writable[0]]  # data, status: the usual shape
         else:
             segs = _clip(writable, 0, in_len)
-        _check_segments(segs, limits, status_gpa)
-        return Request(chain.head, rtype, sector, segs, in_len, status_gpa)
-    if rtype == VIRTIO_BLK_T_OUT:
+        data_len = in_len
+    elif rtype == VIRTIO_BLK_T_OUT:
         if limits.readonly:
             raise ReadOnlyDevice("OUT on a read-only device", status_gpa)
         if in_len:
             raise DataDirection(f"OUT with {in_len} device-writable data bytes", status_gpa)
-        _check_range(sector, out_len, limits, status_gpa)
         if len(readable) == 2 and readable[0][1] == REQ_HEADER_SIZE:
-            segs = [readable[1]] if out_len else []
+            segs = [readable[1]]  # header, data: the usual shape
         else:
             segs = _clip(readable, REQ_HEADER_SIZE, out_len)
-        _check_segments(segs, limits, status_gpa)
-        return Request(chain.head, rtype, sector, segs, out_len, status_gpa)
+        data_len = out_len
+    else:
+        return _parse_other(chain, rtype, sector, out_len, in_len, limits, status_gpa)
+    if data_len & (SECTOR_SIZE - 1):
+        raise LengthNotMultiple(f"data length {data_len} is not a multiple of 512", status_gpa)
+    cap = limits.capacity
+    # sector is a guest u64: compare without forming sector + n (no overflow in the check).
+    if sector > cap or data_len >> SECTOR_SHIFT > cap - sector:
+        raise SectorOutOfRange(
+            f"sectors {sector}+{data_len >> SECTOR_SHIFT} outside capacity {cap}", status_gpa)
+    if len(segs) > limits.seg_max:
+        raise TooManySegments(f"{len(segs)} data segments, SEG_MAX is {limits.seg_max}",
+                              status_gpa)
+    size_max = limits.size_max
+    for _, n in segs:
+        if n > size_max:
+            raise SegmentTooLarge(f"data segment of {n} bytes, SIZE_MAX is {size_max}",
+                                  status_gpa)
+    return Request(chain.head, rtype, sector, segs, data_len, status_gpa)
+
+
+def _parse_other(chain: DescriptorChain, rtype: int, sector: int, out_len: int, in_len: int,
+                 limits: Limits, status_gpa: int) -> Request:
+    """Every type but IN and OUT (same rules, same order)."""
+    writable = chain.writable
     if rtype == VIRTIO_BLK_T_FLUSH:
         # Data on a flush carries no meaning; QEMU and Linux both ignore it.
         return Request(chain.head, rtype, 0, [], 0, status_gpa)
