@@ -12,7 +12,7 @@ bisect, plus the last window hit, is faster than anything cleverer at that size.
 from __future__ import annotations
 
 import bisect
-from typing import Any, Protocol
+from typing import Any, Callable, Protocol
 
 import structlog
 
@@ -84,7 +84,9 @@ class MmioBus:
         self.log = log if log is not None else structlog.get_logger()
         self._bases: list[int] = []  # sorted window bases, for bisect
         self._entries: list[tuple[int, int, Window]] = []  # (base, end, window), same order
-        self._last: tuple[int, int, Window] | None = None
+        # The last window hit, with its bound methods: the next access is almost always to it.
+        self._last: tuple[int, int, Callable[[int, int], int],
+                          Callable[[int, int, int], None]] | None = None
         self.memory: GuestMemory | None = None
         self.requests = 0
         self.invalidations = 0
@@ -137,20 +139,20 @@ class MmioBus:
     def access(self, addr: int, size: int, is_write: bool, data: int = 0) -> int:
         """One plain MMIO access (the hot path). Returns the read value (0 for writes)."""
         self.requests += 1
-        entry = self._last
-        if entry is None or addr < entry[0] or addr + size > entry[1]:
+        last = self._last
+        if last is None or addr < last[0] or addr + size > last[1]:
             entry = self._lookup(addr, size)
             if entry is None:
                 return self._unhandled_kind(addr, size, is_write)
-            self._last = entry
+            last = self._last = (entry[0], entry[1], entry[2].read, entry[2].write)
         mask = _SIZE_MASK.get(size)
         if mask is None:
             return self._unhandled(UNHANDLED_BAD_SIZE, addr, size, is_write)
         try:
             if is_write:
-                entry[2].write(addr - entry[0], size, data & mask)
+                last[3](addr - last[0], size, data & mask)
                 return 0
-            result: int = entry[2].read(addr - entry[0], size)
+            result: int = last[2](addr - last[0], size)
             return result & mask
         except Exception as exc:  # a window bug must not take the daemon (or the vCPU) down
             self.log.exception("window_error", addr=addr, size=size, write=is_write,
