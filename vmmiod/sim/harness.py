@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -95,27 +96,34 @@ class DaemonProcess:
         self._stderr = files.dir / "daemon.stderr"
 
     def start(self, timeout: float = 15.0) -> DaemonProcess:
-        with open(self._stderr, "wb") as err:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "vmmiod", "run", str(self.files.config)],
-                stdin=subprocess.DEVNULL, stdout=err, stderr=err, start_new_session=True)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise DaemonError(f"the daemon exited with status {self.proc.returncode}: "
-                                  f"{self.stderr_tail()}")
-            if self._listening():
-                return self
-            time.sleep(0.02)
-        self.kill()
-        raise DaemonError(f"the daemon did not listen on {self.files.socket} within {timeout} s")
-
-    def _listening(self) -> bool:
-        if not self.files.socket.exists():
-            return False
-        # The socket file appears at bind(); connect only proves listen(). Peek without
-        # connecting (a connection would be taken for a VMM): look for "log says listening".
-        return any(e.get("event") == "vmm_listening" for e in self.log_events())
+        """Start it as systemd would (Type=notify) and return once it sent READY=1."""
+        notify_path = self.files.dir / "notify.sock"
+        notify_path.unlink(missing_ok=True)
+        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        try:
+            notify.bind(str(notify_path))
+            env = {**os.environ, "NOTIFY_SOCKET": str(notify_path)}
+            with open(self._stderr, "wb") as err:
+                self.proc = subprocess.Popen(
+                    [sys.executable, "-m", "vmmiod", "run", str(self.files.config)],
+                    stdin=subprocess.DEVNULL, stdout=err, stderr=err, env=env,
+                    start_new_session=True)
+            deadline = time.monotonic() + timeout
+            while time.monotonic() < deadline:
+                if self.proc.poll() is not None:
+                    raise DaemonError(f"the daemon exited with status {self.proc.returncode}: "
+                                      f"{self.stderr_tail()}")
+                notify.settimeout(0.05)
+                try:
+                    if b"READY=1" in notify.recv(4096).split(b"\n"):
+                        return self
+                except socket.timeout:
+                    pass
+            self.kill()
+            raise DaemonError(f"the daemon did not report READY=1 within {timeout} s")
+        finally:
+            notify.close()
+            notify_path.unlink(missing_ok=True)
 
     @property
     def pid(self) -> int:
