@@ -9,6 +9,7 @@ import os
 import socket
 import struct
 import termios
+from collections import deque
 from pathlib import Path
 
 import pytest
@@ -241,6 +242,47 @@ async def test_transmit_chain_outside_guest_memory_faults_the_device(tmp_path: P
         guest.send_control(0, ControlEvent.PORT_READY, 1)
         await asyncio.sleep(0.05)
         assert dev.failed and guest.driver[CONTROL_RECEIVEQ].used_idx() == answered
+    finally:
+        guest.close()
+        await dev.close()
+
+
+@run_async
+async def test_driver_without_multiport_gets_port_0_only(tmp_path: Path) -> None:
+    dev = three_ports(tmp_path)
+    await dev.open()
+    guest = ConsoleGuest(dev, multiport=False)  # an old driver: queues 0 and 1 only
+    try:
+        guest.write(0, b"hvc0 only\n")
+        await guest.until(lambda: guest.tx_outstanding(0) == 0, what="port 0 output")
+        assert (tmp_path / "hvc0.log").read_bytes() == b"hvc0 only\n"
+        assert not dev.multiport and dev.control_out == deque()
+        assert guest.transport.faults == []
+    finally:
+        guest.close()
+        await dev.close()
+
+
+@run_async
+async def test_guest_closing_a_port_stops_host_input(tmp_path: Path) -> None:
+    dev = three_ports(tmp_path)
+    await dev.open()
+    guest = await ready_guest(dev)
+    loop = asyncio.get_running_loop()
+    try:
+        client = await connect(tmp_path / "log.sock")
+        guest.open_port(2)
+        await loop.sock_sendall(client, b"one")
+        await guest.until(lambda: guest.ports[2].received == b"one", what="input while open")
+        guest.send_control(2, ControlEvent.PORT_OPEN, 0)
+        await guest.until(lambda: not dev.ports[2].guest_open, what="guest close seen")
+        await loop.sock_sendall(client, b"two")
+        await asyncio.sleep(0.1)
+        guest.poll()
+        assert guest.ports[2].received == b"one"
+        guest.open_port(2)
+        await guest.until(lambda: guest.ports[2].received == b"onetwo", what="input resumes")
+        client.close()
     finally:
         guest.close()
         await dev.close()

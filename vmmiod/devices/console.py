@@ -195,6 +195,8 @@ class ConsoleDevice(VirtioDevice):
             port.forget_guest()
         # Without MULTIPORT only port 0 exists for the driver, and it is always open (hvc).
         if not self.multiport:
+            if len(self.ports) > 1:
+                self.log.warning("console_multiport_declined", unused_ports=len(self.ports) - 1)
             self._update_input(self.ports[0])
 
     def on_reset(self) -> None:
