@@ -112,7 +112,7 @@ class DaemonProcess:
             while time.monotonic() < deadline:
                 if self.proc.poll() is not None:
                     raise DaemonError(f"the daemon exited with status {self.proc.returncode}: "
-                                      f"{self.stderr_tail()}")
+                                      f"{self.why()}")
                 notify.settimeout(0.05)
                 try:
                     if b"READY=1" in notify.recv(4096).split(b"\n"):
@@ -155,6 +155,14 @@ class DaemonProcess:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+
+    def why(self) -> str:
+        """The daemon's own words on a failure: its last error record, else its stderr."""
+        errors = [e for e in self.log_events() if e.get("level") in ("error", "critical")]
+        if errors:
+            e = errors[-1]
+            return f"{e.get('event')}: {e.get('message', '')}".strip()
+        return self.stderr_tail() or "(nothing logged)"
 
     def stderr_tail(self, n: int = 2000) -> str:
         try:

@@ -10,6 +10,7 @@ exits when the config says `on_disconnect: exit`.
 from __future__ import annotations
 
 import asyncio
+import errno
 import mmap
 import os
 import socket
@@ -151,10 +152,14 @@ class GenericAdaptor(Adaptor):
         path = self.hv.socket
         path.parent.mkdir(parents=True, exist_ok=True)
         try:
-            if stat.S_ISSOCK(os.lstat(path).st_mode):
-                os.unlink(path)  # a stale socket of an earlier run; anything else is not ours
+            mode = os.lstat(path).st_mode
         except FileNotFoundError:
-            pass
+            mode = None
+        if mode is not None:
+            if not stat.S_ISSOCK(mode):
+                raise FileExistsError(errno.EEXIST, f"{path} exists and is not a socket; it was "
+                                      f"left alone: remove it or choose another socket path")
+            os.unlink(path)  # a stale socket of an earlier run
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         try:
             sock.bind(str(path))
