@@ -8,8 +8,8 @@ import contextlib
 import os
 import shutil
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -146,7 +146,7 @@ def test_flushed_write_is_on_the_disk_not_only_in_page_cache(tmp_path: Path) -> 
                 daemon.kill()
     except subprocess.CalledProcessError as exc:
         pytest.skip(f"loop device or mount unavailable: {exc.stderr!r}")
-    with _loop(snapshot) as dev, _mounted(dev, tmp_path / "after") as mnt:
-        with open(mnt / "guest" / "disk.img", "rb") as f:
-            f.seek(4096 * 512)
-            assert f.read(len(data)) == data
+    with (_loop(snapshot) as dev, _mounted(dev, tmp_path / "after") as mnt,
+          open(mnt / "guest" / "disk.img", "rb") as f):
+        f.seek(4096 * 512)
+        assert f.read(len(data)) == data

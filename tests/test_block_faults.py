@@ -7,8 +7,8 @@ import asyncio
 import contextlib
 import os
 import subprocess
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -136,7 +136,8 @@ def test_eio_from_loop_device_over_full_filesystem(tmp_path: Path) -> None:
 
 def _dmsetup_works() -> str | None:
     try:
-        r = subprocess.run(["dmsetup", "targets"], capture_output=True, text=True, timeout=10)
+        r = subprocess.run(["dmsetup", "targets"], capture_output=True, text=True, timeout=10,
+                           check=False)
     except (OSError, subprocess.TimeoutExpired) as exc:
         return f"dmsetup not usable: {exc}"
     if r.returncode != 0 or "error" not in r.stdout:

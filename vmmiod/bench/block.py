@@ -35,7 +35,6 @@ from vmmiod.devices.block import BlockDevice
 from vmmiod.devices.block_request import (
     REQ_HEADER,
     VIRTIO_BLK_S_OK,
-    VIRTIO_BLK_T_FLUSH,
     VIRTIO_BLK_T_IN,
     VIRTIO_BLK_T_OUT,
 )
@@ -125,7 +124,7 @@ class _NullLog:
     def __getattr__(self, name: str) -> Any:
         return lambda *a, **k: self
 
-    def bind(self, **kw: Any) -> "_NullLog":
+    def bind(self, **kw: Any) -> _NullLog:
         return self
 
 
@@ -282,8 +281,7 @@ def run(quick: bool = False, profile: bool = False) -> dict[str, Any]:
         image = Path(d) / "bench.img"
         with open(image, "wb") as f:  # allocated, non-zero, page-cache warm
             chunk = os.urandom(MIB1)
-            for _ in range(size // MIB1):
-                f.write(chunk)
+            f.writelines(chunk for _ in range(size // MIB1))
         results: dict[str, Any] = {}
         for name, rtype, block, rand in WORKLOADS:
             for depth in (1, 32):

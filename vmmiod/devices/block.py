@@ -1,12 +1,12 @@
 """virtio-blk (VIRTIO 1.2, 5.2): a guest disk on a raw image file or a host block device.
 
-Three parts, Firecracker-style: this module (features, config space, the queue loop,
-completions, counters), `block_request` (the single parse step that names every rule a request
-can break) and `block_backend` (the image: size, lock, O_DIRECT, preadv/pwritev, fdatasync,
-hole punching).
+Four parts, Firecracker-style: this module (lifecycle, the queue loop, completions, counters),
+`block_config` (feature bits and the config space), `block_request` (the single parse step that
+names every rule a request can break) and `block_backend` (the image: size, lock, O_DIRECT,
+preadv/pwritev, fdatasync, hole punching).
 
-Where the blocking work runs was decided by measurement (vmmiod/bench/block.py, figures in
-docs/block.md): reads and writes run inline on the event loop, straight between the image and
+Where the blocking work runs was decided by measurement (`python -m vmmiod.bench.block`, its
+"threading model" figures): reads and writes run inline on the event loop, straight between the image and
 guest memory, because a page-cache preadv costs a few microseconds while a hand-off to a worker
 thread costs several times that. The operations that can stall for milliseconds (fdatasync for
 FLUSH and writethrough writes, hole punching and zeroing) run on one worker thread per device,
@@ -16,15 +16,32 @@ in submission order, so the IOREQs of the other devices are never held up behind
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import math
-import struct
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from vmmiod.config import BlockConfig, GuestConfig
-from vmmiod.devices.base import BackendError, VirtioDevice, bit
+from vmmiod.devices.base import BackendError, VirtioDevice
 from vmmiod.devices.block_backend import IOV_MAX, Backing, ImageLocked
+from vmmiod.devices.block_config import (  # noqa: F401  (feature names re-exported for users)
+    BLK_CONFIG,
+    CONFIG_WRITEBACK_OFFSET,
+    MAX_RANGE_SECTORS,
+    MAX_RANGES,
+    SIZE_MAX,
+    VIRTIO_BLK_F_BLK_SIZE,
+    VIRTIO_BLK_F_CONFIG_WCE,
+    VIRTIO_BLK_F_DISCARD,
+    VIRTIO_BLK_F_FLUSH,
+    VIRTIO_BLK_F_MQ,
+    VIRTIO_BLK_F_RO,
+    VIRTIO_BLK_F_SEG_MAX,
+    VIRTIO_BLK_F_SIZE_MAX,
+    VIRTIO_BLK_F_TOPOLOGY,
+    VIRTIO_BLK_F_WRITE_ZEROES,
+    blk_features,
+    config_space,
+    default_serial,
+)
 from vmmiod.devices.block_request import (
     ID_BYTES,
     SECTOR_SHIFT,
@@ -47,30 +64,6 @@ from vmmiod.devices.block_request import (
 from vmmiod.memory import GuestMemory, GuestMemoryError
 from vmmiod.virtqueue import DescriptorChain, SplitQueue, VirtqueueError
 
-# Feature bits (5.2.3).
-VIRTIO_BLK_F_SIZE_MAX = 1
-VIRTIO_BLK_F_SEG_MAX = 2
-VIRTIO_BLK_F_GEOMETRY = 4
-VIRTIO_BLK_F_RO = 5
-VIRTIO_BLK_F_BLK_SIZE = 6
-VIRTIO_BLK_F_FLUSH = 9
-VIRTIO_BLK_F_TOPOLOGY = 10
-VIRTIO_BLK_F_CONFIG_WCE = 11
-VIRTIO_BLK_F_MQ = 12
-VIRTIO_BLK_F_DISCARD = 13
-VIRTIO_BLK_F_WRITE_ZEROES = 14
-
-# struct virtio_blk_config up to write_zeroes_may_unmap (5.2.4), 60 bytes: capacity, size_max,
-# seg_max, geometry (cylinders, heads, sectors), blk_size, topology (physical_block_exp,
-# alignment_offset, min_io_size, opt_io_size), writeback, unused0, num_queues,
-# max_discard_sectors, max_discard_seg, discard_sector_alignment, max_write_zeroes_sectors,
-# max_write_zeroes_seg, write_zeroes_may_unmap, unused1[3].
-BLK_CONFIG = struct.Struct("<QIIHBBIBBHIBBHIIIIIB3x")
-CONFIG_WRITEBACK_OFFSET = 32
-
-SIZE_MAX = 1 << 20  # largest data segment offered (Linux splits larger ones)
-MAX_RANGE_SECTORS = 1 << 22  # 2 GiB per discard / write-zeroes range
-MAX_RANGES = 32  # ranges per discard / write-zeroes request (Linux clamps to 256)
 LOG_FIRST = 10  # guest-caused warnings logged in full, then one in LOG_EVERY
 LOG_EVERY = 1000
 
@@ -79,15 +72,6 @@ KIND_SYNC, KIND_DISCARD, KIND_WRITE_ZEROES, KIND_WRITE_SYNC = range(4)
 Deferred = tuple[Request, int, int]  # request, used length, kind
 KIND_OPS = {KIND_SYNC: "flush", KIND_DISCARD: "discard", KIND_WRITE_ZEROES: "write_zeroes",
             KIND_WRITE_SYNC: "write_sync"}
-
-
-def default_serial(guest: str, device: str) -> str:
-    """A stable GET_ID serial of at most 20 bytes from the guest and device names."""
-    s = f"{guest}-{device}"
-    if len(s.encode()) <= ID_BYTES:
-        return s
-    digest = hashlib.sha256(s.encode()).hexdigest()[:8]
-    return f"{s.encode()[:11].decode(errors='ignore')}-{digest}"
 
 
 class BlockDevice(VirtioDevice):
@@ -165,40 +149,12 @@ class BlockDevice(VirtioDevice):
 
     # -- features and config space -------------------------------------------------------------
     def device_features(self) -> int:
-        f = super().device_features()
-        f |= (bit(VIRTIO_BLK_F_SIZE_MAX) | bit(VIRTIO_BLK_F_SEG_MAX) | bit(VIRTIO_BLK_F_BLK_SIZE)
-              | bit(VIRTIO_BLK_F_FLUSH) | bit(VIRTIO_BLK_F_CONFIG_WCE))
-        if self.backing.is_block_device:
-            f |= bit(VIRTIO_BLK_F_TOPOLOGY)
-        if self.cfg.readonly:
-            f |= bit(VIRTIO_BLK_F_RO)
-        else:
-            f |= bit(VIRTIO_BLK_F_DISCARD) | bit(VIRTIO_BLK_F_WRITE_ZEROES)
-        if len(self.queue_max_sizes) > 1:
-            f |= bit(VIRTIO_BLK_F_MQ)
-        return f
-
-    def blk_size(self) -> int:
-        b = self.backing
-        if b.is_block_device:
-            return b.topology.logical
-        return b.direct_align if b.direct else 512
+        return super().device_features() | blk_features(
+            self.backing, readonly=self.cfg.readonly, queues=len(self.queue_max_sizes))
 
     def config_bytes(self) -> bytes:
-        b = self.backing
-        t = b.topology
-        logical = max(1, t.logical)
-        exp = int(math.log2(t.physical // logical)) if t.physical > logical else 0
-        granularity = max(1, b.discard_granularity >> SECTOR_SHIFT)
-        return BLK_CONFIG.pack(
-            b.size >> SECTOR_SHIFT, SIZE_MAX, self._seg_max(),
-            0, 0, 0,  # geometry: not offered
-            self.blk_size(),
-            exp, min(255, t.align_offset // logical), min(0xFFFF, t.io_min // logical),
-            min(0xFFFFFFFF, t.io_opt // logical),
-            1 if self.writeback else 0, 0, len(self.queue_max_sizes),
-            MAX_RANGE_SECTORS, MAX_RANGES, granularity,
-            MAX_RANGE_SECTORS, MAX_RANGES, 1)
+        return config_space(self.backing, seg_max=self._seg_max(), writeback=self.writeback,
+                            queues=len(self.queue_max_sizes))
 
     def write_config(self, offset: int, size: int, value: int) -> None:
         """Only `writeback` is writable (CONFIG_WCE, 5.2.6.3): 0 writethrough, 1 writeback."""
@@ -442,5 +398,11 @@ class BlockDevice(VirtioDevice):
         return dict(self.counters)
 
 
-__all__ = ["BlockDevice", "TYPE_NAMES", "VIRTIO_BLK_S_IOERR", "VIRTIO_BLK_S_OK",
-           "VIRTIO_BLK_S_UNSUPP", "default_serial"]
+__all__ = [
+    "TYPE_NAMES",
+    "VIRTIO_BLK_S_IOERR",
+    "VIRTIO_BLK_S_OK",
+    "VIRTIO_BLK_S_UNSUPP",
+    "BlockDevice",
+    "default_serial",
+]

@@ -25,8 +25,9 @@ import mmap
 import os
 import stat
 import struct
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Literal
 
 # Linux ioctls on block devices (include/uapi/linux/fs.h).
 BLKGETSIZE64 = 0x80081272  # _IOR(0x12, 114, size_t)
@@ -67,7 +68,7 @@ class ImageLocked(Exception):
 class Topology:
     """Block geometry in bytes; from the device's ioctls, or defaults for a file."""
 
-    __slots__ = ("logical", "physical", "io_min", "io_opt", "align_offset")
+    __slots__ = ("align_offset", "io_min", "io_opt", "logical", "physical")
 
     def __init__(self, logical: int = 512, physical: int = 512, io_min: int = 0,
                  io_opt: int = 0, align_offset: int = 0) -> None:
@@ -204,29 +205,27 @@ class Backing:
     # -- data -----------------------------------------------------------------------------------
     def readv(self, views: list[memoryview], offset: int, length: int) -> None:
         """Fill `views` (total `length`) from `offset`; short reads are retried, EOF is EIO."""
-        if self.direct:
-            if not (offset | length) % self.direct_align:
-                try:
-                    _full(os.preadv, self.fd, views, offset, length)
-                    return
-                except OSError as exc:
-                    if exc.errno != errno.EINVAL:
-                        raise
-                self._bounce_read(views, offset, length)
+        if self.direct and not (offset | length) % self.direct_align:
+            try:
+                _full(os.preadv, self.fd, views, offset, length)
                 return
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+            self._bounce_read(views, offset, length)  # the guest's memory is not aligned
+            return
         _full(os.preadv, self.buffered_fd, views, offset, length)
 
     def writev(self, views: list[memoryview], offset: int, length: int) -> None:
-        if self.direct:
-            if not (offset | length) % self.direct_align:
-                try:
-                    _full(os.pwritev, self.fd, views, offset, length)
-                    return
-                except OSError as exc:
-                    if exc.errno != errno.EINVAL:
-                        raise
-                self._bounce_write(views, offset, length)
+        if self.direct and not (offset | length) % self.direct_align:
+            try:
+                _full(os.pwritev, self.fd, views, offset, length)
                 return
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:
+                    raise
+            self._bounce_write(views, offset, length)  # the guest's memory is not aligned
+            return
         _full(os.pwritev, self.buffered_fd, views, offset, length)
 
     def _bounce_buffer(self, length: int) -> memoryview:

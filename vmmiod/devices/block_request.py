@@ -14,7 +14,7 @@ device-writable byte, and data is what lies between, in the direction the type d
 from __future__ import annotations
 
 import struct
-from typing import Sequence
+from collections.abc import Sequence
 
 from vmmiod.virtqueue import DescriptorChain
 
@@ -128,9 +128,18 @@ class UnsupportedType(RequestError):
 class Limits:
     """What the device announced in its config space; parse() enforces it."""
 
-    __slots__ = ("capacity", "seg_max", "size_max", "readonly", "discard", "write_zeroes",
-                 "max_discard_sectors", "max_discard_seg", "max_write_zeroes_sectors",
-                 "max_write_zeroes_seg")
+    __slots__ = (
+        "capacity",
+        "discard",
+        "max_discard_sectors",
+        "max_discard_seg",
+        "max_write_zeroes_sectors",
+        "max_write_zeroes_seg",
+        "readonly",
+        "seg_max",
+        "size_max",
+        "write_zeroes",
+    )
 
     def __init__(self, capacity: int, seg_max: int, size_max: int, readonly: bool,
                  discard: bool, write_zeroes: bool, max_discard_sectors: int,
@@ -151,7 +160,7 @@ class Limits:
 class Request:
     """One parsed request. `data` are the data segments in the type's direction."""
 
-    __slots__ = ("head", "type", "sector", "data", "data_len", "status_gpa", "ranges")
+    __slots__ = ("data", "data_len", "head", "ranges", "sector", "status_gpa", "type")
 
     def __init__(self, head: int, rtype: int, sector: int, data: list[Segment], data_len: int,
                  status_gpa: int, ranges: list[tuple[int, int, int]] | None = None) -> None:
