@@ -8,7 +8,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # `python benchmarks/run.py` from a checkout
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from vmmiod.bench import main  # noqa: E402
+from vmmiod.bench import main
 
 if __name__ == "__main__":
     raise SystemExit(main(sys.argv[1:]))

@@ -7,8 +7,8 @@ import mmap
 import os
 import socket
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import pytest
 
@@ -166,9 +166,8 @@ def test_bad_peer_is_refused(daemon: ThreadedDaemon, case: str) -> None:
 
 def test_too_many_fds_for_one_message(daemon: ThreadedDaemon) -> None:
     """More fds than SCM_MAX_FD (253): the kernel truncates; the daemon refuses."""
-    with SimVmm(vcpus=127) as vmm:
-        with pytest.raises((Refused, OSError)):
-            vmm.connect(daemon.socket_path)
+    with SimVmm(vcpus=127) as vmm, pytest.raises((Refused, OSError)):
+        vmm.connect(daemon.socket_path)
     assert_undisturbed(daemon)
 
 

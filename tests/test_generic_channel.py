@@ -9,8 +9,8 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pytest
 
@@ -167,10 +167,9 @@ def test_daemon_going_away_wakes_the_guest(daemon: ThreadedDaemon) -> None:
 
 def test_legacy_v1_window(tmp_path: Path) -> None:
     with ThreadedDaemon(tmp_path / "vmm.sock", [(block_device(image(tmp_path)), BASE, IRQ)],
-                        version=1) as td:
-        with SimVmm() as vmm:
-            dev = BlockDriver(vmm, vmm.connect(td.socket_path).windows[0])
-            dev.start()
-            assert dev.drv.version == 1
-            result = run_block_workload(dev, span=1 << 20, random_ops=40)
-            assert result["failures"] == []
+                        version=1) as td, SimVmm() as vmm:
+        dev = BlockDriver(vmm, vmm.connect(td.socket_path).windows[0])
+        dev.start()
+        assert dev.drv.version == 1
+        result = run_block_workload(dev, span=1 << 20, random_ops=40)
+        assert result["failures"] == []

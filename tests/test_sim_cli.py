@@ -25,7 +25,7 @@ def test_sim_cli_against_a_running_daemon(tmp_path: Path) -> None:
                 [sys.executable, "-m", "vmmiod.sim", "--socket", str(files.socket),
                  "--console", str(files.console), "--net-peer", f"udp:127.0.0.1:{port}",
                  "--image", str(files.image), "--quick", "--json", *extra],
-                capture_output=True, text=True, timeout=120)
+                capture_output=True, text=True, check=False, timeout=120)
             assert out.returncode == 0, out.stderr + out.stdout
             result = json.loads(out.stdout)
             assert result["ok"] and sorted(result["devices"]) == ["block", "console", "net"]
@@ -40,7 +40,7 @@ def test_sim_cli_against_a_running_daemon(tmp_path: Path) -> None:
 def test_sim_cli_reports_a_missing_daemon(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-m", "vmmiod.sim", "--socket",
                           str(tmp_path / "nobody.sock"), "--timeout", "0.2"],
-                         capture_output=True, text=True, timeout=60)
+                         capture_output=True, text=True, check=False, timeout=60)
     assert out.returncode == 1 and "vmmiod.sim:" in out.stderr
 
 

@@ -14,8 +14,9 @@ import json
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 from vmmiod import __version__
 from vmmiod.sim.guest import run_guest

@@ -12,7 +12,8 @@ import importlib
 import json
 import sys
 import time
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 AREAS = ("virtqueue", "registers", "channel", "block", "net", "console")
 
@@ -50,7 +51,7 @@ def run_areas(areas: Sequence[str], quick: bool, progress: Any = None) -> dict[s
         t0 = time.perf_counter()
         try:
             figures = module.run(quick)
-        except Exception as exc:  # one broken area must not hide the others' figures
+        except Exception as exc:  # noqa: BLE001 -- one broken area must not hide the others' figures
             figures = {"error": f"{type(exc).__name__}: {exc}"}
         results[area] = {"figures": figures, "seconds": round(time.perf_counter() - t0, 2)}
     return results

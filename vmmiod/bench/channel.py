@@ -36,7 +36,7 @@ SECTOR = 512
 
 def _percentile(values: list[float], p: float) -> float:
     ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(p / 100 * (len(ordered) - 1))))]
+    return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
 
 
 def ioreq_round_trips(vmm: SimVmm, daemon: DaemonProcess, base: int, n: int) -> dict[str, Any]:

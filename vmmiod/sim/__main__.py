@@ -13,7 +13,7 @@ import argparse
 import json
 import socket
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from vmmiod.hypervisors.generic.protocol import IRQ_MODE_EVENTFD, IRQ_MODE_LEVEL
 from vmmiod.sim.guest import run_guest

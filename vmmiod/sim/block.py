@@ -10,6 +10,7 @@ from __future__ import annotations
 import random
 import struct
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -185,7 +186,7 @@ def run_block_workload(dev: BlockDriver, *, span: int = 4 << 20, random_ops: int
         failures.append(f"GET_ID status {ident.status}")
     serial = ident.data.rstrip(b"\0").decode("ascii", "replace")
 
-    def batch(ops: list[tuple[int, int, int, bytes | None]]) -> None:
+    def batch(ops: Sequence[tuple[int, int, int, bytes | None]]) -> None:
         """ops: (type, offset, length, data to write); `depth` at a time, reads verified."""
         pos = 0
         while pos < len(ops):

@@ -84,7 +84,7 @@ class ConsoleDriver:
         self.drv.kick(self.txq)
 
     def flush(self) -> None:
-        self.drv.wait(lambda: (self._reclaim_tx(), self.txq.pending() == 0)[1])
+        self.drv.wait(lambda: self._reclaim_tx() and self.txq.pending() == 0)
 
     def poll_rx(self) -> bytes:
         out = bytearray()
@@ -174,11 +174,11 @@ def run_console_workload(dev: ConsoleDriver, client: socket.socket, *, echoes: i
         failures.append(f"bulk guest->host: host got {len(received)} bytes, content "
                         f"{'differs' if len(received) == bulk else 'short'}")
     inbound = rng.randbytes(bulk)
-    got = bytearray()
+    in_guest = bytearray()
     for pos in range(0, bulk, step):
         client.sendall(inbound[pos:pos + step])
-        got += dev.read_exact(min(step, bulk - pos))
-    if bytes(got) != inbound:
+        in_guest += dev.read_exact(min(step, bulk - pos))
+    if bytes(in_guest) != inbound:
         failures.append("bulk host->guest: guest read different bytes")
     t_bulk = time.perf_counter() - t1
     return {"cols": dev.cols, "rows": dev.rows, "echoes": echoes,

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import socket
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from vmmiod.hypervisors.generic.protocol import Window
 from vmmiod.sim.block import VIRTIO_ID_BLOCK, BlockDriver, run_block_workload

@@ -16,9 +16,9 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
-import yaml
+import yaml  # type: ignore[import-untyped]
 
 BLOCK_BASE, BLOCK_IRQ = 0x0200_0000, 33
 NET_BASE, NET_IRQ = 0x0200_0200, 34
@@ -95,7 +95,7 @@ class DaemonProcess:
         self.proc: subprocess.Popen[bytes] | None = None
         self._stderr = files.dir / "daemon.stderr"
 
-    def start(self, timeout: float = 15.0) -> DaemonProcess:
+    def start(self, timeout: float = 15.0) -> Self:
         """Start it as systemd would (Type=notify) and return once it sent READY=1."""
         notify_path = self.files.dir / "notify.sock"
         notify_path.unlink(missing_ok=True)
@@ -117,7 +117,7 @@ class DaemonProcess:
                 try:
                     if b"READY=1" in notify.recv(4096).split(b"\n"):
                         return self
-                except socket.timeout:
+                except TimeoutError:
                     pass
             self.kill()
             raise DaemonError(f"the daemon did not report READY=1 within {timeout} s")
@@ -172,7 +172,7 @@ class DaemonProcess:
 
     def log_events(self) -> list[dict[str, Any]]:
         """The daemon's JSON log records so far."""
-        out = []
+        out: list[dict[str, Any]] = []
         try:
             text = self.files.log.read_text(errors="replace")
         except OSError:
@@ -186,7 +186,7 @@ class DaemonProcess:
                 out.append(rec)
         return out
 
-    def __enter__(self) -> DaemonProcess:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

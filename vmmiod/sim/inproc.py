@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any, Callable, Coroutine, TypeVar
+from typing import Any, Self, TypeVar
 
 import structlog
 
@@ -50,7 +51,7 @@ class ThreadedDaemon:
     def run(self, coro: Coroutine[Any, Any, T], timeout: float = 10.0) -> T:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
-    def start(self) -> ThreadedDaemon:
+    def start(self) -> Self:
         from vmmiod.bus import MmioBus
         from vmmiod.hypervisors.generic import GenericAdaptor
         from vmmiod.mmio import VirtioMmio
@@ -85,7 +86,7 @@ class ThreadedDaemon:
             self._thread.join(5)
             self.loop.close()
 
-    def __enter__(self) -> ThreadedDaemon:
+    def __enter__(self) -> Self:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:

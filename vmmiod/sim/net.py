@@ -76,9 +76,11 @@ class NetDriver:
         return self.drv.features
 
     # -- transmit -----------------------------------------------------------------------------------
-    def _reclaim_tx(self) -> None:
+    def _reclaim_tx(self) -> bool:
+        """Take back the buffers of transmitted frames; True when one is free."""
         while (u := self.txq.get_used()) is not None:
             self._tx_free.append(u[0])
+        return bool(self._tx_free)
 
     def send(self, frame: bytes, kick: bool = True) -> None:
         """Queue one Ethernet frame (header pushed in front, one descriptor)."""
@@ -86,7 +88,7 @@ class NetDriver:
             raise ValueError("frame larger than the device's MTU")
         self._reclaim_tx()
         if not self._tx_free:
-            self.drv.wait(lambda: (self._reclaim_tx(), bool(self._tx_free))[1])
+            self.drv.wait(self._reclaim_tx)
         gpa = self._tx_free.pop()
         self.vmm.memory.write(gpa, bytes(NET_HDR_SIZE) + frame)
         self.txq.add([(gpa, NET_HDR_SIZE + len(frame))], [], gpa)
@@ -100,7 +102,7 @@ class NetDriver:
 
     def flush_tx(self, timeout: float | None = None) -> None:
         """Wait until the device consumed every queued frame."""
-        self.drv.wait(lambda: (self._reclaim_tx(), self.txq.pending() == 0)[1], timeout)
+        self.drv.wait(lambda: self._reclaim_tx() and self.txq.pending() == 0, timeout)
 
     # -- receive ------------------------------------------------------------------------------------
     def poll_rx(self) -> list[bytes]:
@@ -162,7 +164,7 @@ def run_net_workload(dev: NetDriver, peer: socket.socket, *, frames: int = 200, 
         while got <= i - 32 or (i == frames - 1 and got < frames):
             try:
                 data, backend_addr = peer.recvfrom(65536)
-            except socket.timeout:
+            except TimeoutError:
                 failures.append(f"backend delivered {got} of {frames} frames")
                 break
             if data != sent[got]:

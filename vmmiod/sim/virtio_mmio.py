@@ -6,7 +6,7 @@ from the outside, so it does not borrow the daemon's constants.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 from vmmiod.hypervisors.generic.protocol import Window
 from vmmiod.sim.vmm import SimError, SimVmm

@@ -21,6 +21,7 @@ import socket
 import struct
 import time
 from pathlib import Path
+from typing import Self
 
 from vmmiod import barrier
 from vmmiod.hypervisors.generic import protocol as proto
@@ -137,7 +138,7 @@ class SimVmm:
     def _recv(self, sock: socket.socket) -> bytes:
         try:
             data = sock.recv(proto.MAX_MESSAGE)
-        except socket.timeout as exc:
+        except TimeoutError as exc:
             raise SimError("the daemon did not answer the handshake") from exc
         if not data:
             raise SimError("the daemon closed the connection")
@@ -177,7 +178,7 @@ class SimVmm:
         self.memory.close()
         self.page.close()
 
-    def __enter__(self) -> SimVmm:
+    def __enter__(self) -> Self:
         return self
 
     def __exit__(self, *exc: object) -> None:

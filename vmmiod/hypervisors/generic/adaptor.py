@@ -15,8 +15,9 @@ import mmap
 import os
 import socket
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from vmmiod.config import MMIO_WINDOW_SIZE, Config, GenericConfig
 from vmmiod.hypervisors.base import Adaptor
@@ -378,9 +379,9 @@ class GenericAdaptor(Adaptor):
         conn.sock.close()
         self.log.info("vmm_disconnected", why=why, ioreqs=self.counters["ioreqs"],
                       next="exit" if self.hv.on_disconnect == "exit" and exit_allowed else "wait")
-        if exit_allowed and self.hv.on_disconnect == "exit":
-            if self.finished is not None and not self.finished.done():
-                self.finished.set_result(0)
+        if (exit_allowed and self.hv.on_disconnect == "exit" and self.finished is not None
+                and not self.finished.done()):
+            self.finished.set_result(0)
 
     @property
     def connected(self) -> bool:

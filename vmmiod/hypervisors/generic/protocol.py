@@ -11,6 +11,7 @@ starts with the 8-byte header `MAGIC, u16 version, u16 type`; all integers littl
 
 from __future__ import annotations
 
+import itertools
 import struct
 from dataclasses import dataclass
 
@@ -228,7 +229,7 @@ def check_regions(regions: tuple[RegionSpec, ...]) -> None:
         if r.end > ADDR_LIMIT or r.offset + r.size > ADDR_LIMIT >> 1:
             raise ProtocolError(REFUSE_REGIONS, f"region {r.gpa:#x}+{r.size:#x} wraps")
     ordered = sorted(regions, key=lambda r: r.gpa)
-    for a, b in zip(ordered, ordered[1:]):
+    for a, b in itertools.pairwise(ordered):
         if b.gpa < a.end:
             raise ProtocolError(REFUSE_REGIONS,
                                 f"regions {a.gpa:#x}+{a.size:#x} and {b.gpa:#x}+{b.size:#x} overlap")
