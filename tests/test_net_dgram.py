@@ -13,8 +13,6 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-import pytest
-
 from vmmiod.config import DgramBackend, GuestConfig, MmioConfig, NetConfig, SocketAddress
 from vmmiod.devices.net import NetDevice
 from vmmiod.devices.net_ctrl import (

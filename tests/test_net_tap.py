@@ -260,7 +260,7 @@ def test_tso_frame_reaches_the_host_unsegmented() -> None:
                                         gso_size=1448, csum_start=34, csum_offset=16))
             while True:
                 got = await asyncio.wait_for(loop.sock_recv(tap, 70000), 3)
-                flags, gso_type, _hl, gso_size = struct.unpack_from("<BBHH", got)
+                _flags, gso_type, _hl, gso_size = struct.unpack_from("<BBHH", got)
                 if got[10:][14 + 20 + 20:] == data:
                     break
             assert gso_type == VIRTIO_NET_HDR_GSO_TCPV4 and gso_size == 1448

@@ -21,7 +21,7 @@ from typing import Any, Protocol
 import structlog
 
 from vmmiod.config import GuestConfig, NetConfig, TapBackend
-from vmmiod.devices.base import VIRTIO_F_VERSION_1, BackendError, VirtioDevice, bit
+from vmmiod.devices.base import VIRTIO_F_VERSION_1, BackendError, VirtioDevice
 from vmmiod.devices.net_ctrl import CTRL_MAX_PAYLOAD, VIRTIO_NET_ERR, RxFilter, execute
 from vmmiod.devices.net_dgram import RECV_FOREIGN, DgramSocket
 from vmmiod.devices.net_proto import (
@@ -29,28 +29,18 @@ from vmmiod.devices.net_proto import (
     CONFIG_MAC_OFFSET,
     ETH_ALEN,
     ETH_HLEN,
+    GUEST_GSO_MASK,
     GUEST_OFFLOAD_MASK,
     MAX_FRAME_WITH_HDR,
+    NET_FEATURES,
     NET_HDR_LEN,
     NET_HDR_LEN_LEGACY,
     NUM_BUFFERS_OFFSET,
+    OFFLOAD_FEATURES,
     U16,
-    VIRTIO_NET_F_CSUM,
-    VIRTIO_NET_F_CTRL_GUEST_OFFLOADS,
-    VIRTIO_NET_F_CTRL_MAC_ADDR,
     VIRTIO_NET_F_CTRL_RX,
     VIRTIO_NET_F_CTRL_VQ,
-    VIRTIO_NET_F_GUEST_CSUM,
-    VIRTIO_NET_F_GUEST_ECN,
-    VIRTIO_NET_F_GUEST_TSO4,
-    VIRTIO_NET_F_GUEST_TSO6,
-    VIRTIO_NET_F_GUEST_UFO,
-    VIRTIO_NET_F_HOST_ECN,
-    VIRTIO_NET_F_HOST_TSO4,
-    VIRTIO_NET_F_HOST_TSO6,
-    VIRTIO_NET_F_MAC,
     VIRTIO_NET_F_MRG_RXBUF,
-    VIRTIO_NET_F_MTU,
     VIRTIO_NET_F_STATUS,
     VIRTIO_NET_S_LINK_UP,
     VLAN_HLEN,
@@ -64,13 +54,13 @@ from vmmiod.devices.net_proto import (
     parse_mac,
     scatter,
 )
+from vmmiod.devices.net_rx import IOV_MAX, RxHeld
 from vmmiod.devices.net_tap import TapInterface
 from vmmiod.memory import GuestMemoryError
 from vmmiod.virtqueue import DescriptorChain, SplitQueue, VirtqueueError
 
 RX_QUEUE, TX_QUEUE, CTRL_QUEUE = 0, 1, 2
 CTRL_QUEUE_SIZE = 64
-IOV_MAX = 1024  # Linux's UIO_MAXIOV; one iovec is kept for the overflow buffer
 # Frames per wake-up of each direction before yielding the loop to the other devices.
 RX_BUDGET = 128
 TX_BUDGET = 256
@@ -87,27 +77,6 @@ class NetBackendIO(Protocol):
     def configure(self, hdr_len: int, features: int) -> None: ...
     def recv(self, iov: list[memoryview], cap: int, hdr_len: int) -> int: ...
     def send(self, views: list[memoryview], hdr_len: int) -> bool: ...
-
-
-class _RxBuffer:
-    """A receive chain the device holds, with its writable views looked up once."""
-
-    __slots__ = ("cap", "chain", "gen", "views")
-
-    def __init__(self, chain: DescriptorChain, gen: int) -> None:
-        self.chain = chain
-        self.gen = gen
-        self.views: list[memoryview] = []
-        self.cap = 0
-        self.lookup(gen)
-
-    def lookup(self, gen: int) -> None:
-        views = self.chain.writable_views()
-        if len(views) > IOV_MAX - 1:
-            del views[IOV_MAX - 1:]  # a hostile scatter list: use the part an iovec can carry
-        self.views = views
-        self.cap = sum(len(v) for v in views)
-        self.gen = gen
 
 
 class NetDevice(VirtioDevice):
@@ -132,9 +101,9 @@ class NetDevice(VirtioDevice):
         self.mrg_rxbuf = False
         self.guest_offloads = 0
         self._rx_need = 0
-        self._rx_held: list[_RxBuffer] = []
-        self._rx_held_cap = 0
+        self._rx_held = RxHeld()
         self._reading = False
+        self._filtering = False
         self._tx_waiting = False
         self._opened = False
         for key in ("rx_frames", "rx_bytes", "tx_frames", "tx_bytes", "ctrl_commands",
@@ -147,17 +116,9 @@ class NetDevice(VirtioDevice):
 
     # -- features and config space --------------------------------------------------------------
     def device_features(self) -> int:
-        f = super().device_features()
-        for b in (VIRTIO_NET_F_MAC, VIRTIO_NET_F_STATUS, VIRTIO_NET_F_MRG_RXBUF,
-                  VIRTIO_NET_F_MTU, VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_CTRL_RX,
-                  VIRTIO_NET_F_CTRL_MAC_ADDR):
-            f |= bit(b)
+        f = super().device_features() | NET_FEATURES
         if self.backend.offloads:
-            for b in (VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_HOST_TSO4,
-                      VIRTIO_NET_F_HOST_TSO6, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6,
-                      VIRTIO_NET_F_HOST_ECN, VIRTIO_NET_F_GUEST_ECN,
-                      VIRTIO_NET_F_CTRL_GUEST_OFFLOADS):
-                f |= bit(b)
+            f |= OFFLOAD_FEATURES
         return f
 
     def validate_features(self, features: int) -> bool:
@@ -211,8 +172,8 @@ class NetDevice(VirtioDevice):
         self.hdr_len = NET_HDR_LEN if mrg or self.has_feature(VIRTIO_F_VERSION_1) \
             else NET_HDR_LEN_LEGACY
         self.rx_filter.reset()
-        self._rx_held = []
-        self._rx_held_cap = 0
+        self._filtering = self.has_feature(VIRTIO_NET_F_CTRL_RX)
+        self._rx_held.clear()
         self._apply_offloads(self.driver_features & GUEST_OFFLOAD_MASK)
         self.log.info("net_device_activated", features=hex(self.driver_features),
                       mrg_rxbuf=mrg, hdr_len=self.hdr_len, link_up=self.link_up)
@@ -220,8 +181,7 @@ class NetDevice(VirtioDevice):
 
     def _apply_offloads(self, offloads: int) -> None:
         self.guest_offloads = offloads
-        gso = offloads & (bit(VIRTIO_NET_F_GUEST_TSO4) | bit(VIRTIO_NET_F_GUEST_TSO6)
-                          | bit(VIRTIO_NET_F_GUEST_UFO))
+        gso = offloads & GUEST_GSO_MASK
         # The largest frame the backend may hand the guest, header included.
         self._rx_need = MAX_FRAME_WITH_HDR if gso else \
             self.hdr_len + ETH_HLEN + VLAN_HLEN + self.cfg.mtu
@@ -235,8 +195,7 @@ class NetDevice(VirtioDevice):
     def on_reset(self) -> None:
         self._rx_stop()
         self._tx_unwait()
-        self._rx_held = []
-        self._rx_held_cap = 0
+        self._rx_held.clear()
 
     def process_queue(self, index: int) -> None:
         if index == RX_QUEUE:
@@ -285,14 +244,9 @@ class NetDevice(VirtioDevice):
     def _rx_fill(self, q: SplitQueue) -> bool:
         """Hold enough posted chains for the next frame; False if the guest posted none."""
         held = self._rx_held
-        gen = q.memory.generation if q.memory is not None else 0
-        for b in held:
-            if b.gen != gen:  # guest memory was remapped since the lookup (Xen invalidate)
-                self._rx_held_cap -= b.cap
-                b.lookup(gen)
-                self._rx_held_cap += b.cap
+        held.refresh(q.memory.generation if q.memory is not None else 0)
         want = self._rx_need if self.mrg_rxbuf else 1
-        while (self._rx_held_cap < want if self.mrg_rxbuf else not held) and len(held) < q.size:
+        while (held.cap < want if self.mrg_rxbuf else not held) and len(held) < q.size:
             chain = q.pop()
             if chain is None:
                 break
@@ -301,9 +255,7 @@ class NetDevice(VirtioDevice):
                 self._rx_drop(RxDrop.BAD_BUFFER)
                 q.add_used(chain.head, 0)
                 continue
-            b = _RxBuffer(chain, gen)
-            held.append(b)
-            self._rx_held_cap += b.cap
+            held.add(chain)
         return bool(held)
 
     def _rx_drop(self, reason: RxDrop) -> None:
@@ -336,16 +288,8 @@ class NetDevice(VirtioDevice):
         """Receive one frame into the held chains (BlockingIOError when none is queued)."""
         held = self._rx_held
         hdr_len = self.hdr_len
-        if self.mrg_rxbuf and len(held) > 1:
-            iov = [v for b in held for v in b.views]
-            cap = self._rx_held_cap
-            if len(iov) > IOV_MAX - 1:
-                del iov[IOV_MAX - 1:]
-                cap = sum(len(v) for v in iov)
-        else:
-            iov = held[0].views  # the backend may append to it for the call, and restores it
-            cap = held[0].cap
-        n = self.backend.recv(iov, cap, hdr_len)
+        iov, cap = held.iov, held.cap
+        n = self.backend.recv(iov, cap, hdr_len)  # may append to iov for the call; restores it
         if n == RECV_FOREIGN:
             self._rx_drop(RxDrop.FOREIGN_SENDER)
             return
@@ -355,22 +299,21 @@ class NetDevice(VirtioDevice):
         if n < hdr_len + ETH_HLEN:
             self._rx_drop(RxDrop.RUNT)
             return
-        if self.has_feature(VIRTIO_NET_F_CTRL_RX) and \
+        if self._filtering and not self.rx_filter.promisc and \
                 not self.rx_filter.accept(gather(iov, hdr_len, ETH_ALEN), self.mac):
             self._rx_drop(RxDrop.FILTERED)
             return  # the chains stay held; the next frame overwrites them
-        k = 0
-        remaining = n
-        while remaining > 0:
-            b = held[k]
-            take = min(b.cap, remaining)
-            q.add_used(b.chain.head, take)
-            remaining -= take
-            self._rx_held_cap -= b.cap
-            k += 1
+        first = iov[0]
+        # A header split over descriptors is legal, if odd: then write num_buffers piecewise.
+        split = held.first_views() if len(first) < NET_HDR_LEN else None
+        used = held.take(n)
         if hdr_len == NET_HDR_LEN:
-            scatter(held[0].views, NUM_BUFFERS_OFFSET, U16.pack(k))
-        del held[:k]
+            if split is None:
+                U16.pack_into(first, NUM_BUFFERS_OFFSET, len(used))
+            else:
+                scatter(split, NUM_BUFFERS_OFFSET, U16.pack(len(used)))
+        for head, length in used:
+            q.add_used(head, length)
         self.counters["rx_frames"] += 1
         self.counters["rx_bytes"] += n - hdr_len
 

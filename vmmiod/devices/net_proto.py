@@ -52,6 +52,18 @@ FEATURE_REQUIRES: dict[int, tuple[int, ...]] = {
 }
 
 
+# What the device offers on every backend, and the offloads only a TAP can carry.
+NET_FEATURES = sum(1 << b for b in (
+    VIRTIO_NET_F_MAC, VIRTIO_NET_F_STATUS, VIRTIO_NET_F_MRG_RXBUF, VIRTIO_NET_F_MTU,
+    VIRTIO_NET_F_CTRL_VQ, VIRTIO_NET_F_CTRL_RX, VIRTIO_NET_F_CTRL_MAC_ADDR))
+OFFLOAD_FEATURES = sum(1 << b for b in (
+    VIRTIO_NET_F_CSUM, VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_HOST_TSO4, VIRTIO_NET_F_HOST_TSO6,
+    VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6, VIRTIO_NET_F_HOST_ECN,
+    VIRTIO_NET_F_GUEST_ECN, VIRTIO_NET_F_CTRL_GUEST_OFFLOADS))
+GUEST_GSO_MASK = sum(1 << b for b in (VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6,
+                                      VIRTIO_NET_F_GUEST_UFO))
+
+
 def features_consistent(features: int) -> bool:
     for feat, needs in FEATURE_REQUIRES.items():
         if features >> feat & 1 and not any(features >> n & 1 for n in needs):

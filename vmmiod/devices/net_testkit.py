@@ -56,7 +56,7 @@ class NetNamespace:
 
 def run_in_netns(name: str, fn: Callable[..., T], *args: Any) -> T:
     """Run fn(*args) in a new thread inside network namespace `name`; return or re-raise."""
-    result: list[Any] = []
+    result: list[T] = []
     error: list[BaseException] = []
 
     def body() -> None:
@@ -78,14 +78,14 @@ def run_in_netns(name: str, fn: Callable[..., T], *args: Any) -> T:
     t.join()
     if error:
         raise error[0]
-    return result[0]  # type: ignore[no-any-return]
+    return result[0]
 
 
 # -- checksums -----------------------------------------------------------------------------------
 def ones_sum(data: bytes, start: int = 0) -> int:
     if len(data) % 2:
         data += b"\0"
-    s = start + sum(struct.unpack(f"!{len(data) // 2}H", data))
+    s: int = start + sum(struct.unpack(f"!{len(data) // 2}H", data))
     while s >> 16:
         s = (s & 0xFFFF) + (s >> 16)
     return s

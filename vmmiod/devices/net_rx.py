@@ -1,0 +1,81 @@
+"""Receive chains a virtio-net device holds, as one ready-made iovec.
+
+With MRG_RXBUF the device must be able to take the largest frame the guest may get (64 KiB
+with GUEST_TSO) before it reads, so it holds enough posted chains to cover that and reads
+into all of them at once: the frame fills them in order. Frames use the front chains, refills
+append at the back, so the flattened list of writable views is kept up to date incrementally
+instead of being rebuilt per frame (a 64-byte frame would otherwise pay for ~40 chains).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+
+from vmmiod.virtqueue import DescriptorChain
+
+IOV_MAX = 1024  # Linux's UIO_MAXIOV; one iovec stays free for the backend's overflow buffer
+
+
+class RxHeld:
+    """Chains popped from the receive queue and not yet returned, in ring order."""
+
+    def __init__(self) -> None:
+        self.chains: deque[DescriptorChain] = deque()
+        self.caps: deque[int] = deque()  # usable bytes per chain
+        self.nviews: deque[int] = deque()  # entries per chain in `iov`
+        self.iov: list[memoryview] = []
+        self.cap = 0  # bytes `iov` covers
+        self.gen = -1  # guest memory generation the views were looked up in
+
+    def __len__(self) -> int:
+        return len(self.chains)
+
+    def clear(self) -> None:
+        self.chains.clear()
+        self.caps.clear()
+        self.nviews.clear()
+        self.iov = []
+        self.cap = 0
+
+    def add(self, chain: DescriptorChain) -> None:
+        room = IOV_MAX - 1 - len(self.iov)
+        views = chain.writable_views() if room > 0 else []
+        if len(views) > room:
+            del views[room:]  # a scatter list no iovec can carry: use the part that fits
+        cap = sum(len(v) for v in views)
+        self.chains.append(chain)
+        self.caps.append(cap)
+        self.nviews.append(len(views))
+        self.iov.extend(views)
+        self.cap += cap
+
+    def refresh(self, gen: int) -> None:
+        """Look every view up again when guest memory was remapped (Xen invalidate)."""
+        if gen == self.gen:
+            return
+        chains = list(self.chains)
+        self.clear()
+        self.gen = gen
+        for c in chains:
+            self.add(c)
+
+    def first_cap(self) -> int:
+        return self.caps[0]
+
+    def first_views(self) -> list[memoryview]:
+        return self.iov[:self.nviews[0]]
+
+    def take(self, length: int) -> list[tuple[int, int]]:
+        """Remove the front chains that `length` bytes filled: [(head, bytes in it), ...]."""
+        out = []
+        drop = 0
+        while length > 0:
+            cap = self.caps.popleft()
+            chain = self.chains.popleft()
+            drop += self.nviews.popleft()
+            used = min(cap, length)
+            out.append((chain.head, used))
+            length -= used
+            self.cap -= cap
+        del self.iov[:drop]
+        return out
