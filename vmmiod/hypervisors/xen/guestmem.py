@@ -118,19 +118,23 @@ class XenGuestMemory(GuestMemory):
         else:
             self._cache.move_to_end(chunk)
         buf, off, avail = self._resolve(m, gpa - (m.first << PAGE_SHIFT), gpa)
-        if avail < length and m.run_end[off >> PAGE_SHIFT] == m.pages:
-            # Runs past the chunk edge (not into a hole): map exactly the pages it covers so a
-            # ring crossing the edge is still one contiguous view.
-            pages = ((gpa & PAGE_MASK) + length + PAGE_MASK) >> PAGE_SHIFT
-            if pages <= MAX_CONTIGUOUS_PAGES:
-                key = ("extent", gfn, pages)
-                e = self._cache.get(key)
-                if e is None:
-                    e = self._map(key, gfn, pages, True, False)
-                else:
-                    self._cache.move_to_end(key)
-                return self._resolve(e, gpa & PAGE_MASK, gpa)
-        return buf, off, avail
+        if avail >= length:
+            return buf, off, avail
+        if m.run_end[off >> PAGE_SHIFT] != m.pages:
+            self.rejected += 1
+            raise OutOfBoundsError(f"range {gpa:#x}+{length:#x} runs out of guest memory")
+        # Runs past the chunk edge (not into a hole): map exactly the pages it covers so a
+        # ring crossing the edge is still one contiguous view. Longer ranges come in pieces.
+        pages = ((gpa & PAGE_MASK) + length + PAGE_MASK) >> PAGE_SHIFT
+        if pages > MAX_CONTIGUOUS_PAGES:
+            return buf, off, avail
+        key = ("extent", gfn, pages)
+        e = self._cache.get(key)
+        if e is None:
+            e = self._map(key, gfn, pages, True, False)
+        else:
+            self._cache.move_to_end(key)
+        return self._resolve(e, gpa & PAGE_MASK, gpa)
 
     def _lookup_grant(self, addr: int, length: int, writable: bool) -> tuple[memoryview, int, int]:
         gref = addr >> PAGE_SHIFT

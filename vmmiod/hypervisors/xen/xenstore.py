@@ -21,6 +21,7 @@ from vmmiod.hypervisors.xen.libs import XenLibs
 
 BACKEND_KINDS = ("virtio_disk", "virtio")  # xl allots disks first, then generic devices
 MAX_DIRECTORY = 4096  # entries we accept from one directory listing
+HEX_DIGITS = frozenset("0123456789abcdef")
 
 
 class XenStoreError(OSError):
@@ -110,14 +111,13 @@ def parse_number(text: str | None, hex_default: bool = False) -> int | None:
     s = text.strip().lower()
     if not s or len(s) > 24:
         return None
-    try:
-        if s.startswith("0x"):
-            return int(s[2:], 16)  # noqa: FURB166 (the prefix is checked above)
-        if s.isdigit() and not hex_default:
-            return int(s, 10)
-        return int(s, 16)
-    except ValueError:
-        return None
+    prefixed = s.startswith("0x")
+    digits = s.removeprefix("0x")
+    if not digits or any(c not in HEX_DIGITS for c in digits):
+        return None  # no sign, no underscores, no whitespace inside: int() would take those
+    if not prefixed and s.isdigit() and not hex_default:
+        return int(s, 10)
+    return int(digits, 16)
 
 
 @dataclass(frozen=True)
