@@ -209,8 +209,8 @@ def test_prepare_start_serve_and_the_guest_going_away(dev_dir: str) -> None:
     async def scenario() -> None:
         await a.prepare()
         assert a.windows() == [("blk", 0x2000000, 33), ("net", 0x2000200, 34)]
-        # InitWait answered at once: xl waits for it while we are still starting.
-        assert fake.store[f"{disk}/state"] == "2" and fake.store[f"{virtio}/state"] == "2"
+        # InitWait only once the server serves: xl unpauses a rebooted guest right after it.
+        assert fake.store[f"{disk}/state"] == "1" and fake.store[f"{virtio}/state"] == "1"
         assert not a.access_platform
         for dev_id, base, irq in a.windows():
             dev = Dummy(dev_id, [8])
@@ -235,6 +235,7 @@ def test_prepare_start_serve_and_the_guest_going_away(dev_dir: str) -> None:
         assert sorted(fake.local_ports.values()) == [200, 201]  # every vCPU's port
         assert fake.ranges == [(0x2000000, 0x20001FF), (0x2000200, 0x20003FF)]
         assert a.restricted and fake.restricted_with_open_xs == 0  # xenstore reopened after
+        assert fake.store[f"{disk}/state"] == "2" and fake.store[f"{virtio}/state"] == "2"
 
         # vCPU 1 reads MagicValue of the second window; then vCPU 0 writes InterruptACK.
         fake.guest_access(1, 0x2000200, 4, write=False)
@@ -289,8 +290,8 @@ def test_stop_writes_closed_for_entries_that_still_exist(dev_dir: str) -> None:
 
     async def scenario() -> None:
         await a.prepare()
-        assert fake.store[f"{disk}/state"] == "2"
         await a.start()
+        assert fake.store[f"{disk}/state"] == "2"
         await a.stop()
         assert fake.store[f"{disk}/state"] == "6"
 

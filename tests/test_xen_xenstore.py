@@ -98,6 +98,9 @@ def test_pairing_explicit_then_auto_in_order() -> None:
                  structlog.get_logger())
     assert b.discover()
     assert b.auto_windows() == [("a", 0x2000000, 33), ("c", 0x2000400, 35)]
+    assert fake.store["/local/domain/0/backend/virtio_disk/5/51712/state"] == "1"
+    b.serving = True
+    b.sync()
     assert all(fake.store[f"/local/domain/0/backend/virtio_disk/5/{d}/state"] == "2"
                for d in (51712, 51728, 51744))
 
@@ -108,6 +111,9 @@ def test_unserved_entry_is_left_alone() -> None:
     fake.add_backend("virtio_disk", 5, 51728, "33554944", 34)
     b = Backends(store(fake), 0, 5, [dev("a")], structlog.get_logger())
     assert b.discover()
+    b.serving = True
+    b.sync()
+    assert fake.store["/local/domain/0/backend/virtio_disk/5/51712/state"] == "2"
     assert fake.store["/local/domain/0/backend/virtio_disk/5/51728/state"] == "1"
 
 

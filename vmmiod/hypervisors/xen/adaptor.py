@@ -2,9 +2,10 @@
 
 prepare(): libraries, /dev/xen nodes, xenstore, the guest's domid (waited for), handles, the
 dm_op probe (ENOSYS = hypervisor without IOREQ support), barriers, the toolstack's backend
-entries (InitWait written as soon as they appear, since xl waits 10 s for it).
-start(): guest memory on the bus, the IOREQ server, the optional eventfd fast path, then
-xentoolcore_restrict_all(domid). stop(): Closed, teardown, unmap.
+entries paired with the config.
+start(): guest memory on the bus, the IOREQ server, the optional eventfd fast path,
+xentoolcore_restrict_all(domid), then InitWait for the toolstack (xl waits 10 s for it and then
+unpauses a rebooted guest, so it comes only once the server serves). stop(): Closed, teardown.
 """
 
 from __future__ import annotations
@@ -264,6 +265,8 @@ class XenAdaptor(Adaptor):
         self.server.attach_loop(loop)
         self._fast_path(loop)
         self._restrict()
+        self.backends.serving = True
+        self.backends.sync()
         self.log.info("xen_serving", server=self.server.sid, vcpus=self.server.nr_vcpus,
                       windows=len(ranges), grants=self._grants)
 

@@ -6,9 +6,11 @@ of their bases (xl allots windows upward, disks first). Each entry must name our
 frontend (frontend-id, and frontend = /local/domain/<domid>/device/<kind>/<devid>).
 
 State: xl waits for `state` = InitWait (2) after creating an entry and for Closed (6) after it
-writes Closing (5) on destroy. InitWait is written as soon as an entry we serve appears; it is
-never followed by Connected (4): libxl waits for exactly 2, and a 4 written before its watch
-reads the key would make it time out. On stop, Closed is written to entries that still exist
+writes Closing (5) on destroy. InitWait is written once the IOREQ server is enabled (`serving`),
+not at discovery: xl unpauses a rebooted guest as soon as its devices reach InitWait, and an
+access to a window no enabled server claims is a data abort in an Arm guest. It is never
+followed by Connected (4): libxl waits for exactly 2, and a 4 written before its watch reads the
+key would make it time out. On stop, Closed is written to entries that still exist
 (writing to a removed entry would recreate it).
 """
 
@@ -60,6 +62,7 @@ class Backends:
         self._fd: int | None = None
         self._on_release: Callable[[], None] | None = None
         self.state_writes = 0
+        self.serving = False  # set by the adaptor once the IOREQ server is enabled
 
     # -- pairing ----------------------------------------------------------------------------------
     def discover(self) -> bool:
@@ -128,7 +131,7 @@ class Backends:
             if e.path not in self._served_paths and e.base not in self._explicit:
                 continue
             self._served_paths.add(e.path)
-            if e.state is None or e.state <= XENBUS_STATE_INITIALISING:
+            if self.serving and (e.state is None or e.state <= XENBUS_STATE_INITIALISING):
                 self._write_state(e.path, XENBUS_STATE_INITWAIT)
             elif e.state == XENBUS_STATE_CLOSING:
                 self._write_state(e.path, XENBUS_STATE_CLOSED)
