@@ -349,3 +349,39 @@ def test_hostile_receive_chain_and_ring_fault(tmp_path: Path) -> None:
             await a.stop()
             await b.stop()
     run(body)
+
+
+def test_legacy_header_split_headers_and_long_scatter_lists(tmp_path: Path) -> None:
+    async def body() -> None:
+        ba, bb = unix_pair(tmp_path)
+        # a: a legacy driver (no VERSION_1, no MRG_RXBUF): 10-byte headers both ways
+        a = Guest("alpha", ba, want=~((1 << 32) | (1 << VIRTIO_NET_F_MRG_RXBUF)))
+        b = Guest("beta", bb, indirect=True)
+        await a.start()
+        await b.start()
+        try:
+            assert a.driver.hdr_len == 10 and a.device.hdr_len == 10
+            a.driver.post_rx()
+            # b posts receive chains whose 12-byte header is split 4 + rest
+            for _ in range(4):
+                gpa = b.alloc.alloc(2048)
+                b.driver.rxq.add([], [(gpa, 4), (gpa + 4, 2044)], token=gpa)
+            b.driver.kick(0)
+            f1 = frame_to(b.mac, a.mac, os.urandom(300))
+            a.driver.send(f1)
+            (h, got), = await b.driver.recv(1, repost=False)
+            assert got == f1 and h.num_buffers == 1
+            # b sends a frame as 1100 one-byte descriptors (indirect): more than an iovec holds
+            f2 = frame_to(a.mac, b.mac, os.urandom(1100 - 14))
+            data = bytes(12) + f2
+            gpa = b.alloc.alloc(len(data))
+            b.memory.write(gpa, data)
+            b.driver.txq.add([(gpa, 12)] + [(gpa + 12 + i, 1) for i in range(len(f2))], [],
+                             token=None, indirect=True)
+            b.driver.kick(1)
+            (_h, back), = await a.driver.recv(1)
+            assert back == f2
+        finally:
+            await a.stop()
+            await b.stop()
+    run(body)

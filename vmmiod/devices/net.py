@@ -177,7 +177,7 @@ class NetDevice(VirtioDevice):
         self._apply_offloads(self.driver_features & GUEST_OFFLOAD_MASK)
         self.log.info("net_device_activated", features=hex(self.driver_features),
                       mrg_rxbuf=mrg, hdr_len=self.hdr_len, link_up=self.link_up)
-        self._rx_start()
+        self._guarded(self._rx_start, RX_QUEUE)  # inside the window's register write: no raise
 
     def _apply_offloads(self, offloads: int) -> None:
         self.guest_offloads = offloads
@@ -196,6 +196,13 @@ class NetDevice(VirtioDevice):
         self._rx_stop()
         self._tx_unwait()
         self._rx_held.clear()
+        if self._opened and self.guest_offloads:
+            # The next driver may take fewer offloads: stop the kernel queueing offloaded frames.
+            self.guest_offloads = 0
+            try:
+                self.backend.configure(self.hdr_len, 0)
+            except OSError as exc:
+                self.log.error("net_backend_error", op="configure", error=str(exc))
 
     def process_queue(self, index: int) -> None:
         if index == RX_QUEUE:

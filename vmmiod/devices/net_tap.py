@@ -109,6 +109,7 @@ class TapInterface:
         self.fd = -1
         self.link_up = False
         self.created = False
+        self._offload_flags = 0
         self._ctl: socket.socket | None = None
         self._nl: socket.socket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -281,7 +282,24 @@ class TapInterface:
     def configure(self, hdr_len: int, features: int) -> None:
         """Header size and receive offloads for what the guest negotiated (at DRIVER_OK)."""
         fcntl.ioctl(self.fd, TUNSETVNETHDRSZ, struct.pack("i", hdr_len))
-        fcntl.ioctl(self.fd, TUNSETOFFLOAD, tun_offload_flags(features))
+        flags = tun_offload_flags(features)
+        fcntl.ioctl(self.fd, TUNSETOFFLOAD, flags)
+        if self._offload_flags & ~flags:
+            # Frames already queued were built for the offloads in force then (a GSO frame, a
+            # partial checksum): a guest that no longer takes them must not see them.
+            self.discard_queued()
+        self._offload_flags = flags
+
+    def discard_queued(self) -> int:
+        """Drop the frames the kernel queued for this TAP (bounded by its queue length)."""
+        n = 0
+        while n < 1 << 16:
+            try:
+                os.readv(self.fd, [self._overflow_view])
+            except OSError:
+                break
+            n += 1
+        return n
 
     def recv(self, iov: list[memoryview], cap: int, hdr_len: int) -> int:
         """Read one frame (with its header, in place) into `iov` of `cap` bytes.
