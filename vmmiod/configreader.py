@@ -64,6 +64,7 @@ class Reader:
         self.base_dir = base_dir  # relative paths in the file are relative to its folder
         self._loader = loader
         self.problems: list[tuple[int, str, str]] = []  # (line, key path, message)
+        self._merged: dict[int, int] = {}  # id(mapping node) -> pairs that came from merges
 
     def problem(self, where: Node | int, path: str, message: str) -> None:
         line = where if isinstance(where, int) else line_of(where)
@@ -85,18 +86,22 @@ class Reader:
         if not isinstance(node, MappingNode):
             self.problem(node, path, f"expected a mapping, got {describe(node)}")
             return None
-        self._flatten(node)
+        merged = self._flatten(node)
         out: dict[str, Node] = {}
         first_line: dict[str, int] = {}
-        for key_node, value in node.value:
+        for i, (key_node, value) in enumerate(node.value):
             if not isinstance(key_node, ScalarNode) or key_node.tag == TAG_NULL:
                 self.problem(key_node, path, f"a key must be a name, got {describe(key_node)}")
                 continue
             key = str(key_node.value)
-            if key in out:
-                self.problem(key_node, child(path, key),
-                             f"duplicate key (first at line {first_line[key]})")
-                continue
+            if key in out and i >= merged:
+                if first_line[key] >= 0:
+                    self.problem(key_node, child(path, key),
+                                 f"duplicate key (first at line {first_line[key]})")
+                    continue
+                # A key written here overrides the one a merge key (<<) brought in.
+            elif key in out:
+                continue  # among merged keys the first one wins
             if key not in allowed and elsewhere and key in elsewhere:
                 self.problem(key_node, child(path, key), f"only valid with {elsewhere[key]}")
                 continue
@@ -105,19 +110,29 @@ class Reader:
                 self.problem(key_node, child(path, key), f"unknown key{hint}")
                 continue
             out[key] = value
-            first_line[key] = line_of(key_node)
+            first_line[key] = line_of(key_node) if i >= merged else -1
         for key in required:
             if key not in out:
                 self.problem(node, child(path, key), "missing required key")
         return out
 
-    def _flatten(self, node: MappingNode) -> None:
-        # YAML merge keys (`<<: *defaults`) are resolved by the constructor, not the composer.
+    def _flatten(self, node: MappingNode) -> int:
+        """Resolve merge keys (`<<: *defaults`), which the composer leaves to the constructor.
+
+        Returns how many of the mapping's pairs came from merges: PyYAML puts them first.
+        """
+        if id(node) in self._merged:  # an alias of a mapping already read
+            return self._merged[id(node)]
+        merged = 0
         if any(k.tag == TAG_MERGE for k, _ in node.value):
+            own = sum(1 for k, _ in node.value if k.tag != TAG_MERGE)
             try:
                 self._loader.flatten_mapping(node)
             except yaml.MarkedYAMLError as exc:
                 self.problem(node, "", f"bad merge key: {exc.problem}")
+            merged = len(node.value) - own
+        self._merged[id(node)] = merged
+        return merged
 
     def sequence(self, node: Node, path: str) -> list[Node] | None:
         if not isinstance(node, SequenceNode):
