@@ -13,7 +13,8 @@ EXPECTED_CHECKS = {"daemon_started", "daemon_exit_status", "block_workload", "ne
 
 def test_demo_json_passes(tmp_path: Path) -> None:
     out = subprocess.run([sys.executable, "-m", "vmmiod", "demo", "--json", "--dir",
-                          str(tmp_path / "demo")], capture_output=True, text=True, check=False, timeout=120)
+                          str(tmp_path / "demo")], capture_output=True, text=True, check=False,
+                         timeout=120)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     result = json.loads(out.stdout)
     assert result["ok"] is True

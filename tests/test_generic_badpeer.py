@@ -196,6 +196,32 @@ def test_silent_peer_times_out(daemon: ThreadedDaemon) -> None:
     assert_undisturbed(daemon)
 
 
+def test_silent_crowd_is_bounded(daemon: ThreadedDaemon) -> None:
+    """Peers that connect and say nothing hold at most MAX_PENDING slots; the rest are refused."""
+    from vmmiod.hypervisors.generic.adaptor import MAX_PENDING
+
+    crowd = []
+    try:
+        for _ in range(MAX_PENDING):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            s.settimeout(5)
+            s.connect(str(daemon.socket_path))
+            assert proto.parse_header(s.recv(proto.MAX_MESSAGE))[1] == proto.MSG_SERVER_HELLO
+            crowd.append(s)
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as extra:
+            extra.settimeout(5)
+            extra.connect(str(daemon.socket_path))
+            answer = extra.recv(proto.MAX_MESSAGE)
+            assert proto.parse_refuse(answer)[0] == proto.REFUSE_BUSY
+    finally:
+        for s in crowd:
+            s.close()
+    deadline = time.monotonic() + 5
+    while daemon.call(lambda: len(daemon.adaptor._pending)) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert_undisturbed(daemon)
+
+
 def test_peer_scribbling_on_the_page_does_not_hurt(daemon: ThreadedDaemon) -> None:
     """Spurious kicks and garbage slots: answered or ignored, never a crash."""
     with SimVmm(vcpus=2) as vmm:

@@ -83,8 +83,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     say = None if args.json else (lambda a: print(f"running {a} ...", file=sys.stderr,
                                                   flush=True))
     results = run_areas(areas, args.quick, say)
+    missing = [a for a in areas if a not in results]  # no module for them in this tree
     if args.json:
-        print(json.dumps({"quick": args.quick, "areas": results}, indent=2))
+        print(json.dumps({"quick": args.quick, "areas": results, "not_available": missing},
+                         indent=2))
     else:
         print_table(results)
+        if missing:
+            print(f"\n(no benchmark module yet for: {', '.join(missing)})")
     return 1 if any("error" in r["figures"] for r in results.values()) else 0

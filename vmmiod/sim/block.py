@@ -87,7 +87,9 @@ class BlockDriver:
         self.capacity = self.drv.config_read64(CONFIG_CAPACITY)
         self.readonly = self.drv.has(VIRTIO_BLK_F_RO)
         self.drv.driver_ok()
-        self.depth = min(self.depth, self.q.size if self.drv.has(VIRTIO_F_INDIRECT_DESC) else self.q.size // 3)
+        # One descriptor per request with indirect tables, three without.
+        per_request = 1 if self.drv.has(VIRTIO_F_INDIRECT_DESC) else 3
+        self.depth = min(self.depth, self.q.size // per_request)
         alloc = self.vmm.alloc
         self._free = [_Slot(alloc.alloc(BLK_REQ_HDR.size), alloc.alloc(1, 1),
                             alloc.alloc(self.max_io, 4096), self.max_io)
@@ -97,7 +99,7 @@ class BlockDriver:
     def features(self) -> int:
         return self.drv.features
 
-    # -- requests -----------------------------------------------------------------------------------
+    # -- requests ----------------------------------------------------------------------------------
     def submit(self, rtype: int, sector: int, data: bytes | None = None, length: int = 0,
                token: Any = None) -> _Slot:
         """Queue one request (not kicked). `data` for OUT, `length` bytes to read for IN/GET_ID."""
@@ -165,7 +167,7 @@ class BlockDriver:
         self.drv.teardown()
 
 
-# -- workload ---------------------------------------------------------------------------------------
+# -- workload --------------------------------------------------------------------------------------
 def run_block_workload(dev: BlockDriver, *, span: int = 4 << 20, random_ops: int = 200,
                        seed: int = 1, image_path: str | None = None,
                        progress: Any = None) -> dict[str, Any]:

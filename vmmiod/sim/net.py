@@ -25,7 +25,8 @@ VIRTIO_NET_F_MAC = 5
 VIRTIO_NET_F_STATUS = 16
 DRIVER_FEATURES = (1 << VIRTIO_NET_F_MTU) | (1 << VIRTIO_NET_F_MAC) | (1 << VIRTIO_NET_F_STATUS)
 VIRTIO_NET_S_LINK_UP = 1
-NET_HDR = struct.Struct("<BBHHHHH")  # flags, gso_type, hdr_len, gso_size, csum_start, csum_offset, num_buffers
+# flags, gso_type, hdr_len, gso_size, csum_start, csum_offset, num_buffers
+NET_HDR = struct.Struct("<BBHHHHH")
 NET_HDR_SIZE = 12
 GOOD_PACKET_LEN = 1518  # ETH_HLEN + VLAN_HLEN + ETH_DATA_LEN
 RX_BUF = NET_HDR_SIZE + GOOD_PACKET_LEN
@@ -75,7 +76,7 @@ class NetDriver:
     def features(self) -> int:
         return self.drv.features
 
-    # -- transmit -----------------------------------------------------------------------------------
+    # -- transmit ----------------------------------------------------------------------------------
     def _reclaim_tx(self) -> bool:
         """Take back the buffers of transmitted frames; True when one is free."""
         while (u := self.txq.get_used()) is not None:
@@ -104,7 +105,7 @@ class NetDriver:
         """Wait until the device consumed every queued frame."""
         self.drv.wait(lambda: self._reclaim_tx() and self.txq.pending() == 0, timeout)
 
-    # -- receive ------------------------------------------------------------------------------------
+    # -- receive -----------------------------------------------------------------------------------
     def poll_rx(self) -> list[bytes]:
         """Frames received so far (headers stripped); their buffers go back to the device."""
         out = []

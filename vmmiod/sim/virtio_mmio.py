@@ -85,7 +85,7 @@ class VirtioMmioDriver:
     def w32(self, off: int, value: int) -> None:
         self.vmm.write(self.base + off, value, 4, self.vcpu)
 
-    # -- vm_probe -----------------------------------------------------------------------------------
+    # -- vm_probe ----------------------------------------------------------------------------------
     def probe(self) -> int:
         """Magic, Version, DeviceID, VendorID; returns the device id (0: no device here)."""
         magic = self.r32(MAGIC_VALUE)
@@ -144,7 +144,7 @@ class VirtioMmioDriver:
     def has(self, bit: int) -> bool:
         return bool(self.features >> bit & 1)
 
-    # -- vm_setup_vq --------------------------------------------------------------------------------
+    # -- vm_setup_vq -------------------------------------------------------------------------------
     def setup_queue(self, index: int, size: int) -> DriverQueue:
         self.w32(QUEUE_SEL, index)
         if self.r32(QUEUE_READY if self.version == 2 else QUEUE_PFN):
@@ -180,7 +180,7 @@ class VirtioMmioDriver:
         if self.get_status() & STATUS_DEVICE_NEEDS_RESET:
             raise DeviceFailed(f"{self.base:#x}: device needs reset right after DRIVER_OK")
 
-    # -- runtime ------------------------------------------------------------------------------------
+    # -- runtime -----------------------------------------------------------------------------------
     def notify(self, index: int) -> None:
         self.w32(QUEUE_NOTIFY, index)
 
@@ -211,7 +211,7 @@ class VirtioMmioDriver:
             self.interrupts += 1
             self.interrupt()
 
-    # -- config space -------------------------------------------------------------------------------
+    # -- config space ------------------------------------------------------------------------------
     def config_read(self, offset: int, size: int) -> int:
         return self.vmm.read(self.base + CONFIG + offset, size, self.vcpu)
 
@@ -225,7 +225,7 @@ class VirtioMmioDriver:
                 return high << 32 | low
         raise DeviceFailed(f"{self.base:#x}: config generation never settles")
 
-    # -- vm_del_vq and reset ------------------------------------------------------------------------
+    # -- vm_del_vq and reset -----------------------------------------------------------------------
     def teardown(self) -> None:
         """virtio_reset_device, then vm_del_vqs (Linux's remove order)."""
         self.reset()

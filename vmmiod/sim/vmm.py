@@ -85,7 +85,7 @@ class SimVmm:
         self.ioreqs = 0
         self._polls: list[select.poll] = []
 
-    # -- connection ---------------------------------------------------------------------------------
+    # -- connection --------------------------------------------------------------------------------
     def connect(self, path: str | Path, wait: float = 0.0) -> proto.ServerHello:
         """Connect, hand over RAM, page and eventfds; returns the daemon's hello (its windows)."""
         deadline = time.monotonic() + wait
@@ -184,7 +184,7 @@ class SimVmm:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    # -- vCPU accesses ------------------------------------------------------------------------------
+    # -- vCPU accesses -----------------------------------------------------------------------------
     def mmio(self, addr: int, size: int, value: int = 0, *, read: bool, vcpu: int = 0) -> int:
         """One IOREQ on `vcpu`'s slot; blocks until the daemon completes it."""
         page, off = self.page, proto.IOREQ_SIZE * vcpu
@@ -229,7 +229,7 @@ class SimVmm:
     def write(self, addr: int, value: int, size: int = 4, vcpu: int = 0) -> None:
         self.mmio(addr, size, value, read=False, vcpu=vcpu)
 
-    # -- interrupts ---------------------------------------------------------------------------------
+    # -- interrupts --------------------------------------------------------------------------------
     def _drain_messages(self) -> None:
         """Level-mode interrupt messages from the daemon."""
         assert self.sock is not None

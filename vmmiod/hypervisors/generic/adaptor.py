@@ -47,6 +47,8 @@ MSG_ACCEPT_BYTES = header(3)
 EVENTFD_ONE = (1).to_bytes(8, "little")
 HELLO_TIMEOUT = 10.0  # seconds a connected peer has to send its hello
 SCM_MAX_FD = 253  # Linux's limit of fds in one SCM_RIGHTS message
+MAX_PENDING = 8  # connections still owing their hello; more are refused at once
+ACCEPT_BACKOFF = 1.0  # seconds without accepting after EMFILE/ENFILE (else a busy loop)
 
 
 class GenericLine:
@@ -199,20 +201,31 @@ class GenericAdaptor(Adaptor):
             sock, _ = self._listener.accept()
         except (BlockingIOError, InterruptedError):
             return
-        except OSError as exc:  # EMFILE and friends: keep listening
+        except OSError as exc:
+            # Out of fds: the listener stays readable, so pause accepting instead of spinning.
             self.log.warning("vmm_accept_failed", error=str(exc))
+            fd = self._listener.fileno()
+            self._loop.remove_reader(fd)
+            self._loop.call_later(ACCEPT_BACKOFF, self._resume_accept)
             return
         sock.setblocking(False)
-        if self._conn is not None:
-            self._refuse(sock, ProtocolError(REFUSE_BUSY, "another VMM is connected"))
+        if self._conn is not None or len(self._pending) >= MAX_PENDING:
+            self._refuse(sock, ProtocolError(REFUSE_BUSY, "another VMM is connected" if
+                                             self._conn is not None else "too many connections "
+                                             "waiting for their hello"))
             return
         try:
             sock.send(pack_server_hello(self.server_windows()))
         except OSError:
             sock.close()
             return
-        self._pending[sock] = self._loop.call_later(self.hello_timeout, self._hello_timeout, sock)
+        self._pending[sock] = self._loop.call_later(self.hello_timeout, self._hello_timeout,
+                                                    sock)
         self._loop.add_reader(sock.fileno(), self._on_hello, sock)
+
+    def _resume_accept(self) -> None:
+        if self._listener is not None and self._loop is not None:
+            self._loop.add_reader(self._listener.fileno(), self._on_accept)
 
     def _drop_pending(self, sock: socket.socket) -> None:
         timer = self._pending.pop(sock, None)
@@ -223,7 +236,8 @@ class GenericAdaptor(Adaptor):
 
     def _hello_timeout(self, sock: socket.socket) -> None:
         self._drop_pending(sock)
-        self._refuse(sock, ProtocolError(REFUSE_MALFORMED, f"no hello within {self.hello_timeout} s"))
+        self._refuse(sock, ProtocolError(REFUSE_MALFORMED,
+                                         f"no hello within {self.hello_timeout} s"))
 
     def _refuse(self, sock: socket.socket, err: ProtocolError) -> None:
         self.counters["refused"] += 1
@@ -262,7 +276,7 @@ class GenericAdaptor(Adaptor):
         self._activate(conn)
 
     def _build(self, sock: socket.socket, data: bytes, fds: list[int]) -> _Connection:
-        """Check the hello and its fds and map memory; raises ProtocolError, leaves nothing mapped."""
+        """Check the hello and its fds, map memory. ProtocolError leaves nothing mapped."""
         hello = parse_client_hello(data)
         want = hello.fd_count()
         if len(fds) != want:
@@ -356,8 +370,11 @@ class GenericAdaptor(Adaptor):
             msg_type = -1
         if msg_type == MSG_BYE:
             self._disconnect("vmm_bye")
-        else:
-            self.log.warning("vmm_message_ignored", type=msg_type, length=len(data))
+            return
+        n = self.counters["messages_ignored"] = self.counters.get("messages_ignored", 0) + 1
+        if n & (n - 1) == 0:  # 1st, 2nd, 4th, 8th ...: a chatty VMM cannot flood the log
+            self.log.warning("vmm_message_ignored", type=msg_type, length=len(data),
+                             occurrences=n)
 
     def _disconnect(self, why: str, exit_allowed: bool = True) -> None:
         conn = self._conn

@@ -53,7 +53,8 @@ def _check_memory_fd(fd: int, need: int, what: str, reason: int) -> int:
         seals = None  # not a memfd: a file the VMM owns (see docs/generic-ioreq.md)
     if seals is not None and not seals & fcntl.F_SEAL_SHRINK:
         raise ProtocolError(reason, f"{what}: memfd is not sealed against shrinking "
-                                    f"(F_SEAL_SHRINK); create it with MFD_ALLOW_SEALING and seal it")
+                                    f"(F_SEAL_SHRINK); create it with MFD_ALLOW_SEALING, "
+                                    f"then seal it")
     return st.st_size
 
 

@@ -119,7 +119,7 @@ class ServerHello:
     flags: int = 0
 
 
-# -- packing ----------------------------------------------------------------------------------------
+# -- packing ---------------------------------------------------------------------------------------
 def header(msg_type: int, version: int = VERSION) -> bytes:
     return HEADER.pack(MAGIC, version, msg_type)
 
@@ -149,7 +149,7 @@ def pack_irq_level(irq: int, level: int) -> bytes:
     return header(MSG_IRQ_LEVEL) + IRQ_LEVEL.pack(irq, 1 if level else 0)
 
 
-# -- parsing ----------------------------------------------------------------------------------------
+# -- parsing ---------------------------------------------------------------------------------------
 def parse_header(data: bytes) -> tuple[int, int]:
     """(version, type) of a message, or ProtocolError(REFUSE_MALFORMED)."""
     if len(data) < HEADER.size:
@@ -231,8 +231,8 @@ def check_regions(regions: tuple[RegionSpec, ...]) -> None:
     ordered = sorted(regions, key=lambda r: r.gpa)
     for a, b in itertools.pairwise(ordered):
         if b.gpa < a.end:
-            raise ProtocolError(REFUSE_REGIONS,
-                                f"regions {a.gpa:#x}+{a.size:#x} and {b.gpa:#x}+{b.size:#x} overlap")
+            raise ProtocolError(REFUSE_REGIONS, f"regions {a.gpa:#x}+{a.size:#x} and "
+                                                f"{b.gpa:#x}+{b.size:#x} overlap")
 
 
 def check_irqs(irqs: tuple[IrqSpec, ...]) -> None:
