@@ -12,6 +12,7 @@ from tests.test_block_harness import GPA, UNWRITTEN, Guest, block_config, open_d
 from vmmiod.config import GuestConfig
 from vmmiod.devices.block import (
     BLK_CONFIG,
+    SIZE_MAX,
     VIRTIO_BLK_F_CONFIG_WCE,
     VIRTIO_BLK_F_DISCARD,
     VIRTIO_BLK_F_FLUSH,
@@ -400,3 +401,53 @@ def test_flush_runs_on_worker_and_loop_keeps_serving(image: Path) -> None:
 
     asyncio.run(main())
 
+
+
+def test_zero_length_and_short_get_id(image: Path) -> None:
+    dev, g = make(image, serial="0123456789abcdefghij")
+    r = g.run(VIRTIO_BLK_T_IN, 3)  # no data at all: nothing to do, OK
+    assert r.status == VIRTIO_BLK_S_OK and r.used_len == 1
+    assert g.run(VIRTIO_BLK_T_OUT, 3, write=b"").status == VIRTIO_BLK_S_OK
+    assert g.run(VIRTIO_BLK_T_GET_ID, read=8).data == b"01234567"  # what fits
+    assert g.run(VIRTIO_BLK_T_GET_ID, read=32).data[:21] == b"0123456789abcdefghij\0"
+    close(dev, g)
+
+
+def test_segment_larger_than_size_max(image: Path) -> None:
+    """One descriptor longer than SIZE_MAX, inside capacity (the image is 4 MiB here)."""
+    with open(image, "ab") as f:
+        f.truncate(4 << 20)
+    dev, g = make(image)
+    hdr = g.header(VIRTIO_BLK_T_IN, 0)
+    st = g.buf(1, 1)
+    one = g.buf(SIZE_MAX + 512)
+    tok = g.submit_raw([(hdr, 16)], [(one, SIZE_MAX + 512), (st, 1)], status_gpa=st)
+    g.kick()
+    assert g.replies()[tok].status == VIRTIO_BLK_S_IOERR
+    assert dev.counters["malformed"] == 1 and dev.counters["bytes_read"] == 0
+    # The same length in two descriptors is fine.
+    tok = g.submit_raw([(hdr, 16)], [(one, SIZE_MAX), (one + SIZE_MAX, 512), (st, 1)],
+                       status_gpa=st)
+    g.kick()
+    assert g.replies()[tok].status == VIRTIO_BLK_S_OK
+    close(dev, g)
+
+
+@pytest.mark.parametrize("event_idx", [False, True])
+def test_notification_suppression_modes(image: Path, event_idx: bool) -> None:
+    dev, g = make(image, event_idx=event_idx)
+    g.dq[0].disable_interrupts()  # a driver polling its used ring
+    r = g.run(VIRTIO_BLK_T_IN, 0, read=512)
+    assert r.status == VIRTIO_BLK_S_OK
+    if not event_idx:
+        assert g.transport.used == []  # NO_INTERRUPT honoured
+    g.dq[0].enable_interrupts()
+    g.run(VIRTIO_BLK_T_IN, 0, read=512)
+    assert g.transport.used[-1:] == [0]
+    # A batch that only holds a FLUSH (completed later) raises no empty interrupt.
+    before = len(g.transport.used)
+    tok = g.submit(VIRTIO_BLK_T_FLUSH)
+    g.kick()
+    assert g.replies()[tok].status == VIRTIO_BLK_S_OK
+    assert len(g.transport.used) == before + 1
+    close(dev, g)

@@ -193,3 +193,24 @@ def test_block_device_backing(tmp_path: Path) -> None:
         with open(back, "rb") as f:
             f.seek(40 * 512)
             assert f.read(16384) == data
+
+
+@root_only
+def test_write_zeroes_on_tmpfs_without_zero_range(tmp_path: Path) -> None:
+    """tmpfs has no FALLOC_FL_ZERO_RANGE: zeroing falls back to punch + allocate."""
+    from vmmiod.devices.block_request import VIRTIO_BLK_T_WRITE_ZEROES
+    with small_tmpfs(tmp_path / "mnt", "8m") as mnt:
+        img = mnt / "disk.img"
+        img.write_bytes(os.urandom(1 << 20))
+        dev = open_device(img)
+        g = Guest(dev)
+        blocks = os.stat(img).st_blocks
+        assert g.run(VIRTIO_BLK_T_WRITE_ZEROES, ranges=[(128, 256, 0)]).status == \
+            VIRTIO_BLK_S_OK
+        assert img.read_bytes()[128 * 512:384 * 512] == bytes(256 * 512)
+        assert os.stat(img).st_blocks == blocks  # zeroed, still allocated
+        assert g.run(VIRTIO_BLK_T_WRITE_ZEROES, ranges=[(512, 256, 1)]).status == \
+            VIRTIO_BLK_S_OK
+        assert img.read_bytes()[512 * 512:768 * 512] == bytes(256 * 512)
+        assert os.stat(img).st_blocks < blocks  # unmap allowed: a hole
+        close(dev, g)
