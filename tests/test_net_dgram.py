@@ -385,3 +385,20 @@ def test_legacy_header_split_headers_and_long_scatter_lists(tmp_path: Path) -> N
             await a.stop()
             await b.stop()
     run(body)
+
+
+def test_device_without_backend_drops_and_returns(tmp_path: Path) -> None:
+    async def body() -> None:
+        ba, _bb = unix_pair(tmp_path)
+        g = Guest("alpha", ba)
+        # activated but never opened (backend refused at start-up): link down, nothing read
+        g.driver = NetDriver(g.device, g.memory, g.alloc, queue_size=64)
+        g.driver.post_rx()
+        g.driver.send(frame_to(b"\xff" * 6, g.mac, b"into the void"))
+        await g.driver.flush_tx()
+        assert g.driver.txq.pending() == 0
+        assert g.device.counters["tx_dropped_link_down"] == 1
+        assert g.device.read_config(6, 2) == 0 and not g.device._reading
+        g.device.reset()
+        os.close(g.fd)
+    run(body)

@@ -253,7 +253,8 @@ class NetDevice(VirtioDevice):
         held = self._rx_held
         held.refresh(q.memory.generation if q.memory is not None else 0)
         want = self._rx_need if self.mrg_rxbuf else 1
-        while (held.cap < want if self.mrg_rxbuf else not held) and len(held) < q.size:
+        chains = held.chains
+        while (held.cap < want if self.mrg_rxbuf else not chains) and len(chains) < q.size:
             chain = q.pop()
             if chain is None:
                 break
@@ -263,7 +264,7 @@ class NetDevice(VirtioDevice):
                 q.add_used(chain.head, 0)
                 continue
             held.add(chain)
-        return bool(held)
+        return bool(chains)
 
     def _rx_drop(self, reason: RxDrop) -> None:
         self.counters[f"rx_dropped_{reason.value}"] += 1
@@ -352,12 +353,14 @@ class NetDevice(VirtioDevice):
     def _tx_one(self, q: SplitQueue, chain: DescriptorChain) -> bool:
         """Send one chain; False when the backend is full (the chain goes back to the ring)."""
         hdr_len = self.hdr_len
-        hdr = chain.read(0, hdr_len) if chain.readable_len >= hdr_len else b""
+        views = chain.readable_views()
+        hdr: bytes | memoryview = b""
+        if chain.readable_len >= hdr_len:
+            hdr = views[0] if len(views[0]) >= hdr_len else gather(views, 0, hdr_len)
         reason = check_tx_header(hdr, chain.readable_len, hdr_len, self.driver_features)
-        if reason is None and not self.link_up:
+        if reason is None and not self.backend.link_up:
             reason = TxDrop.LINK_DOWN
         if reason is None:
-            views = chain.readable_views()
             if len(views) > IOV_MAX:
                 views = [memoryview(b"".join(views))]  # hostile scatter list: one bounded copy
             try:

@@ -40,7 +40,7 @@ class DgramSocket:
         self.cfg = cfg
         self.log = log
         self.fd = -1
-        self.link_up = True  # a datagram socket has no carrier to lose
+        self.link_up = False  # up from open() to close(): a socket has no carrier to lose
         self.sock: socket.socket | None = None
         self.peer: Any = None  # resolved remote (or learned) address
         self._fixed_peer = False
@@ -72,6 +72,7 @@ class DgramSocket:
             raise BackendError(f"dgram backend {_describe(local)}: {exc.strerror or exc}") from None
         self._fixed_peer = self.peer is not None
         self.fd = self.sock.fileno()
+        self.link_up = True
         self.log.info("net_backend_opened", backend="dgram",
                       local=str(self.sock.getsockname()), remote=_describe(remote))
 
@@ -137,6 +138,7 @@ class DgramSocket:
             self.sock.close()
             self.sock = None
         self.fd = -1
+        self.link_up = False
         if self._bound_path is not None:
             try:
                 os.unlink(self._bound_path)

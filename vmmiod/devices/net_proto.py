@@ -76,6 +76,7 @@ NET_HDR = struct.Struct("<BBHHHHH")  # flags, gso_type, hdr_len, gso_size, csum_
 NET_HDR_LEN = 12  # with VERSION_1 or MRG_RXBUF
 NET_HDR_LEN_LEGACY = 10  # legacy without MRG_RXBUF: no num_buffers
 NUM_BUFFERS_OFFSET = 10
+NET_HDR_10 = struct.Struct("<BBHHHH")  # the fields before num_buffers
 U16 = struct.Struct("<H")
 
 VIRTIO_NET_HDR_F_NEEDS_CSUM = 1
@@ -124,13 +125,19 @@ class RxDrop(enum.Enum):
     FOREIGN_SENDER = "foreign_sender"
 
 
-def check_tx_header(hdr: bytes, chain_len: int, hdr_len: int, features: int) -> TxDrop | None:
-    """Each rule of 5.1.6.2 that a device must not trust, in order; None when the frame may go."""
+def check_tx_header(hdr: bytes | memoryview, chain_len: int, hdr_len: int,
+                    features: int) -> TxDrop | None:
+    """Each rule of 5.1.6.2 that a device must not trust, in order; None when the frame may go.
+
+    `hdr` holds at least the first 10 bytes of the header when chain_len allows one.
+    """
     if chain_len > MAX_FRAME_WITH_HDR:
         return TxDrop.TOO_BIG
     if chain_len < hdr_len + ETH_HLEN:
         return TxDrop.BAD_HEADER  # no room for a header and an Ethernet header
-    flags, gso_type, _hlen, gso_size, csum_start, csum_offset = struct.unpack_from("<BBHHHH", hdr)
+    flags, gso_type, _hlen, gso_size, csum_start, csum_offset = NET_HDR_10.unpack_from(hdr)
+    if not flags and not gso_type:
+        return None  # the common case: nothing to offload
     frame_len = chain_len - hdr_len
     if flags & ~VIRTIO_NET_HDR_F_NEEDS_CSUM:
         return TxDrop.BAD_HEADER  # DATA_VALID / RSC_INFO are device-to-driver only

@@ -40,9 +40,10 @@ class RxHeld:
     def add(self, chain: DescriptorChain) -> None:
         room = IOV_MAX - 1 - len(self.iov)
         views = chain.writable_views() if room > 0 else []
+        cap = chain.writable_len
         if len(views) > room:
             del views[room:]  # a scatter list no iovec can carry: use the part that fits
-        cap = sum(len(v) for v in views)
+            cap = sum(len(v) for v in views)
         self.chains.append(chain)
         self.caps.append(cap)
         self.nviews.append(len(views))
