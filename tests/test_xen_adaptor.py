@@ -264,6 +264,15 @@ def test_prepare_start_serve_and_the_guest_going_away(dev_dir: str) -> None:
             if fake.store[f"{disk}/state"] == "6":
                 break
         assert fake.store[f"{disk}/state"] == "6"
+        # Then xl removes the entry: nothing of it may be written back (no InitWait again).
+        # (libxl was seen removing `state` before the rest of the directory.)
+        del fake.store[f"{disk}/state"]
+        fake.toolstack_write(f"{disk}/online", "0")
+        await asyncio.sleep(0.1)
+        assert f"{disk}/state" not in fake.store
+        fake.remove_entry(disk)
+        await asyncio.sleep(0.1)
+        assert not [k for k in fake.store if k.startswith(disk + "/")]
         assert a.finished is not None and not a.finished.done()
         fake.destroy_domain(DOMID)
         assert await asyncio.wait_for(a.finished, 2) == 0

@@ -97,6 +97,12 @@ class FakeXen:
     def toolstack_write(self, path: str, value: str) -> None:
         self._set(path, value)
 
+    def remove_entry(self, path: str) -> None:
+        """The toolstack's xs_rm of a whole backend directory (one operation)."""
+        for key in [k for k in self.store if k.startswith(path + "/")]:
+            del self.store[key]
+        self._fire(path)
+
     def destroy_domain(self, domid: int) -> None:
         self.domains.pop(domid, None)
         for key in [k for k in self.store if k.startswith(f"/local/domain/{domid}/")
@@ -316,6 +322,12 @@ class FakeXen:
             x.xs[h] = XsConn(r, w)
             return h
 
+        def conn_of(h: int) -> XsConn:
+            # libxenstore dereferences the handle: a closed or NULL one crashes the daemon.
+            if h not in x.xs:
+                raise AssertionError(f"xenstore call on a closed handle {h!r} (would crash)")
+            return x.xs[h]
+
         @fn
         def xs_close(h: int) -> None:
             conn = x.xs.pop(h, None)
@@ -325,6 +337,7 @@ class FakeXen:
 
         @fn
         def xs_read(h: int, _t: int, path: bytes, length: Any) -> Any:
+            conn_of(h)
             value = x.store.get(path.decode())
             if value is None:
                 return _fail(errno.ENOENT, None)
@@ -336,11 +349,13 @@ class FakeXen:
 
         @fn
         def xs_write(h: int, _t: int, path: bytes, data: bytes, n: int) -> bool:
+            conn_of(h)
             x._set(path.decode(), data[:n].decode())
             return True
 
         @fn
         def xs_directory(h: int, _t: int, path: bytes, num: Any) -> Any:
+            conn_of(h)
             prefix = path.decode().rstrip("/") + "/"
             names = sorted({k[len(prefix):].split("/")[0] for k in x.store
                             if k.startswith(prefix)})
@@ -351,7 +366,7 @@ class FakeXen:
 
         @fn
         def xs_watch(h: int, path: bytes, token: bytes) -> bool:
-            conn = x.xs[h]
+            conn = conn_of(h)
             conn.watches.append((path.decode(), token.decode()))
             conn.events.append((path.decode(), token.decode()))  # xenstored fires at once
             os.write(conn.wfd, b"w")
@@ -359,16 +374,17 @@ class FakeXen:
 
         @fn
         def xs_unwatch(h: int, path: bytes, token: bytes) -> bool:
+            conn_of(h)
             return True
 
         @fn
         def xs_fileno(h: int) -> int:
-            return x.xs[h].rfd
+            return conn_of(h).rfd
 
         @fn
         def xs_check_watch(h: int) -> Any:
-            conn = x.xs.get(h)
-            if conn is None or not conn.events:
+            conn = conn_of(h)
+            if not conn.events:
                 return _fail(errno.EAGAIN, None)
             os.read(conn.rfd, 1)
             path, token = conn.events.popleft()
@@ -376,6 +392,7 @@ class FakeXen:
 
         @fn
         def xs_is_domain_introduced(h: int, domid: int) -> bool:
+            conn_of(h)
             return domid in x.domains
 
         class Lib:

@@ -343,7 +343,10 @@ class XenAdaptor(Adaptor):
     def _on_domain_release(self) -> None:
         if self.xs is None or self.finished is None or self.finished.done():
             return
-        if self.xs.domain_introduced(self.domid):
+        try:
+            if self.xs.domain_introduced(self.domid):
+                return
+        except XenStoreError:
             return
         self.log.info("xen_domain_gone", domid=self.domid)
         self.finished.set_result(0)

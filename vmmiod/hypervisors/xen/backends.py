@@ -33,6 +33,7 @@ from vmmiod.hypervisors.xen.xenstore import (
     XenStoreError,
     backend_root,
     entry_problems,
+    parse_number,
     read_backend_entries,
 )
 
@@ -56,6 +57,7 @@ class Backends:
         self._auto = [d for d in devices if d.mmio.auto]
         self.assigned: dict[str, BackendEntry] = {}  # auto device id -> entry
         self._served_paths: set[str] = set()
+        self._closed_paths: set[str] = set()  # reached Closing: never InitWait again
         self._warned: set[str] = set()
         self._entries: list[BackendEntry] = []
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -124,17 +126,24 @@ class Backends:
 
     # -- state ------------------------------------------------------------------------------------
     def sync(self, entries: list[BackendEntry] | None = None) -> None:
-        """Answer the toolstack: InitWait for new entries we serve, Closed after Closing."""
+        """Answer the toolstack: InitWait for new entries we serve, Closed after Closing.
+
+        Only a state the toolstack wrote is answered: an entry being removed loses its keys,
+        and writing to it would recreate them. An entry that reached Closing is never moved
+        back to InitWait.
+        """
         if entries is None:
             entries = read_backend_entries(self.xs, self.backend_domid, self.domid, self.log)
         for e in entries:
             if e.path not in self._served_paths and e.base not in self._explicit:
                 continue
             self._served_paths.add(e.path)
-            if self.serving and (e.state is None or e.state <= XENBUS_STATE_INITIALISING):
-                self._write_state(e.path, XENBUS_STATE_INITWAIT)
-            elif e.state == XENBUS_STATE_CLOSING:
+            if e.state == XENBUS_STATE_CLOSING:
+                self._closed_paths.add(e.path)
                 self._write_state(e.path, XENBUS_STATE_CLOSED)
+            elif (self.serving and e.state == XENBUS_STATE_INITIALISING
+                    and e.path not in self._closed_paths):
+                self._write_state(e.path, XENBUS_STATE_INITWAIT)
 
     def _write_state(self, path: str, state: int) -> None:
         try:
@@ -145,13 +154,16 @@ class Backends:
             self.log.warning("xen_backend_state_failed", path=path, state=state, error=str(exc))
 
     def close(self) -> None:
-        self.suspend_watch()
-        for path in sorted(self._served_paths):
-            try:
-                if self.xs.read(f"{path}/state") is not None:
+        """Closed for every entry we served that still exists, then the connection goes."""
+        self._stop_reading()
+        try:
+            for path in sorted(self._served_paths):
+                state = parse_number(self.xs.read(f"{path}/state"))
+                if state is not None and state != XENBUS_STATE_CLOSED:
                     self._write_state(path, XENBUS_STATE_CLOSED)
-            except XenStoreError:
-                pass
+        except XenStoreError as exc:
+            self.log.warning("xen_backend_state_failed", error=str(exc))
+        self.xs.close()
 
     # -- watches ----------------------------------------------------------------------------------
     def watch(self, loop: asyncio.AbstractEventLoop, on_release: Callable[[], None]) -> None:
@@ -163,11 +175,14 @@ class Backends:
         self._fd = self.xs.fileno()
         loop.add_reader(self._fd, self._on_watch_fd)
 
-    def suspend_watch(self) -> None:
-        """Stop reading watches and close the connection (before restricting handles)."""
+    def _stop_reading(self) -> None:
         if self._loop is not None and self._fd is not None:
             self._loop.remove_reader(self._fd)
         self._fd = None
+
+    def suspend_watch(self) -> None:
+        """Stop reading watches and close the connection (before restricting handles)."""
+        self._stop_reading()
         self.xs.close()
 
     def resume_watch(self, xs: XenStore, loop: asyncio.AbstractEventLoop,
@@ -180,7 +195,10 @@ class Backends:
     def _on_watch_fd(self) -> None:
         backend = release = False
         for _ in range(MAX_WATCH_EVENTS):
-            ev = self.xs.check_watch()
+            try:
+                ev = self.xs.check_watch()
+            except XenStoreError:
+                return
             if ev is None:
                 break
             _path, token = ev

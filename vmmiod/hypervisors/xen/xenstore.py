@@ -39,9 +39,15 @@ class XenStore:
             err = ctypes.get_errno()
             raise XenStoreError(err, "xs_open: cannot connect to xenstored")
 
+    def _h(self) -> int:
+        # libxenstore dereferences its handle unchecked: a closed one must never reach it.
+        if not self.handle:
+            raise XenStoreError(9, "xenstore connection is closed")  # EBADF
+        return self.handle
+
     def read(self, path: str) -> str | None:
         n = ctypes.c_uint(0)
-        p = self._lib.xs_read(self.handle, XBT_NULL, path.encode(), ctypes.byref(n))
+        p = self._lib.xs_read(self._h(), XBT_NULL, path.encode(), ctypes.byref(n))
         if not p:
             return None
         try:
@@ -51,12 +57,12 @@ class XenStore:
 
     def write(self, path: str, value: str) -> None:
         data = value.encode()
-        if not self._lib.xs_write(self.handle, XBT_NULL, path.encode(), data, len(data)):
+        if not self._lib.xs_write(self._h(), XBT_NULL, path.encode(), data, len(data)):
             raise XenStoreError(ctypes.get_errno(), f"xs_write {path}")
 
     def directory(self, path: str) -> list[str]:
         n = ctypes.c_uint(0)
-        p = self._lib.xs_directory(self.handle, XBT_NULL, path.encode(), ctypes.byref(n))
+        p = self._lib.xs_directory(self._h(), XBT_NULL, path.encode(), ctypes.byref(n))
         if not p:
             return []
         try:
@@ -67,21 +73,21 @@ class XenStore:
             self._libc.free(p)  # one allocation holds the array and the strings
 
     def watch(self, path: str, token: str) -> None:
-        if not self._lib.xs_watch(self.handle, path.encode(), token.encode()):
+        if not self._lib.xs_watch(self._h(), path.encode(), token.encode()):
             raise XenStoreError(ctypes.get_errno(), f"xs_watch {path}")
 
     def unwatch(self, path: str, token: str) -> None:
-        self._lib.xs_unwatch(self.handle, path.encode(), token.encode())
+        self._lib.xs_unwatch(self._h(), path.encode(), token.encode())
 
     def fileno(self) -> int:
-        fd: int = self._lib.xs_fileno(self.handle)
+        fd: int = self._lib.xs_fileno(self._h())
         if fd < 0:
             raise XenStoreError(ctypes.get_errno(), "xs_fileno")
         return fd
 
     def check_watch(self) -> tuple[str, str] | None:
         """The next fired watch as (path, token), or None (never blocks)."""
-        p = self._lib.xs_check_watch(self.handle)
+        p = self._lib.xs_check_watch(self._h())
         if not p:
             return None
         try:
@@ -93,7 +99,7 @@ class XenStore:
             self._libc.free(p)
 
     def domain_introduced(self, domid: int) -> bool:
-        return bool(self._lib.xs_is_domain_introduced(self.handle, domid))
+        return bool(self._lib.xs_is_domain_introduced(self._h(), domid))
 
     def close(self) -> None:
         if self.handle:
