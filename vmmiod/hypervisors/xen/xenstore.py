@@ -34,7 +34,7 @@ class XenStore:
     def __init__(self, libs: XenLibs) -> None:
         self._lib = libs.store
         self._libc = libs.libc
-        self.handle = self._lib.xs_open(0)
+        self.handle: int = self._lib.xs_open(0) or 0
         if not self.handle:
             err = ctypes.get_errno()
             raise XenStoreError(err, "xs_open: cannot connect to xenstored")
