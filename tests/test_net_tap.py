@@ -342,6 +342,17 @@ def test_link_down_and_up_reach_the_guest() -> None:
                     break
                 await t.wait(0.05)
             assert t.config_changes == 2 and g.device.read_config(6, 2) == 1
+            # the operator deletes the interface under the daemon: link loss, nothing worse
+            ns.ip("link", "del", TAP)
+            for _ in range(50):
+                if t.config_changes == 3:
+                    break
+                await t.wait(0.05)
+            assert t.config_changes == 3 and g.device.read_config(6, 2) == 0
+            g.driver.send(arp_request(g.device.mac, GUEST_IP, HOST_IP))
+            await g.driver.flush_tx()
+            assert g.device.counters["tx_dropped_link_down"] == 2
+            assert t.faults == [] and not g.device.failed
         finally:
             await g.stop()
     in_netns(body)
