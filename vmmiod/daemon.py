@@ -115,9 +115,9 @@ class Daemon:
         assert self._stop is not None and self.adaptor is not None
         cfg = self.config
         status = f"serving {len(self.devices)} device(s) for guest {cfg.guest.name}"
-        self.notifier.ready(status)
         self.log.info("daemon_ready", windows=[
             {"device": d, "base": hex(b), "irq": i} for d, b, i in self.windows])
+        self.notifier.ready(status)
         background = [asyncio.ensure_future(self.notifier.watchdog_loop())]
         if cfg.log.stats_interval > 0:
             background.append(asyncio.ensure_future(self._stats_loop(cfg.log.stats_interval)))
@@ -233,11 +233,9 @@ class Daemon:
 
     def _on_hup(self) -> None:
         logsetup.reopen()
-        level = logsetup.current_level()
         if not self.level_from_cli:
             try:
-                level = load(self.config.path, check_files=False).log.level
-                logsetup.set_level(level)
+                logsetup.set_level(load(self.config.path, check_files=False).log.level)
             except ConfigError as exc:
                 self.log.warning("config_reload_failed", problems=exc.problems)
         for dcfg, device in self.devices:
@@ -245,7 +243,7 @@ class Daemon:
                 device.reopen()
             except Exception as exc:  # a console file that cannot be reopened keeps the old one
                 self.log.warning("device_reopen_failed", device=dcfg.id, error=repr(exc))
-        self.log.info("logs_reopened", level=level)
+        self.log.info("logs_reopened", log_level=logsetup.current_level())
 
     def _signal_name(self) -> str | None:
         return signal.Signals(self._stop_signal).name if self._stop_signal else None

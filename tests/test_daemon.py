@@ -1,0 +1,185 @@
+"""`vmmiod run` as systemd runs it: a subprocess, a real notify socket, real signals, the
+generic adaptor with a simulated VMM, and the JSON log it writes."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from vmmiod.mmio_regs import DEVICE_ID, MAGIC_VALUE, MAGIC_VALUE_VIRT, VERSION
+from vmmiod.sim.vmm import SimVmm
+
+CONFIG = """\
+guest: {{name: g1}}
+hypervisor: {{kind: generic, socket: vmm.sock, on_disconnect: {on_disconnect}}}
+log: {{level: info, stats_interval: 0.2{log_extra}}}
+devices:
+  - type: console
+    id: con0
+    mmio: {{base: 0x10000000, irq: 5}}
+    backend: {{kind: file, path: console.log}}
+  - type: block
+    id: disk0
+    mmio: {{base: 0x10000200, irq: 6}}
+    path: disk.img
+"""
+VIRTIO_ID_BLOCK, VIRTIO_ID_CONSOLE = 2, 3
+
+
+class Daemon:
+    """One `vmmiod run` with NOTIFY_SOCKET bound by the test."""
+
+    def __init__(self, tmp: Path, *, on_disconnect: str = "wait", log_extra: str = "",
+                 env: dict[str, str] | None = None) -> None:
+        self.tmp = tmp
+        (tmp / "disk.img").write_bytes(bytes(1 << 20))
+        self.config = tmp / "g1.yaml"
+        self.config.write_text(CONFIG.format(on_disconnect=on_disconnect, log_extra=log_extra))
+        self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.notify.bind(str(tmp / "notify"))
+        self.messages: list[str] = []
+        self.stderr_path = tmp / "stderr.log"
+        full_env = {**os.environ, "NOTIFY_SOCKET": str(tmp / "notify"), **(env or {})}
+        with open(self.stderr_path, "w") as err:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "vmmiod", "run", "--log-format", "json", str(self.config)],
+                env=full_env, stdout=subprocess.DEVNULL, stderr=err)
+
+    def wait_for(self, field: str, timeout: float = 20.0) -> list[str]:
+        """Notify messages until one carrying `field` (e.g. READY=1)."""
+        deadline = time.monotonic() + timeout
+        while not any(field in m.split("\n") for m in self.messages):
+            self.notify.settimeout(max(0.01, deadline - time.monotonic()))
+            try:
+                self.messages.append(self.notify.recv(4096).decode())
+            except TimeoutError:
+                raise AssertionError(f"no {field} within {timeout} s; got {self.messages}; "
+                                     f"log:\n{self.stderr_path.read_text()}") from None
+        return self.messages
+
+    def events(self) -> list[dict[str, object]]:
+        return [json.loads(line) for line in self.stderr_path.read_text().splitlines()]
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self.notify.close()
+
+
+@pytest.fixture
+def daemons(tmp_path: Path) -> Iterator[list[Daemon]]:
+    started: list[Daemon] = []
+    yield started
+    for d in started:
+        d.close()
+
+
+def test_run_serves_notifies_and_stops_cleanly_on_sigterm(tmp_path: Path,
+                                                          daemons: list[Daemon]) -> None:
+    d = Daemon(tmp_path, env={"WATCHDOG_USEC": "200000"})
+    daemons.append(d)
+    d.wait_for("READY=1")
+    assert (tmp_path / "vmm.sock").exists()
+    # The windows are really on the bus: a VMM reads each device's identity registers.
+    with SimVmm() as vmm:
+        vmm.connect(tmp_path / "vmm.sock", wait=5)
+        for base, device_id in ((0x10000000, VIRTIO_ID_CONSOLE), (0x10000200, VIRTIO_ID_BLOCK)):
+            assert vmm.read(base + MAGIC_VALUE) == MAGIC_VALUE_VIRT
+            assert vmm.read(base + VERSION) == 2
+            assert vmm.read(base + DEVICE_ID) == device_id
+        vmm.disconnect()
+    d.wait_for("WATCHDOG=1")
+    time.sleep(0.5)  # a couple of periodic counter records
+    d.proc.send_signal(signal.SIGTERM)
+    d.wait_for("STOPPING=1")
+    assert d.proc.wait(20) == 0
+    ready = next(m for m in d.messages if "READY=1" in m)
+    assert "STATUS=serving 2 device(s) for guest g1" in ready.split("\n")
+    assert d.messages.index(ready) < next(i for i, m in enumerate(d.messages) if "STOPPING=1" in m)
+
+    events = d.events()
+    names = [e["event"] for e in events]
+    assert names[0] == "event_loop_selected" and events[0]["loop"] == "uvloop"
+    for name in ("daemon_starting", "daemon_ready", "vmm_connected", "vmm_disconnected",
+                 "stop_requested", "daemon_stopped"):
+        assert name in names, name
+    assert all(e["guest"] == "g1" and e["timestamp"].endswith("Z") for e in events)
+    assert not [e for e in events if e["level"] == "error"]
+    stats = [e for e in events if e["event"] == "device_stats"]
+    assert {e["device"] for e in stats if e["final"] is False} == {"con0", "disk0"}
+    final = {e["device"]: e for e in stats if e["final"] is True}
+    assert set(final) == {"con0", "disk0"}
+    assert final["con0"]["type"] == "console" and "bytes_from_guest" in final["con0"]
+    stopped = next(e for e in events if e["event"] == "daemon_stopped")
+    assert stopped["exit_code"] == 0 and stopped["signal"] == "SIGTERM"
+    assert not (tmp_path / "vmm.sock").exists()  # the adaptor removed its socket
+
+
+def test_guest_gone_ends_the_daemon_with_the_adaptors_status(tmp_path: Path,
+                                                             daemons: list[Daemon]) -> None:
+    d = Daemon(tmp_path, on_disconnect="exit", env={"VMMIOD_EVENT_LOOP": "asyncio"})
+    daemons.append(d)
+    d.wait_for("READY=1")
+    with SimVmm() as vmm:
+        vmm.connect(tmp_path / "vmm.sock", wait=5)
+        assert vmm.read(0x10000000 + MAGIC_VALUE) == MAGIC_VALUE_VIRT
+        vmm.disconnect()
+    d.wait_for("STOPPING=1")
+    assert d.proc.wait(20) == 0
+    events = d.events()
+    assert events[0]["event"] == "event_loop_selected" and events[0]["loop"] == "asyncio"
+    finished = [e for e in events if e["event"] == "guest_finished"]
+    assert len(finished) == 1 and finished[0]["exit_code"] == 0
+    assert events[-1]["event"] == "daemon_stopped" and events[-1]["signal"] is None
+
+
+def test_sighup_reopens_the_log_file_and_rereads_the_level(tmp_path: Path,
+                                                           daemons: list[Daemon]) -> None:
+    d = Daemon(tmp_path, log_extra=", file: daemon.log")
+    daemons.append(d)
+    d.wait_for("READY=1")
+    log = tmp_path / "daemon.log"
+    first = [json.loads(line)["event"] for line in log.read_text().splitlines()]
+    assert "daemon_ready" in first
+    log.rename(tmp_path / "daemon.log.1")  # what logrotate does
+    d.config.write_text(d.config.read_text().replace("level: info", "level: debug"))
+    d.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while not (log.exists() and "logs_reopened" in log.read_text()):
+        assert time.monotonic() < deadline, "no logs_reopened in the new log file"
+        time.sleep(0.05)
+    reopened = [json.loads(line) for line in log.read_text().splitlines()]
+    assert [e for e in reopened if e["event"] == "logs_reopened"][0]["log_level"] == "debug"
+    d.proc.send_signal(signal.SIGTERM)
+    assert d.proc.wait(20) == 0
+    assert "daemon_stopped" in log.read_text()
+    assert "daemon_stopped" not in (tmp_path / "daemon.log.1").read_text()
+
+
+def test_sighup_with_a_broken_config_keeps_running(tmp_path: Path,
+                                                   daemons: list[Daemon]) -> None:
+    d = Daemon(tmp_path)
+    daemons.append(d)
+    d.wait_for("READY=1")
+    d.config.write_text(d.config.read_text().replace("level: info", "level: loud"))
+    d.proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while "logs_reopened" not in d.stderr_path.read_text():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    failed = [e for e in d.events() if e["event"] == "config_reload_failed"]
+    assert len(failed) == 1 and "log.level: 'loud'" in failed[0]["problems"][0]
+    assert d.proc.poll() is None
+    d.proc.send_signal(signal.SIGINT)
+    d.wait_for("STOPPING=1")
+    assert d.proc.wait(20) == 0
