@@ -209,9 +209,16 @@ def test_prepare_start_serve_and_the_guest_going_away(dev_dir: str) -> None:
     async def scenario() -> None:
         await a.prepare()
         assert a.windows() == [("blk", 0x2000000, 33), ("net", 0x2000200, 34)]
-        # InitWait only once the server serves: xl unpauses a rebooted guest right after it.
-        assert fake.store[f"{disk}/state"] == "1" and fake.store[f"{virtio}/state"] == "1"
+        # The server is enabled for both windows before InitWait: xl unpauses a rebooted guest
+        # right after InitWait, and its accesses must then wait for us, not fault.
+        assert fake.server_enabled
+        assert fake.ranges == [(0x2000000, 0x20001FF), (0x2000200, 0x20003FF)]
+        assert fake.store[f"{disk}/state"] == "2" and fake.store[f"{virtio}/state"] == "2"
         assert not a.access_platform
+        # An access made now (devices not built yet) is held, unanswered, until start().
+        fake.guest_access(1, 0x2000200, 4, write=False)
+        await asyncio.sleep(0.05)
+        assert fake.slot(1)[0] == 1 and fake.notified == []
         for dev_id, base, irq in a.windows():
             dev = Dummy(dev_id, [8])
             bus.register(base, 0x200, VirtioMmio(dev, a.interrupt_line(irq)))
@@ -233,12 +240,10 @@ def test_prepare_start_serve_and_the_guest_going_away(dev_dir: str) -> None:
                          "xendevicemodel_map_io_range_to_ioreq_server",
                          "xentoolcore_restrict_all"]
         assert sorted(fake.local_ports.values()) == [200, 201]  # every vCPU's port
-        assert fake.ranges == [(0x2000000, 0x20001FF), (0x2000200, 0x20003FF)]
         assert a.restricted and fake.restricted_with_open_xs == 0  # xenstore reopened after
-        assert fake.store[f"{disk}/state"] == "2" and fake.store[f"{virtio}/state"] == "2"
 
-        # vCPU 1 reads MagicValue of the second window; then vCPU 0 writes InterruptACK.
-        fake.guest_access(1, 0x2000200, 4, write=False)
+        # vCPU 1's held read of MagicValue (second window) is answered; then vCPU 0 writes
+        # InterruptACK.
         for _ in range(20):
             await asyncio.sleep(0.01)
             if fake.slot(1)[0] == 3:

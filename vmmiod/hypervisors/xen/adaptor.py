@@ -2,10 +2,10 @@
 
 prepare(): libraries, /dev/xen nodes, xenstore, the guest's domid (waited for), handles, the
 dm_op probe (ENOSYS = hypervisor without IOREQ support), barriers, the toolstack's backend
-entries paired with the config.
-start(): guest memory on the bus, the IOREQ server, the optional eventfd fast path,
-xentoolcore_restrict_all(domid), then InitWait for the toolstack (xl waits 10 s for it and then
-unpauses a rebooted guest, so it comes only once the server serves). stop(): Closed, teardown.
+entries paired with the config, the IOREQ server created and enabled for every window, then
+InitWait for the toolstack (xl waits 10 s for it, then unpauses a rebooted guest).
+start(): guest memory on the bus, serving the event channels, the optional eventfd fast path,
+xentoolcore_restrict_all(domid). stop(): Closed, teardown.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import platform
 import time
 from typing import Any
 
-from vmmiod.config import Config, XenConfig
+from vmmiod.config import MMIO_WINDOW_SIZE, Config, XenConfig
 from vmmiod.hypervisors.base import Adaptor, PlatformUnavailable
 from vmmiod.hypervisors.xen import backends, fences
 from vmmiod.hypervisors.xen.guestmem import XenGuestMemory, XenMapper
@@ -106,6 +106,7 @@ class XenAdaptor(Adaptor):
         if self._grants:
             self._check_nodes(["gntdev"])
         self._check_irqs()
+        self._create_server()
         self.backends.watch(loop, self._on_domain_release)
         self.log.info("xen_prepared", vcpus=self._nr_vcpus, grants=self._grants,
                       interrupts=self._irq_method, windows=[
@@ -246,29 +247,47 @@ class XenAdaptor(Adaptor):
     # -- start ------------------------------------------------------------------------------------
     async def start(self) -> None:
         assert self.dm and self.evtchn and self.fmem and self.libs and self.backends
+        assert self.server is not None
         loop = asyncio.get_running_loop()
         libs = self.libs
         self.mapper = XenMapper(self.domid, self.fmem, lambda: GrantTable(libs))
         self.memory = XenGuestMemory(self.mapper, grants=self._grants,
                                      cache_pages=self.xen.map_cache_pages, log=self.log)
         self.bus.attach_memory(self.memory)
-        ranges = [(base, base + size - 1) for base, size, _w in self.bus.windows()]
+        # Every window on the bus must be claimed (prepare mapped the configured ones).
+        mapped = set(self.server.ranges)
+        for base, size, _w in self.bus.windows():
+            if (base, base + size - 1) not in mapped:
+                self.server.map_range(base, base + size - 1)
+        self.server.attach_loop(loop)  # requests held since prepare() are served from here
+        self._fast_path(loop)
+        self._restrict()
+        self.log.info("xen_serving", server=self.server.sid, vcpus=self.server.nr_vcpus,
+                      windows=len(self.server.ranges), grants=self._grants)
+
+    def _create_server(self) -> None:
+        """Create and enable the IOREQ server for every configured window.
+
+        Done in prepare(), before devices exist: from the moment it is enabled, a guest access
+        to a window waits (its vCPU blocked) until start() serves it, instead of becoming a
+        data abort; so InitWait, after which xl unpauses a rebooted guest, can follow at once
+        and well inside xl's 10 s wait.
+        """
+        assert self.dm and self.evtchn and self.fmem and self.backends
         self.server = IoreqServer(self.domid, self.dm, self.evtchn, self.fmem, self.bus,
                                   self.log, self.counters)
+        ranges = sorted({(b, b + MMIO_WINDOW_SIZE - 1) for _d, b, _i in self._all_windows()})
         try:
             self.server.create(ranges)
         except OSError as exc:
             self.server.destroy()
+            self.server = None
             if exc.errno == errno.ENOSYS:
                 raise PlatformUnavailable(NO_IOREQ_SERVER) from None
-            raise
-        self.server.attach_loop(loop)
-        self._fast_path(loop)
-        self._restrict()
+            raise PlatformUnavailable(f"cannot create the IOREQ server for domain "
+                                      f"{self.domid}: {exc}") from None
         self.backends.serving = True
         self.backends.sync()
-        self.log.info("xen_serving", server=self.server.sid, vcpus=self.server.nr_vcpus,
-                      windows=len(ranges), grants=self._grants)
 
     def _fast_path(self, loop: asyncio.AbstractEventLoop) -> None:
         """privcmd IRQFD for Arm SPIs, IOEVENTFD for QueueNotify; silently absent elsewhere."""

@@ -73,10 +73,14 @@ class IoreqServer:
             self.ports.append(port)
             self._port_vcpu[port] = vcpu
         for start, end in ranges:
-            self.dm.map_mmio_range(self.sid, start, end)
-            self.ranges.append((start, end))
+            self.map_range(start, end)
         self.log.info("xen_ioreq_server_enabled", server=self.sid, ports=list(self.ports),
                       ranges=[f"{s:#x}-{e:#x}" for s, e in self.ranges])
+
+    def map_range(self, start: int, end_inclusive: int) -> None:
+        assert self.sid is not None
+        self.dm.map_mmio_range(self.sid, start, end_inclusive)
+        self.ranges.append((start, end_inclusive))
 
     def attach_loop(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
