@@ -12,6 +12,10 @@ A second part measures what decided the threading model (docs/block.md): the per
 of handing a 4 KiB read to a worker thread versus doing it inline, and how long the event loop
 stalls when an fdatasync runs inline versus on the device's worker thread.
 
+A third part runs the same workloads through the full stack: `vmmiod run` as a child process
+and the simulated guest (vmmiod/sim/) over the generic IOREQ channel, with the daemon's CPU per
+request read from /proc and compared with the plain loop of this run.
+
 Run: `python -m vmmiod.bench.block [--quick] [--profile]`.
 """
 
@@ -136,64 +140,79 @@ def _offsets(size: int, block: int, count: int, rand: bool, seed: int = 1) -> li
     return [(i % slots) * block for i in range(count)]
 
 
-def _plain(fd: int, write: bool, block: int, depth: int, offsets: list[int]) -> tuple[float, float]:
+class Plain:
     """The baseline: os.preadv/os.pwritev, `depth` buffers per batch, nothing else.
 
     The buffers are memfd-backed shared pages like the guest RAM of the generic channel (the
     kernel copies into shmem pages measurably slower than into private anonymous ones).
     """
-    mem, memfd = memfd_memory(depth * block, GPA, "vmmiod-bench-plain")
-    try:
-        bufs = mem.views(GPA, depth * block, True)[0]
-        views = [bufs[i * block:(i + 1) * block] for i in range(depth)]
-        for v in views:
+
+    def __init__(self, image: Path, write: bool, block: int, depth: int) -> None:
+        self.fd = os.open(image, os.O_RDWR)
+        self.mem, self.memfd = memfd_memory(depth * block, GPA, "vmmiod-bench-plain")
+        self.whole = self.mem.views(GPA, depth * block, True)[0]
+        self.views = [self.whole[i * block:(i + 1) * block] for i in range(depth)]
+        for v in self.views:
             v[:] = os.urandom(block)
-        op = os.pwritev if write else os.preadv
+        self.op = os.pwritev if write else os.preadv
+        self.block = block
+
+    def batch(self, offsets: list[int]) -> tuple[float, float]:
+        op, fd, block = self.op, self.fd, self.block
         c0, w0 = time.process_time(), time.perf_counter()
-        for i in range(0, len(offsets), depth):
-            for buf, off in zip(views, offsets[i:i + depth]):
-                if op(fd, [buf], off) != block:
-                    raise RuntimeError("short transfer in the plain loop")
-        c1, w1 = time.process_time(), time.perf_counter()
-        for v in views:
+        for buf, off in zip(self.views, offsets):
+            if op(fd, [buf], off) != block:
+                raise RuntimeError("short transfer in the plain loop")
+        return time.process_time() - c0, time.perf_counter() - w0
+
+    def close(self) -> None:
+        for v in self.views:
             v.release()
-        bufs.release()
-    finally:
-        mem.close()
-        os.close(memfd)
-    return c1 - c0, w1 - w0
+        self.whole.release()
+        self.mem.close()
+        os.close(self.memfd)
+        os.close(self.fd)
 
 
 def measure(image: Path, size: int, name: str, rtype: int, block: int, rand: bool, depth: int,
             count: int, profile: bool = False) -> dict[str, Any]:
+    """Plain loop and device interleaved slice by slice, ROUNDS times; per slice the best round.
+
+    The host is shared: interleaving puts both sides under the same conditions, and the best
+    round of each slice drops the moments when something else had the CPU.
+    """
     offsets = _offsets(size, block, count, rand)
     write = rtype == VIRTIO_BLK_T_OUT
-    fd = os.open(image, os.O_RDWR)
+    plain = Plain(image, write, block, depth)
     rig = Rig(image, depth, block)
-    best: dict[str, float] = {}
+    per_slice = max(depth, (64 if block == KIB4 else 4) // depth * depth)
+    slices = [offsets[i:i + per_slice] for i in range(0, count, per_slice)]
+    best = [[float("inf")] * 4 for _ in slices]  # plain cpu, plain wall, dev cpu, dev wall
     prof = cProfile.Profile() if profile else None
     try:
-        for _round in range(ROUNDS):  # alternate, keep each side's best: less noise
-            pc, pw = _plain(fd, write, block, depth, offsets)
-            dc = dw = 0.0
-            if prof is not None and _round == ROUNDS - 1:
-                prof.enable()
-            for i in range(0, count, depth):
-                c, w = rig.batch(rtype, offsets[i:i + depth])
-                dc += c
-                dw += w
-            if prof is not None and _round == ROUNDS - 1:
-                prof.disable()
-            for k, v in (("pc", pc), ("pw", pw), ("dc", dc), ("dw", dw)):
-                best[k] = min(best.get(k, v), v)
+        for rnd in range(ROUNDS):
+            for k, sl in enumerate(slices):
+                pc = pw = dc = dw = 0.0
+                for i in range(0, len(sl), depth):
+                    c, w = plain.batch(sl[i:i + depth])
+                    pc, pw = pc + c, pw + w
+                if prof is not None and rnd == ROUNDS - 1:
+                    prof.enable()
+                for i in range(0, len(sl), depth):
+                    c, w = rig.batch(rtype, sl[i:i + depth])
+                    dc, dw = dc + c, dw + w
+                if prof is not None and rnd == ROUNDS - 1:
+                    prof.disable()
+                b = best[k]
+                best[k] = [min(b[0], pc), min(b[1], pw), min(b[2], dc), min(b[3], dw)]
     finally:
         rig.close()
-        os.close(fd)
+        plain.close()
+    pc, pw, dc, dw = (sum(b[j] for b in best) for j in range(4))
     r: dict[str, Any] = {
-        "iops": count / best["dw"], "mb_s": count * block / best["dw"] / 1e6,
-        "cpu_us": best["dc"] / count * 1e6,
-        "plain_iops": count / best["pw"], "plain_mb_s": count * block / best["pw"] / 1e6,
-        "plain_cpu_us": best["pc"] / count * 1e6,
+        "iops": count / dw, "mb_s": count * block / dw / 1e6, "cpu_us": dc / count * 1e6,
+        "plain_iops": count / pw, "plain_mb_s": count * block / pw / 1e6,
+        "plain_cpu_us": pc / count * 1e6,
     }
     r["cpu_ratio"] = r["cpu_us"] / r["plain_cpu_us"]
     r["throughput_ratio"] = r["mb_s"] / r["plain_mb_s"]
@@ -274,6 +293,64 @@ def dispatch(image: Path, size: int, count: int) -> dict[str, float]:
     return out
 
 
+# -- the full stack: daemon subprocess, simulated guest over the generic channel -----------------
+def full_stack(image: Path, work: Path, quick: bool,
+               plain: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The same workloads through `vmmiod run` and the generic IOREQ channel.
+
+    Daemon CPU per request comes from /proc/<pid>/stat (10 ms ticks: enough requests are run
+    for a few hundred ms of daemon CPU); it includes the IOREQ for each QueueNotify, the
+    interrupt, and everything else the daemon does for the guest.
+    """
+    from vmmiod.sim.block import BlockDriver
+    from vmmiod.sim.guest import probe_windows
+    from vmmiod.sim.harness import DaemonProcess, GuestFiles, write_config
+    from vmmiod.sim.vmm import SimVmm
+
+    files = GuestFiles(work, image_size=image.stat().st_size)
+    os.link(image, files.image)  # the same (warm) file under the name the harness expects
+    write_config(files, net_peer_port=None, console=False, level="warning")
+    daemon = DaemonProcess(files).start()
+    results: dict[str, Any] = {}
+    try:
+        with SimVmm(ram_size=64 << 20) as vmm:
+            vmm.connect(files.socket)
+            dev = BlockDriver(vmm, probe_windows(vmm)["block"], queue_size=QUEUE_SIZE,
+                              max_io=MIB1, depth=32)
+            dev.start()
+            size = dev.capacity * 512
+            payload = {KIB4: os.urandom(KIB4), MIB1: os.urandom(MIB1)}
+            for name, rtype, block, rand in WORKLOADS:
+                for depth in (1, 32):
+                    count = (2000 if quick else 10000) if block == KIB4 else (
+                        128 if quick else 1024)
+                    count -= count % depth
+                    offsets = _offsets(size, block, count, rand, seed=3)
+                    data = payload[block] if rtype == VIRTIO_BLK_T_OUT else None
+                    cpu0, t0 = daemon.cpu_seconds(), time.perf_counter()
+                    for i in range(0, count, depth):
+                        for off in offsets[i:i + depth]:
+                            dev.submit(rtype, off >> 9, data, 0 if data else block)
+                        dev.kick()
+                        if any(r.status != VIRTIO_BLK_S_OK for _, r in dev.wait_all()):
+                            raise RuntimeError("a full-stack request failed")
+                    wall = time.perf_counter() - t0
+                    cpu = daemon.cpu_seconds() - cpu0
+                    key = f"{name} qd{depth}"
+                    r = {"iops": count / wall, "mb_s": count * block / wall / 1e6,
+                         "daemon_cpu_us": cpu / count * 1e6}
+                    base = plain.get(key)
+                    if base is not None:
+                        r["cpu_ratio"] = r["daemon_cpu_us"] / base["plain_cpu_us"]
+                        r["throughput_ratio"] = r["mb_s"] / base["plain_mb_s"]
+                    results[key] = r
+            dev.stop()
+    finally:
+        daemon.kill()
+        files.image.unlink(missing_ok=True)
+    return results
+
+
 def run(quick: bool = False, profile: bool = False) -> dict[str, Any]:
     size = (64 if quick else 256) << 20
     base = Path(os.environ.get("VMMIOD_BENCH_DIR", tempfile.gettempdir()))
@@ -290,6 +367,9 @@ def run(quick: bool = False, profile: bool = False) -> dict[str, Any]:
                 results[f"{name} qd{depth}"] = measure(image, size, name, rtype, block, rand,
                                                        depth, count, profile)
         results["dispatch"] = dispatch(image, size, 2000 if quick else 20000)
+        stack_dir = Path(d) / "stack"
+        stack_dir.mkdir()
+        results["full_stack"] = full_stack(image, stack_dir, quick, results)
     return results
 
 
@@ -299,11 +379,17 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{'virtio-blk workload':22} {'IOPS':>9} {'MB/s':>8} {'cpu us':>8} | "
           f"{'plain IOPS':>10} {'MB/s':>8} {'cpu us':>8} | {'cpu x':>6} {'tput %':>7}")
     for key, r in results.items():
-        if key == "dispatch":
+        if key in ("dispatch", "full_stack"):
             continue
         print(f"{key:22} {r['iops']:9,.0f} {r['mb_s']:8,.0f} {r['cpu_us']:8.2f} | "
               f"{r['plain_iops']:10,.0f} {r['plain_mb_s']:8,.0f} {r['plain_cpu_us']:8.2f} | "
               f"{r['cpu_ratio']:6.2f} {r['throughput_ratio'] * 100:6.1f}%")
+    print("\nfull stack: `vmmiod run` child + simulated guest over the generic IOREQ channel")
+    print(f"{'virtio-blk workload':22} {'IOPS':>9} {'MB/s':>8} {'daemon cpu us':>14} | "
+          f"{'cpu x plain':>11} {'tput %':>7}")
+    for key, r in results["full_stack"].items():
+        print(f"{key:22} {r['iops']:9,.0f} {r['mb_s']:8,.0f} {r['daemon_cpu_us']:14.2f} | "
+              f"{r.get('cpu_ratio', 0):11.2f} {r.get('throughput_ratio', 0) * 100:6.1f}%")
     d = results["dispatch"]
     print("\nthreading model (why reads/writes run inline and fdatasync on a worker):")
     for k, v in d.items():

@@ -215,27 +215,30 @@ def _check_range(sector: int, nbytes: int, limits: Limits, status_gpa: int) -> N
 def parse(chain: DescriptorChain, limits: Limits) -> Request:
     """Check every rule of a request, in order; return it or raise the named RequestError."""
     writable = chain.writable
+    wlen = chain.writable_len
     # 1. A status byte: the last device-writable byte (5.2.6: u8 status at the end).
-    if chain.writable_len < 1:
+    if wlen < 1:
         raise StatusMissing("no device-writable byte for the status")
-    if len(writable) >= 1 and writable[-1][1] == 1:
-        status_gpa = writable[-1][0]  # the usual shape: a one-byte status descriptor
+    last = writable[-1]  # exists: wlen >= 1
+    if last[1] == 1:
+        status_gpa = last[0]  # the usual shape: a one-byte status descriptor
     else:
         sg = _status_gpa(writable)
-        assert sg is not None  # writable_len >= 1 means some descriptor has a byte
+        assert sg is not None  # wlen >= 1 means some descriptor has a byte
         status_gpa = sg
     # 2. The header: 16 driver-readable bytes.
-    if chain.readable_len < REQ_HEADER_SIZE:
-        raise HeaderTooShort(f"{chain.readable_len} readable bytes, header needs 16", status_gpa)
+    rlen = chain.readable_len
+    if rlen < REQ_HEADER_SIZE:
+        raise HeaderTooShort(f"{rlen} readable bytes, header needs 16", status_gpa)
     readable = chain.readable
-    if readable[0][1] >= REQ_HEADER_SIZE:
-        mem = chain.memory
-        buf, off = mem.locate(readable[0][0], REQ_HEADER_SIZE)
+    first = readable[0]
+    if first[1] >= REQ_HEADER_SIZE:
+        buf, off = chain.memory.locate(first[0], REQ_HEADER_SIZE)
         rtype, _reserved, sector = REQ_HEADER.unpack_from(buf, off)
     else:
         rtype, _reserved, sector = REQ_HEADER.unpack(chain.read(0, REQ_HEADER_SIZE))
-    in_len = chain.writable_len - 1  # device-writable bytes before the status
-    out_len = chain.readable_len - REQ_HEADER_SIZE  # driver-readable bytes after the header
+    in_len = wlen - 1  # device-writable bytes before the status
+    out_len = rlen - REQ_HEADER_SIZE  # driver-readable bytes after the header
 
     # 3. Per type: direction, length, range, segments. IN and OUT are the hot path: their
     # checks are written out here rather than called (a call costs as much as a check).
@@ -270,10 +273,11 @@ def parse(chain: DescriptorChain, limits: Limits) -> Request:
         raise TooManySegments(f"{len(segs)} data segments, SEG_MAX is {limits.seg_max}",
                               status_gpa)
     size_max = limits.size_max
-    for _, n in segs:
-        if n > size_max:
-            raise SegmentTooLarge(f"data segment of {n} bytes, SIZE_MAX is {size_max}",
-                                  status_gpa)
+    if data_len > size_max:  # only then can one segment be too large
+        for _, n in segs:
+            if n > size_max:
+                raise SegmentTooLarge(f"data segment of {n} bytes, SIZE_MAX is {size_max}",
+                                      status_gpa)
     return Request(chain.head, rtype, sector, segs, data_len, status_gpa)
 
 
