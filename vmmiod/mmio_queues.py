@@ -134,6 +134,7 @@ class QueueRegisters:
             # Linux disables each queue at teardown and reads back 0 (4.2.3.2).
             if q is not None and q.ready:
                 q.reset()
+                self.device.on_queue_reset(q.index)
                 self.log.info("queue_disabled", queue=q.index)
             return
         q = self._queue_writable(QUEUE_READY, value)
@@ -146,6 +147,7 @@ class QueueRegisters:
             self._ignore("queue_reset_refused", QUEUE_RESET, 4, value, queue=self.queue_sel)
             return
         q.reset()  # QueueReady and QueueReset both read 0 afterwards (2.6.1)
+        self.device.on_queue_reset(q.index)
         self.log.info("queue_reset", queue=q.index)
 
     def _write_queue_notify(self, value: int) -> None:
@@ -171,6 +173,7 @@ class QueueRegisters:
             q = self._selected_queue()
             if q is not None and (q.ready or self.queue_pfn[q.index]):
                 q.reset()
+                self.device.on_queue_reset(q.index)
                 self.queue_pfn[q.index] = 0
                 self.log.info("queue_disabled", queue=q.index)
             return

@@ -165,6 +165,10 @@ class VirtioDevice:
     def on_reset(self) -> None:
         """Subclass hook: stop backend readers, drop in-flight state (complete nothing)."""
 
+    def on_queue_reset(self, index: int) -> None:
+        """One queue was disabled or reset (QueueReady=0, QueueReset): drop its held chains."""
+        self._pending.discard(index)
+
     def has_feature(self, n: int) -> bool:
         return bool(self.driver_features >> n & 1)
 
@@ -184,7 +188,9 @@ class VirtioDevice:
 
     def _run_queue(self, index: int) -> None:
         self._pending.discard(index)
-        if not self.active or self.failed:
+        if not self.active or self.failed or index >= len(self.queues):
+            return
+        if not self.queues[index].ready:  # disabled or reset since the notify was scheduled
             return
         try:
             self.process_queue(index)
