@@ -55,25 +55,26 @@ from vmmiod.devices.block_request import (
     VIRTIO_BLK_T_GET_ID,
     VIRTIO_BLK_T_IN,
     VIRTIO_BLK_T_OUT,
-    VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
     Limits,
     Request,
     RequestError,
     UnsupportedType,
     parse,
 )
+from vmmiod.devices.block_worker import (
+    KIND_DISCARD,
+    KIND_OPS,
+    KIND_SYNC,
+    KIND_WRITE_SYNC,
+    KIND_WRITE_ZEROES,
+    Deferred,
+    Worker,
+)
 from vmmiod.memory import GuestMemory, GuestMemoryError
 from vmmiod.virtqueue import DescriptorChain, SplitQueue, VirtqueueError
 
 LOG_FIRST = 10  # guest-caused warnings logged in full, then one in LOG_EVERY
 LOG_EVERY = 1000
-
-# What the worker thread does for a deferred request before its status is known.
-KIND_SYNC, KIND_DISCARD, KIND_WRITE_ZEROES, KIND_WRITE_SYNC = range(4)
-Deferred = tuple[Request, int, int]  # request, used length, kind
-KIND_OPS = {KIND_SYNC: "flush", KIND_DISCARD: "discard", KIND_WRITE_ZEROES: "write_zeroes",
-            KIND_WRITE_SYNC: "write_sync"}
-
 
 class BlockDevice(VirtioDevice):
     device_id = 2
@@ -91,7 +92,7 @@ class BlockDevice(VirtioDevice):
         self.limits: Limits | None = None
         self.writeback = cfg.cache != "writethrough"  # the config space's writeback field
         self._writethrough = not self.writeback  # effective mode while active
-        self._flush_error: OSError | None = None  # sticky: see _run_deferred
+        self._worker = Worker(self.backing, self.counters)
         self._flush_error_logged = False
         self._executor: ThreadPoolExecutor | None = None
         self._plain_fd = -1
@@ -347,51 +348,12 @@ class BlockDevice(VirtioDevice):
     def _submit(self, index: int, work: list[Deferred]) -> None:
         epoch = self._epoch
         if self._loop is None or self._executor is None:  # no loop (sans-IO use): inline
-            self._finish_deferred(index, epoch, work, self._run_deferred(work))
+            self._finish_deferred(index, epoch, work, self._worker.run(work, self._writethrough))
             return
-        fut = self._loop.run_in_executor(self._executor, self._run_deferred, work)
+        fut = self._loop.run_in_executor(self._executor, self._worker.run, work,
+                                         self._writethrough)
         fut.add_done_callback(
             lambda f: self._finish_deferred(index, epoch, work, f.result()))
-
-    def _run_deferred(self, work: list[Deferred]) -> list[tuple[int, OSError | None]]:
-        """On the worker: ranges in order, then one fdatasync covering the whole batch.
-
-        One fdatasync serves every FLUSH and writethrough write of the batch: each of them
-        covers only writes completed before it, and all of those were done before this ran.
-        After a failed fdatasync the kernel may have dropped the dirty pages, so later flushes
-        cannot promise anything: the failure is sticky (every later sync fails too).
-        """
-        results: list[tuple[int, OSError | None]] = []
-        need_sync = False
-        b = self.backing
-        for req, _used, kind in work:
-            try:
-                if kind == KIND_DISCARD:
-                    for sector, count, _flags in req.ranges or ():
-                        b.discard(sector << SECTOR_SHIFT, count << SECTOR_SHIFT)
-                elif kind == KIND_WRITE_ZEROES:
-                    for sector, count, flags in req.ranges or ():
-                        b.write_zeroes(sector << SECTOR_SHIFT, count << SECTOR_SHIFT,
-                                       bool(flags & VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP))
-                    need_sync = need_sync or self._writethrough
-                else:
-                    need_sync = True
-                results.append((VIRTIO_BLK_S_OK, None))
-            except OSError as exc:
-                results.append((VIRTIO_BLK_S_IOERR, exc))
-        if need_sync:
-            err = self._flush_error
-            if err is None:
-                try:
-                    b.flush()
-                except OSError as exc:
-                    err = self._flush_error = exc
-            self.counters["flushes"] += 1
-            if err is not None:
-                for i, (req, _used, kind) in enumerate(work):
-                    if kind in (KIND_SYNC, KIND_WRITE_SYNC) and results[i][1] is None:
-                        results[i] = (VIRTIO_BLK_S_IOERR, err)
-        return results
 
     def _finish_deferred(self, index: int, epoch: int, work: list[Deferred],
                          results: list[tuple[int, OSError | None]]) -> None:
@@ -406,7 +368,7 @@ class BlockDevice(VirtioDevice):
             for (req, used, kind), (status, exc) in zip(work, results):
                 if exc is not None:
                     self._io_error(KIND_OPS[kind], exc, req)
-                    if exc is self._flush_error and not self._flush_error_logged:
+                    if exc is self._worker.flush_error and not self._flush_error_logged:
                         self._flush_error_logged = True
                         self.log.error("block_flush_failed", errno=exc.errno,
                                        error=exc.strerror, sticky=True)
