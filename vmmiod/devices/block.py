@@ -1,14 +1,14 @@
 """virtio-blk (VIRTIO 1.2, 5.2): a guest disk on a raw image file or a host block device.
 
-Four parts, Firecracker-style: this module (lifecycle, the queue loop, completions, counters),
+Five parts, Firecracker-style: this module (lifecycle, the queue loop, completions, counters),
 `block_config` (feature bits and the config space), `block_request` (the single parse step that
-names every rule a request can break) and `block_backend` (the image: size, lock, O_DIRECT,
-preadv/pwritev, fdatasync, hole punching).
+names every rule a request can break), `block_backend` (the image: size, lock, O_DIRECT,
+preadv/pwritev, fdatasync, hole punching) and `block_worker` (what runs on the worker thread).
 
 Where the blocking work runs was decided by measurement (`python -m vmmiod.bench.block`, its
-"threading model" figures): reads and writes run inline on the event loop, straight between the image and
-guest memory, because a page-cache preadv costs a few microseconds while a hand-off to a worker
-thread costs several times that. The operations that can stall for milliseconds (fdatasync for
+"threading model" figures): reads and writes run inline on the event loop, straight between the
+image and guest memory, because a page-cache preadv costs about 1 us while a hand-off to a
+worker thread costs 35-50 us of CPU. The operations that can stall for milliseconds (fdatasync for
 FLUSH and writethrough writes, hole punching and zeroing) run on one worker thread per device,
 in submission order, so the IOREQs of the other devices are never held up behind them.
 """
