@@ -16,13 +16,13 @@ guest posted is dropped and counted.
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Protocol
+from typing import Any
 
 import structlog
 
 from vmmiod.config import GuestConfig, NetConfig, TapBackend
 from vmmiod.devices.base import VIRTIO_F_VERSION_1, BackendError, VirtioDevice
-from vmmiod.devices.net_ctrl import CTRL_MAX_PAYLOAD, VIRTIO_NET_ERR, RxFilter, execute
+from vmmiod.devices.net_ctrl import CtrlResult, RxFilter, serve_controlq
 from vmmiod.devices.net_dgram import RECV_FOREIGN, DgramSocket
 from vmmiod.devices.net_proto import (
     CONFIG,
@@ -44,6 +44,7 @@ from vmmiod.devices.net_proto import (
     VIRTIO_NET_F_STATUS,
     VIRTIO_NET_S_LINK_UP,
     VLAN_HLEN,
+    NetBackendIO,
     RxDrop,
     TxDrop,
     check_tx_header,
@@ -64,19 +65,6 @@ CTRL_QUEUE_SIZE = 64
 # Frames per wake-up of each direction before yielding the loop to the other devices.
 RX_BUDGET = 128
 TX_BUDGET = 256
-
-
-class NetBackendIO(Protocol):
-    fd: int
-    offloads: bool
-    link_up: bool
-
-    def describe(self) -> dict[str, Any]: ...
-    def open(self, loop: asyncio.AbstractEventLoop, on_link: Any) -> None: ...
-    def close(self) -> None: ...
-    def configure(self, hdr_len: int, features: int) -> None: ...
-    def recv(self, iov: list[memoryview], cap: int, hdr_len: int) -> int: ...
-    def send(self, views: list[memoryview], hdr_len: int) -> bool: ...
 
 
 class NetDevice(VirtioDevice):
@@ -267,7 +255,10 @@ class NetDevice(VirtioDevice):
         return bool(chains)
 
     def _rx_drop(self, reason: RxDrop) -> None:
-        self.counters[f"rx_dropped_{reason.value}"] += 1
+        key = f"rx_dropped_{reason.value}"
+        self.counters[key] += 1
+        if self.counters[key] == 1:  # the first of each kind is logged; the counters tell the rest
+            self.log.info("net_frame_dropped", direction="rx", reason=reason.value)
 
     def _rx_ready(self) -> None:
         q = self._queue(RX_QUEUE)
@@ -378,7 +369,10 @@ class NetDevice(VirtioDevice):
             self.counters["tx_frames"] += 1
             self.counters["tx_bytes"] += chain.readable_len - hdr_len
         else:
-            self.counters[f"tx_dropped_{reason.value}"] += 1
+            key = f"tx_dropped_{reason.value}"
+            self.counters[key] += 1
+            if self.counters[key] == 1:
+                self.log.info("net_frame_dropped", direction="tx", reason=reason.value)
         q.add_used(chain.head, 0)  # always returned; the device wrote nothing into it
         return True
 
@@ -402,37 +396,15 @@ class NetDevice(VirtioDevice):
         q = self._queue(CTRL_QUEUE)
         if q is None:
             return
-        done = 0
-        while done < CTRL_QUEUE_SIZE:
-            chain = q.pop()
-            if chain is None:
-                if q.enable_notification():
-                    continue
-                break
-            done += 1
-            self.counters["ctrl_commands"] += 1
-            if chain.readable_len < 2 or chain.writable_len < 1:
-                # No command or nowhere to put the ack (5.1.6.5): return it untouched.
-                self.counters["ctrl_errors"] += 1
-                q.add_used(chain.head, 0)
-                continue
-            head = chain.read(0, 2)
-            if chain.readable_len - 2 > CTRL_MAX_PAYLOAD:
-                ack = VIRTIO_NET_ERR
-            else:
-                result = execute(self.rx_filter, head[0], head[1], chain.read(2),
-                                 self.driver_features, self.driver_features & GUEST_OFFLOAD_MASK)
-                ack = result.ack
-                if result.new_mac is not None:
-                    self.mac = result.new_mac
-                if result.new_offloads is not None:
-                    self._apply_offloads(result.new_offloads)
-                self.log.debug("net_ctrl_command", cls=head[0], cmd=head[1], ack=ack)
-            if ack != 0:
-                self.counters["ctrl_errors"] += 1
-            chain.write(bytes((ack,)))
-            q.add_used(chain.head, 1)
+        done = serve_controlq(q, CTRL_QUEUE_SIZE, self.rx_filter, self.driver_features,
+                              self.counters, self._ctrl_applied, self.log)
         if done:
             self.notify_used(CTRL_QUEUE)
         if done == CTRL_QUEUE_SIZE:
             self._reschedule(CTRL_QUEUE)
+
+    def _ctrl_applied(self, result: CtrlResult) -> None:
+        if result.new_mac is not None:
+            self.mac = result.new_mac
+        if result.new_offloads is not None:
+            self._apply_offloads(result.new_offloads)

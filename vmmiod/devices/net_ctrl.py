@@ -9,7 +9,9 @@ destination address, as QEMU's receive filter does.
 from __future__ import annotations
 
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from vmmiod.devices.net_proto import (
     BROADCAST,
@@ -20,6 +22,7 @@ from vmmiod.devices.net_proto import (
     VIRTIO_NET_F_CTRL_RX,
     features_consistent,
 )
+from vmmiod.virtqueue import SplitQueue
 
 VIRTIO_NET_OK = 0
 VIRTIO_NET_ERR = 1
@@ -137,3 +140,40 @@ def execute(rx_filter: RxFilter, cls: int, cmd: int, data: bytes, features: int,
         return CtrlResult(VIRTIO_NET_OK, new_offloads=wanted)
     return err
 
+
+
+def serve_controlq(q: SplitQueue, budget: int, rx_filter: RxFilter, features: int,
+                   counters: dict[str, int], apply: Callable[[CtrlResult], None],
+                   log: Any) -> int:
+    """Answer up to `budget` commands on the control queue; returns how many were used.
+
+    Each chain: class and command (readable), payload, then one writable ack byte. A chain
+    without a command or without room for the ack is returned untouched and counted.
+    """
+    done = 0
+    while done < budget:
+        chain = q.pop()
+        if chain is None:
+            if q.enable_notification():
+                continue
+            break
+        done += 1
+        counters["ctrl_commands"] += 1
+        if chain.readable_len < 2 or chain.writable_len < 1:
+            counters["ctrl_errors"] += 1
+            q.add_used(chain.head, 0)
+            continue
+        head = chain.read(0, 2)
+        ack = VIRTIO_NET_ERR
+        if chain.readable_len - 2 <= CTRL_MAX_PAYLOAD:  # longer: refused without a copy
+            result = execute(rx_filter, head[0], head[1], chain.read(2), features,
+                             features & GUEST_OFFLOAD_MASK)
+            ack = result.ack
+            if ack == VIRTIO_NET_OK:
+                apply(result)
+        log.debug("net_ctrl_command", cls=head[0], cmd=head[1], ack=ack)
+        if ack != VIRTIO_NET_OK:
+            counters["ctrl_errors"] += 1
+        chain.write(bytes((ack,)))
+        q.add_used(chain.head, 1)
+    return done

@@ -7,9 +7,12 @@ like Firecracker's request parsing) and small helpers over lists of memoryviews.
 
 from __future__ import annotations
 
+import asyncio
 import enum
 import hashlib
 import struct
+from collections.abc import Callable
+from typing import Any, Protocol
 
 # -- feature bits (5.1.3) -----------------------------------------------------------------------------
 VIRTIO_NET_F_CSUM = 0
@@ -160,6 +163,28 @@ def check_tx_header(hdr: bytes | memoryview, chain_len: int, hdr_len: int,
     if gso_size == 0 or not flags & VIRTIO_NET_HDR_F_NEEDS_CSUM:
         return TxDrop.BAD_HEADER
     return None
+
+
+class NetBackendIO(Protocol):
+    """What the device needs of a backend (net_tap.TapInterface, net_dgram.DgramSocket).
+
+    `recv(iov, cap, hdr_len)` reads one frame with its header at the start of `iov` and
+    returns its length (more than `cap`: it did not fit and is gone; negative: dropped for a
+    backend reason); `send(views, hdr_len)` writes one (False: no peer to send to). Both raise
+    BlockingIOError when they would block.
+    """
+
+    fd: int
+    offloads: bool
+    link_up: bool
+
+    def describe(self) -> dict[str, Any]: ...
+    def open(self, loop: asyncio.AbstractEventLoop,
+             on_link: Callable[[bool], None]) -> None: ...
+    def close(self) -> None: ...
+    def configure(self, hdr_len: int, features: int) -> None: ...
+    def recv(self, iov: list[memoryview], cap: int, hdr_len: int) -> int: ...
+    def send(self, views: list[memoryview], hdr_len: int) -> bool: ...
 
 
 # -- MAC addresses ------------------------------------------------------------------------------------
