@@ -165,8 +165,7 @@ class BlockDevice(VirtioDevice):
     def write_config(self, offset: int, size: int, value: int) -> None:
         """Only `writeback` is writable (CONFIG_WCE, 5.2.6.3): 0 writethrough, 1 writeback."""
         if offset != CONFIG_WRITEBACK_OFFSET or size != 1 or value not in (0, 1):
-            self.log.warning("block_config_write_ignored", offset=offset, size=size,
-                             value=value)
+            self._warn("block_config_write_ignored", offset=offset, size=size, value=value)
             return
         self.writeback = bool(value)
         self._writethrough = not self.writeback or (
@@ -207,14 +206,19 @@ class BlockDevice(VirtioDevice):
                 budget -= 1
             if not budget:
                 self._end_batch(index, q.next_used != used_before)
-                self._reschedule(index)
-                return
+                if self._loop is not None:  # the rest on a later loop turn, after other work
+                    self._reschedule(index)
+                    return
+                # No loop (sans-IO use by tests and benchmarks: the caller is the guest).
+                budget, used_before = q.size, q.next_used
+                continue
             if not q.enable_notification():
                 break
         self._end_batch(index, q.next_used != used_before)
 
     def _reschedule(self, index: int) -> None:
-        if self._loop is not None and index not in self._pending:
+        assert self._loop is not None
+        if index not in self._pending:
             self._pending.add(index)
             self._loop.call_soon(self._run_queue, index)
 
