@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -183,3 +184,13 @@ def test_sighup_with_a_broken_config_keeps_running(tmp_path: Path,
     d.proc.send_signal(signal.SIGINT)
     d.wait_for("STOPPING=1")
     assert d.proc.wait(20) == 0
+
+
+def test_every_log_event_is_documented() -> None:
+    """docs/logging.md lists the stable event names: every one the code emits is there."""
+    root = Path(__file__).resolve().parent.parent
+    pattern = re.compile(r"\.(?:debug|info|warning|warn|error|exception|critical)\(\s*\"([a-z0-9_]+)\"")
+    used = {m for f in (root / "vmmiod").rglob("*.py") for m in pattern.findall(f.read_text())}
+    documented = set(re.findall(r"`([a-z0-9_]+)`", (root / "docs" / "logging.md").read_text()))
+    assert used, "the pattern finds the log calls"
+    assert sorted(used - documented) == []
