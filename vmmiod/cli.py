@@ -211,7 +211,7 @@ def _delegate(global_args: list[str], command: str, rest: list[str]) -> int:
         if command == "demo":
             from vmmiod.demo import main as entry
         else:
-            from vmmiod.bench import main as entry  # type: ignore[attr-defined]
+            from vmmiod.bench import main as entry
     except ImportError as exc:
         print(f"vmmiod {command} is not available in this installation: {exc}", file=sys.stderr)
         return EX_UNAVAILABLE

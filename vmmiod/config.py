@@ -17,7 +17,7 @@ EX_CONFIG = 78
 MMIO_WINDOW_SIZE = 0x200
 
 
-# -- model --------------------------------------------------------------------------------------------
+# -- model -----------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class GuestConfig:
     name: str
@@ -168,7 +168,7 @@ class Config:
     devices: tuple[DeviceConfig, ...]
 
 
-# -- parsing ------------------------------------------------------------------------------------------
+# -- parsing ---------------------------------------------------------------------------------------
 class ConfigError(Exception):
     """The configuration is invalid. `problems`: one "file:line: key.path: message" each."""
 

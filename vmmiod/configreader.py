@@ -9,12 +9,16 @@ path (`devices[1].mmio.base`), so one run reports everything that is wrong. Work
 from __future__ import annotations
 
 import difflib
+import ipaddress
 import math
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import yaml
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+
+from vmmiod.config import SocketAddress
 
 TAG_STR = "tag:yaml.org,2002:str"
 TAG_INT = "tag:yaml.org,2002:int"
@@ -22,6 +26,13 @@ TAG_FLOAT = "tag:yaml.org,2002:float"
 TAG_BOOL = "tag:yaml.org,2002:bool"
 TAG_NULL = "tag:yaml.org,2002:null"
 TAG_MERGE = "tag:yaml.org,2002:merge"
+
+QUEUE_SIZE_MAX = 32768  # split virtqueue limit (VIRTIO 1.2, 2.7)
+BLK_ID_BYTES = 20  # VIRTIO_BLK_ID_BYTES: the GET_ID serial
+IFNAMSIZ = 16  # including the NUL
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}$")
+_NAME = re.compile(r"^[^\x00-\x20\x7f/]{1,64}$")  # printable, no blanks, no '/'
+_MAC = re.compile(r"^[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}$")
 
 # What a wrong-typed value is called in messages.
 _KIND = {TAG_STR: "a string", TAG_INT: "an integer", TAG_FLOAT: "a number",
@@ -175,7 +186,8 @@ class Reader:
         elif isinstance(node, ScalarNode) and node.tag == TAG_STR:
             value = parse_int(str(node.value), octal=octal_strings)
         if value is None:
-            self.problem(node, path, f"expected an integer (decimal or 0x hex), got {describe(node)}")
+            self.problem(node, path,
+                         f"expected an integer (decimal or 0x hex), got {describe(node)}")
             return None
         return self._in_range(node, path, value, lo, hi, hexa=node.value.lower().startswith("0x"))
 
@@ -234,6 +246,83 @@ class Reader:
             self.problem(node, path, f"{fmt(value)} is above the maximum {fmt(hi)}")
             return None
         return value
+
+    # -- vmmiod's own value types ---------------------------------------------------------------
+    def bool_or_auto(self, node: Node, path: str) -> bool | str | None:
+        return "auto" if self.is_word(node, "auto") else self.boolean(node, path)
+
+    def queue_size(self, node: Node, path: str) -> int | None:
+        size = self.integer(node, path, 1, QUEUE_SIZE_MAX)
+        if size is not None and size & (size - 1):
+            self.problem(node, path, f"{size} is not a power of 2")
+            return None
+        return size
+
+    def ident(self, node: Node, path: str) -> str | None:
+        text = self.string(node, path)
+        if text is not None and not _ID.match(text):
+            self.problem(node, path, f"{text!r} is not a valid id (letters, digits, _ and -, "
+                                       "at most 32, starting with a letter or digit)")
+            return None
+        return text
+
+    def name(self, node: Node, path: str) -> str | None:
+        text = self.string(node, path)
+        if text is not None and not _NAME.match(text):
+            self.problem(node, path, f"{text!r} is not a valid name (1 to 64 printable "
+                                       "characters, no spaces or '/')")
+            return None
+        return text
+
+    def serial(self, node: Node, path: str) -> str | None:
+        text = self.string(node, path, max_len=BLK_ID_BYTES)
+        if text is not None and not text.isascii():
+            self.problem(node, path, "the serial must be ASCII")
+            return None
+        return text
+
+    def ifname(self, node: Node, path: str) -> str | None:
+        text = self.string(node, path, max_len=IFNAMSIZ - 1)
+        if text is not None and (text in (".", "..") or re.search(r"[/:\s]", text)):
+            self.problem(node, path, f"{text!r} is not a valid interface name")
+            return None
+        return text
+
+    def mac(self, node: Node, path: str) -> str | None:
+        # Unquoted, 52:54:00:12:34:56 is a YAML 1.1 base-60 integer: string() reads the text.
+        text = self.string(node, path)
+        if text is None:
+            return None
+        if not _MAC.match(text):
+            self.problem(node, path, f"{text!r} is not a MAC address (like 52:54:00:12:34:56)")
+            return None
+        first = int(text[:2], 16)
+        if first & 1 or text.replace(":", "").strip("0") == "":
+            self.problem(node, path, f"{text} is a multicast or zero address; a NIC needs a "
+                                       "unicast one")
+            return None
+        return text.lower()
+
+    def address(self, node: Node, path: str) -> SocketAddress | None:
+        r = self
+        text = r.string(node, path)
+        if text is None:
+            return None
+        family, _, rest = text.partition(":")
+        if family == "unix" and rest:
+            return SocketAddress("unix", path=r.base_dir / Path(rest))
+        if family == "udp":
+            host, _, port_text = rest.rpartition(":")
+            host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+            port = int(port_text) if port_text.isdigit() else -1
+            try:
+                ipaddress.ip_address(host)
+            except ValueError:
+                port = -1
+            if 0 <= port <= 65535:
+                return SocketAddress("udp", host=host, port=port)
+        r.problem(node, path, f"{text!r} is not an address: write udp:IP:PORT or unix:PATH")
+        return None
 
 
 def parse_int(text: str, *, octal: bool = False) -> int | None:

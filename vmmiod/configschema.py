@@ -6,9 +6,7 @@ Every key is documented in docs/configuration.md; keep the two in step.
 
 from __future__ import annotations
 
-import ipaddress
 import os
-import re
 import stat
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -33,17 +31,11 @@ DOMID_MAX = 0x7FEF  # DOMID_FIRST_RESERVED - 1
 IRQ_MAX = 1019  # highest GIC SPI; also plenty for the generic channel's line numbers
 ISA_IRQ_MAX = 15
 SPI_FIRST = 32  # GIC SPIs start at 32 (0-31 are SGIs and PPIs)
-QUEUE_SIZE_MAX = 32768  # split virtqueue limit (VIRTIO 1.2, 2.7)
-BLK_ID_BYTES = 20  # VIRTIO_BLK_ID_BYTES: the GET_ID serial
 CONSOLE_PORTS_MAX = 32
 CONSOLE_BUFFER_MAX = 64 << 20
-IFNAMSIZ = 16  # including the NUL
 UDP_PAYLOAD_MAX = 65507
 ETH_HLEN = 14
 
-_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}$")
-_NAME = re.compile(r"^[^\x00-\x20\x7f/]{1,64}$")  # printable, no blanks, no '/'
-_MAC = re.compile(r"^[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}$")
 
 
 def peek(node: Node, key: str) -> Node | None:
@@ -92,7 +84,7 @@ class Schema:
             r.mapping(node, "guest", ("name", "domid"), required=("name",))
         if m is None:
             return None
-        name = self.name(m["name"], "guest.name") if "name" in m else None
+        name = self.r.name(m["name"], "guest.name") if "name" in m else None
         domid: int | None = None
         if "domid" in m and not r.is_word(m["domid"], "auto"):
             domid = r.integer(m["domid"], "guest.domid", 0, DOMID_MAX)
@@ -112,7 +104,7 @@ class Schema:
         if kind == "xen":
             kw = self.fields(m, p, {
                 "interrupts": lambda n, q: r.choice(n, q, ("auto", "spi", "isa", "msi")),
-                "grants": self.bool_or_auto,
+                "grants": self.r.bool_or_auto,
                 "map_cache_pages": lambda n, q: r.integer(n, q, 16, 1 << 22),
                 "domain_wait": lambda n, q: r.number(n, q, 0, 3600),
                 "backend_domid": lambda n, q: r.integer(n, q, 0, DOMID_MAX),
@@ -161,7 +153,7 @@ class Schema:
             kind, m = self.variant(item, path, "type", variants, shorthand=False)
             if kind is None or m is None:
                 continue
-            dev_id = self.ident(m["id"], child(path, "id")) if "id" in m else None
+            dev_id = self.r.ident(m["id"], child(path, "id")) if "id" in m else None
             if dev_id is not None:
                 if dev_id in ids:
                     r.problem(m["id"], child(path, "id"),
@@ -233,9 +225,9 @@ class Schema:
         kw = self.fields(m, path, {
             "path": r.path, "readonly": r.boolean, "lock": r.boolean,
             "cache": lambda n, q: r.choice(n, q, ("writeback", "writethrough", "none")),
-            "serial": lambda n, q: self.serial(n, q),
+            "serial": lambda n, q: self.r.serial(n, q),
             "queues": lambda n, q: r.integer(n, q, 1, 64),
-            "queue_size": self.queue_size,
+            "queue_size": self.r.queue_size,
         })
         image = kw.get("path")
         if image is not None:
@@ -248,8 +240,8 @@ class Schema:
             mmio: c.MmioConfig | None) -> c.NetConfig | None:
         r = self.r
         kw = self.fields(m, path, {
-            "mac": self.mac, "mtu": lambda n, q: r.integer(n, q, 68, 65535),
-            "queue_size": self.queue_size,
+            "mac": self.r.mac, "mtu": lambda n, q: r.integer(n, q, 68, 65535),
+            "queue_size": self.r.queue_size,
         })
         backend = self.net_backend(m["backend"], child(path, "backend")) if "backend" in m else None
         if isinstance(backend, c.DgramBackend) and backend.local.family == "udp" \
@@ -267,12 +259,12 @@ class Schema:
         if kind is None or m is None:
             return None
         if kind == "tap":
-            kw = self.fields(m, path, {"ifname": self.ifname, "bridge": self.ifname,
+            kw = self.fields(m, path, {"ifname": self.r.ifname, "bridge": self.r.ifname,
                                        "create": r.boolean})
             if "ifname" in kw:
                 self.claim("interface", kw["ifname"], m["ifname"], child(path, "ifname"))
             return c.TapBackend(**kw)
-        kw = self.fields(m, path, {"local": self.address, "remote": self.address})
+        kw = self.fields(m, path, {"local": self.r.address, "remote": self.r.address})
         local, remote = kw.get("local"), kw.get("remote")
         if local is not None and (local.port or local.path):
             self.claim("address", f"{local.family}:{local.host}:{local.port}:{local.path}",
@@ -287,7 +279,7 @@ class Schema:
         r = self.r
         kw = self.fields(m, path, {
             "multiport": r.boolean, "cols": lambda n, q: r.integer(n, q, 1, 65535),
-            "rows": lambda n, q: r.integer(n, q, 1, 65535), "queue_size": self.queue_size,
+            "rows": lambda n, q: r.integer(n, q, 1, 65535), "queue_size": self.r.queue_size,
         })
         ports: list[c.ConsolePortConfig] | None = None
         if "ports" in m and "backend" in m:
@@ -327,7 +319,7 @@ class Schema:
             if m is None:
                 ok = False
                 continue
-            name = self.name(m["name"], child(p, "name")) if "name" in m else None
+            name = self.r.name(m["name"], child(p, "name")) if "name" in m else None
             if name is not None and name in names:
                 r.problem(m["name"], child(p, "name"),
                           f"duplicate port name {name!r} (first at line {names[name]})")
@@ -371,8 +363,9 @@ class Schema:
             kind = r.choice(node, path, tuple(variants))
             if kind is not None:
                 for key in variants[kind][1]:
-                    r.problem(node, child(path, key), f"missing required key (kind {kind} "
-                                                      f"needs it: write {{kind: {kind}, {key}: ...}})")
+                    r.problem(node, child(path, key),
+                              f"missing required key (kind {kind} needs it: write "
+                              f"{{kind: {kind}, {key}: ...}})")
             return kind, {}
         if not isinstance(node, MappingNode):
             r.mapping(node, path, ())  # records "expected a mapping"
@@ -432,79 +425,3 @@ class Schema:
         elif not readonly and not os.access(image, os.W_OK):
             r.problem(node, path, f"{image} is not writable (set readonly: true to serve it "
                                   "read-only)")
-
-    def bool_or_auto(self, node: Node, path: str) -> bool | str | None:
-        return "auto" if self.r.is_word(node, "auto") else self.r.boolean(node, path)
-
-    def queue_size(self, node: Node, path: str) -> int | None:
-        size = self.r.integer(node, path, 1, QUEUE_SIZE_MAX)
-        if size is not None and size & (size - 1):
-            self.r.problem(node, path, f"{size} is not a power of 2")
-            return None
-        return size
-
-    def ident(self, node: Node, path: str) -> str | None:
-        text = self.r.string(node, path)
-        if text is not None and not _ID.match(text):
-            self.r.problem(node, path, f"{text!r} is not a valid id (letters, digits, _ and -, "
-                                       "at most 32, starting with a letter or digit)")
-            return None
-        return text
-
-    def name(self, node: Node, path: str) -> str | None:
-        text = self.r.string(node, path)
-        if text is not None and not _NAME.match(text):
-            self.r.problem(node, path, f"{text!r} is not a valid name (1 to 64 printable "
-                                       "characters, no spaces or '/')")
-            return None
-        return text
-
-    def serial(self, node: Node, path: str) -> str | None:
-        text = self.r.string(node, path, max_len=BLK_ID_BYTES)
-        if text is not None and not text.isascii():
-            self.r.problem(node, path, "the serial must be ASCII")
-            return None
-        return text
-
-    def ifname(self, node: Node, path: str) -> str | None:
-        text = self.r.string(node, path, max_len=IFNAMSIZ - 1)
-        if text is not None and (text in (".", "..") or re.search(r"[/:\s]", text)):
-            self.r.problem(node, path, f"{text!r} is not a valid interface name")
-            return None
-        return text
-
-    def mac(self, node: Node, path: str) -> str | None:
-        # Unquoted, 52:54:00:12:34:56 is a YAML 1.1 base-60 integer: string() reads the text.
-        text = self.r.string(node, path)
-        if text is None:
-            return None
-        if not _MAC.match(text):
-            self.r.problem(node, path, f"{text!r} is not a MAC address (like 52:54:00:12:34:56)")
-            return None
-        first = int(text[:2], 16)
-        if first & 1 or text.replace(":", "").strip("0") == "":
-            self.r.problem(node, path, f"{text} is a multicast or zero address; a NIC needs a "
-                                       "unicast one")
-            return None
-        return text.lower()
-
-    def address(self, node: Node, path: str) -> c.SocketAddress | None:
-        r = self.r
-        text = r.string(node, path)
-        if text is None:
-            return None
-        family, _, rest = text.partition(":")
-        if family == "unix" and rest:
-            return c.SocketAddress("unix", path=r.base_dir / Path(rest))
-        if family == "udp":
-            host, _, port_text = rest.rpartition(":")
-            host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
-            port = int(port_text) if port_text.isdigit() else -1
-            try:
-                ipaddress.ip_address(host)
-            except ValueError:
-                port = -1
-            if 0 <= port <= 65535:
-                return c.SocketAddress("udp", host=host, port=port)
-        r.problem(node, path, f"{text!r} is not an address: write udp:IP:PORT or unix:PATH")
-        return None

@@ -147,7 +147,8 @@ class Daemon:
         bus_cls = _load_class("the MMIO bus", "vmmiod.bus", "MmioBus")
         window_cls = _load_class("the virtio-mmio window", "vmmiod.mmio", "VirtioMmio")
         self.bus = bus_cls(log=self.log)
-        adaptor_cls = _load_class(f"the {cfg.hypervisor.kind} adaptor", *ADAPTORS[cfg.hypervisor.kind])
+        kind = cfg.hypervisor.kind
+        adaptor_cls = _load_class(f"the {kind} adaptor", *ADAPTORS[kind])
         try:
             self.adaptor = adaptor_cls(cfg, self.bus, self.log.bind(adaptor=cfg.hypervisor.kind))
             await self.adaptor.prepare()

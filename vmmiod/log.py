@@ -87,7 +87,8 @@ def _lead_keys(_logger: Any, _method: str, event: MutableMapping[str, Any]) -> A
     return ordered
 
 
-def resolve_format(flag: str | None, configured: str = "auto", stream: IO[str] | None = None) -> str:
+def resolve_format(flag: str | None, configured: str = "auto",
+                   stream: IO[str] | None = None) -> str:
     """The command line wins, then the config; "auto" is console on a terminal, JSON otherwise."""
     choice = flag or configured
     if choice in FORMATS:

@@ -69,7 +69,7 @@ class Notifier:
 
     @property
     def watchdog_interval(self) -> float | None:
-        """Seconds between WATCHDOG=1 pings: half of WatchdogSec, as sd_watchdog_enabled(3) advises."""
+        """Seconds between WATCHDOG=1 pings: half of WatchdogSec (sd_watchdog_enabled(3))."""
         return self.watchdog_usec / 2e6 if self.watchdog_usec else None
 
     async def watchdog_loop(self) -> None:
