@@ -100,6 +100,7 @@ def test_enospc_fails_request_and_device_keeps_serving(tmp_path: Path) -> None:
         assert statuses[0] == VIRTIO_BLK_S_OK
         assert VIRTIO_BLK_S_IOERR in statuses
         assert dev.counters["enospc"] >= 1 and dev.counters["io_errors"] >= 1
+        assert dev.counters["errors"] == statuses.count(VIRTIO_BLK_S_IOERR)
         assert not g.transport.faults and not dev.failed
         # Still serving: what was written reads back, and a flush works.
         assert g.run(VIRTIO_BLK_T_IN, 0, read=512).status == VIRTIO_BLK_S_OK
@@ -128,6 +129,7 @@ def test_eio_from_loop_device_over_full_filesystem(tmp_path: Path) -> None:
             assert g.run(VIRTIO_BLK_T_FLUSH).status == VIRTIO_BLK_S_IOERR
             assert dev.counters["eio"] >= 1
             assert g.run(VIRTIO_BLK_T_FLUSH).status == VIRTIO_BLK_S_IOERR  # sticky
+            assert dev.counters["errors"] == 2
             assert g.run(VIRTIO_BLK_T_IN, 2048, read=4096).status == VIRTIO_BLK_S_OK
             assert not dev.failed and not g.transport.faults
             g.close()

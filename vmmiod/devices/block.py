@@ -16,6 +16,7 @@ in submission order, so the IOREQs of the other devices are never held up behind
 from __future__ import annotations
 
 import asyncio
+import errno
 import os
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -252,6 +253,7 @@ class BlockDevice(VirtioDevice):
                 c["bytes_read"] += length
             except OSError as exc:
                 status = self._io_error("read", exc, req)
+                c["errors"] += 1
             buf, off = mem.locate(req.status_gpa, 1, True)
             buf[off] = status
             q.add_used(req.head, chain.writable_len)
@@ -271,6 +273,7 @@ class BlockDevice(VirtioDevice):
                     self.backing.writev(views, req.sector << SECTOR_SHIFT, length)
             except OSError as exc:
                 status = self._io_error("write", exc, req)
+                c["errors"] += 1
             else:
                 c["bytes_written"] += length
                 if self._writethrough:
@@ -322,7 +325,7 @@ class BlockDevice(VirtioDevice):
     def _io_error(self, op: str, exc: OSError, req: Request | None) -> int:
         c = self.counters
         c["io_errors"] += 1
-        name = {28: "enospc", 5: "eio"}.get(exc.errno or 0)  # ENOSPC, EIO
+        name = {errno.ENOSPC: "enospc", errno.EIO: "eio"}.get(exc.errno or 0)
         if name is not None:
             c[name] += 1
         self._warn("block_io_error", op=op, errno=exc.errno, error=exc.strerror,
