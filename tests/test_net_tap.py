@@ -1,7 +1,7 @@
 """virtio-net on a real TAP, inside a network namespace each test creates (root only).
 
 The device, its TAP and every host-side socket live in a thread that setns(2)-ed into the
-namespace (vmmiod.devices.net_testkit); the host side is the real Linux stack: it answers the
+namespace (vmmiod.sim.net_testkit); the host side is the real Linux stack: it answers the
 guest's ARP and ping, verifies checksums, segments nothing we did not ask for.
 """
 
@@ -23,14 +23,14 @@ import pytest
 from vmmiod.config import GuestConfig, MmioConfig, NetConfig, TapBackend
 from vmmiod.devices.base import BackendError
 from vmmiod.devices.net import NetDevice
-from vmmiod.devices.net_driver import NetDriver, NetHdr
+from vmmiod.sim.net_model import NetDriver, NetHdr
 from vmmiod.devices.net_proto import (
     GUEST_OFFLOAD_MASK,
     VIRTIO_NET_F_STATUS,
     VIRTIO_NET_HDR_F_NEEDS_CSUM,
     VIRTIO_NET_HDR_GSO_TCPV4,
 )
-from vmmiod.devices.net_testkit import (
+from vmmiod.sim.net_testkit import (
     ETH_P_IP,
     IPPROTO_ICMP,
     IPPROTO_UDP,

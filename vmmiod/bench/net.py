@@ -43,9 +43,9 @@ from vmmiod.config import (
     TapBackend,
 )
 from vmmiod.devices.net import NetDevice
-from vmmiod.devices.net_driver import NetDriver, NetHdr
+from vmmiod.sim.net_model import NetDriver, NetHdr
 from vmmiod.devices.net_proto import VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_TCPV4
-from vmmiod.devices.net_testkit import NetNamespace, ether, ipv4, tcp_segment
+from vmmiod.sim.net_testkit import NetNamespace, ether, ipv4, tcp_segment
 from vmmiod.memory import memfd_memory
 from vmmiod.sim.vring import Allocator
 
