@@ -8,7 +8,11 @@ set -u
 E2E=/src/tests/e2e/xen
 XENBIN=$(ls -d /usr/lib/xen-*/bin | head -n 1)
 export PATH="$XENBIN:/usr/sbin:/usr/bin:/sbin:/bin"
-export PYTHONDONTWRITEBYTECODE=1 PYTHONPATH=/src
+# vmmiod runs from a copy of the checkout's package in dom0's RAM, taken at every boot (so a
+# change needs no image rebuild): Python can then cache its bytecode there once for all
+# instances; compiling from the read-only share at every start costs seconds under TCG.
+mkdir -p /tmp/src && cp -r /src/vmmiod /tmp/src/ && find /tmp/src -name __pycache__ -prune -exec rm -rf {} +
+export PYTHONPATH=/tmp/src
 CONSOLE_LOG_DIR=/var/log/xen/console
 GUEST=e2e
 
@@ -40,14 +44,22 @@ wait_for() {
     done
     return 0
 }
+since() { awk "BEGIN{printf \"%.1f\", $(cut -d' ' -f1 /proc/uptime) - $1}"; }
 guest_log() { cat "$CONSOLE_LOG_DIR/guest-$GUEST.log" 2>/dev/null; }
 guest_says() { guest_log | grep -q "$1"; }
+
+# The guest's console log is the domU's result channel: copy it out every few seconds so a run
+# stopped from outside still leaves it behind; and stop this machine ourselves, logs collected,
+# before the host's timeout would kill QEMU.
+( while sleep 5; do cp "$CONSOLE_LOG_DIR"/guest-*.log /out/ 2>/dev/null; done ) &
+( sleep "$E2E_DEADLINE"; say "deadline of ${E2E_DEADLINE}s reached"
+  echo "fail: dom0 deadline (${E2E_DEADLINE}s) reached" > /out/dom0-status; collect; poweroff -f ) &
 
 # -- Xen userspace: modules, xenfs, xenstored, dom0 in xenstore, xenconsoled ----------------------
 say "starting Xen userspace ($XENBIN)"
 modprobe -a xen-evtchn xen-privcmd xen-gntdev xen-gntalloc xenfs tun bridge || fail modprobe
 mount -t xenfs xenfs /proc/xen || fail "mount xenfs"
-mkdir -p /var/run/xenstored /var/lib/xenstored /var/log/xen "$CONSOLE_LOG_DIR" /run/xen /var/lib/xen
+mkdir -p /run/xenstored /run/xen /var/lib/xenstored /var/log/xen "$CONSOLE_LOG_DIR" /var/lib/xen
 xenstored --pid-file /var/run/xenstored.pid || fail xenstored
 wait_for 10 xenstored xenstore-list / || fail "xenstored not answering"
 timeout 30 xen-init-dom0 > /out/xen-init-dom0.log 2>&1 || fail xen-init-dom0

@@ -7,7 +7,7 @@ mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 mkdir -p /tmp /mnt
-R() { echo "E2E-R $*"; }
+R() { echo "E2E-R $* t=$(cut -d' ' -f1 /proc/uptime)"; }
 arg() { sed -n "s/.*$1=\([^ ]*\).*/\1/p" /proc/cmdline; }
 MODE=$(arg e2e.mode)
 R boot mode=$MODE kernel=$(uname -r) uptime=$(cut -d' ' -f1 /proc/uptime)

@@ -12,7 +12,7 @@ import subprocess
 from pathlib import Path
 from typing import Callable
 
-VERSION = 3  # bump when the assembly below changes in a way the stamps cannot see
+VERSION = 4  # bump when the assembly below changes in a way the stamps cannot see
 
 # dom0: event channels, privcmd (hypercalls, foreign mapping, dm_op), grants, xenfs for
 # /proc/xen, TAP and bridging for the net backend, 9p for the shares.
@@ -75,6 +75,7 @@ def merged_usr_root(root: Path) -> None:
         (root / d).mkdir(parents=True, exist_ok=True)
     for d in ("bin", "sbin", "lib"):
         (root / d).symlink_to(f"usr/{d}")
+    (root / "var/run").symlink_to("../run")  # as on Debian: libxl keeps its locks in /var/run/xen
 
 
 def extract_deb(deb: Path, root: Path) -> None:

@@ -1,0 +1,270 @@
+"""Assertions on a real-Xen end-to-end run: Linux's own virtio drivers in a Xen domU against
+vmmiod in dom0 (tests/e2e/xen/run boots it; see docs/e2e.md).
+
+These tests read the run's result files; they never boot anything themselves unless asked:
+- VMMIOD_E2E_RESULTS=DIR: check the results in DIR (what .ci/e2e does after `run`);
+- VMMIOD_E2E=1: run the harness first (build + boot, minutes), then check.
+Otherwise they are skipped, so the unit-test stage stays fast.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+HERE = Path(__file__).resolve().parent
+MiB = 1 << 20
+SECTOR = 512
+VIRTIO_ID_NET, VIRTIO_ID_BLOCK, VIRTIO_ID_CONSOLE = 1, 2, 3
+# ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK: the driver accepted the device.
+STATUS_LIVE = 0x1 | 0x2 | 0x8 | 0x4
+# Windows in the order the guest config declares its disks (xvda..xvdd) and what vmmiod serves.
+WINDOWS = {"2000000.virtio": (VIRTIO_ID_BLOCK, "virtio_blk"),
+           "2000200.virtio": (VIRTIO_ID_BLOCK, "virtio_blk"),
+           "2000400.virtio": (VIRTIO_ID_NET, "virtio_net"),
+           "2000600.virtio": (VIRTIO_ID_CONSOLE, "virtio_console")}
+EXPECTED_EVENTS = {"daemon_starting", "daemon_ready", "features_negotiated", "queue_ready",
+                   "daemon_stopped"}
+BAD_EVENTS = {"guest_protocol_violation", "device_needs_reset", "ioreq_unhandled",
+              "stop_timeout", "stop_step_failed", "startup_failed"}
+
+
+def _results_dir() -> Path | None:
+    if os.environ.get("VMMIOD_E2E_RESULTS"):
+        return Path(os.environ["VMMIOD_E2E_RESULTS"])
+    if os.environ.get("VMMIOD_E2E") == "1":
+        cache = Path(os.environ.get("VMMIOD_E2E_CACHE", Path.home() / ".cache/vmmiod/e2e"))
+        results = cache / "results"
+        subprocess.run([sys.executable, str(HERE / "run"), "--results", str(results)], check=False)
+        return results
+    return None
+
+
+class Run:
+    """One run's result files, parsed."""
+
+    def __init__(self, d: Path) -> None:
+        self.dir = d
+        self.params: dict[str, Any] = json.loads((d / "params.json").read_text())
+        self.dom0 = self._kv_lines(d / "dom0-results.txt")
+        self.peer = self._kv_lines(d / "peer.txt")
+        console = d / "guest-e2e.log"
+        self.guest: list[tuple[str, dict[str, str]]] = []
+        if console.exists():
+            for line in console.read_text(errors="replace").splitlines():
+                m = re.search(r"E2E-R (\S+)(.*)", line)
+                if m:
+                    self.guest.append((m.group(1), dict(re.findall(r"(\S+?)=(\S*)", m.group(2)))))
+
+    @staticmethod
+    def _kv_lines(path: Path) -> list[dict[str, str]]:
+        if not path.exists():
+            return []
+        out = []
+        for line in path.read_text().splitlines():
+            words = line.split()
+            if words:
+                out.append({"_": words[0].split("=")[0], **dict(w.split("=", 1) for w in words
+                                                               if "=" in w)})
+        return out
+
+    def dom0_value(self, key: str) -> str | None:
+        for rec in self.dom0:
+            if key in rec:
+                return rec[key]
+        return None
+
+    def boots(self) -> dict[int, list[tuple[str, dict[str, str]]]]:
+        """Guest findings grouped by boot number."""
+        out: dict[int, list[tuple[str, dict[str, str]]]] = {}
+        current = 0
+        for what, kv in self.guest:
+            if what == "boot" and "n" in kv and "done" not in kv:
+                current = int(kv["n"])
+            if current:
+                out.setdefault(current, []).append((what, kv))
+        return out
+
+    def find(self, boot: int, what: str, **match: str) -> list[dict[str, str]]:
+        return [kv for w, kv in self.boots().get(boot, []) if w == what
+                and all(kv.get(k) == v for k, v in match.items())]
+
+    def one(self, boot: int, what: str, **match: str) -> dict[str, str]:
+        hits = self.find(boot, what, **match)
+        assert hits, f"boot {boot}: the guest reported no '{what}' {match or ''}; see " \
+                     f"{self.dir / 'guest-e2e.log'}"
+        return hits[-1]
+
+
+@pytest.fixture(scope="module")
+def run() -> Run:
+    d = _results_dir()
+    if d is None:
+        pytest.skip("real-Xen e2e: set VMMIOD_E2E_RESULTS=<dir of a run> or VMMIOD_E2E=1 "
+                    "(boots Xen under QEMU; .ci/e2e does both)")
+    if not (d / "params.json").exists():
+        pytest.fail(f"no e2e run in {d} (tests/e2e/xen/run did not get as far as preparing it)")
+    r = Run(d)
+    if r.params.get("E2E_MODE") != "full":
+        pytest.skip(f"the run in {d} was a {r.params.get('E2E_MODE')} run, not a full one")
+    return r
+
+
+def test_run_completed(run: Run) -> None:
+    status = (run.dir / "dom0-status").read_text().strip() if (run.dir / "dom0-status").exists() \
+        else "missing (dom0 did not finish)"
+    assert status == "ok", f"dom0 status: {status}"
+
+
+def test_hypervisor_has_ioreq_server(run: Run) -> None:
+    assert run.dom0_value("hyp_ioreq_server") == "y", "xenhypfs /buildinfo/config: no IOREQ server"
+
+
+@pytest.mark.parametrize("boot", [1, 2])
+def test_linux_drivers_bound_every_window(run: Run, boot: int) -> None:
+    devices = {kv["window"]: kv for kv in run.find(boot, "virtio")}
+    for window, (device_id, driver) in WINDOWS.items():
+        assert window in devices, f"boot {boot}: no virtio device on {window}: {devices}"
+        dev = devices[window]
+        assert int(dev["device"], 16) == device_id
+        assert int(dev["vendor"], 16) != 0
+        assert dev["driver"] == driver
+        assert int(dev["status"], 16) & STATUS_LIVE == STATUS_LIVE, f"{window} status {dev['status']}"
+
+
+def test_block_capacity_and_readonly_flag(run: Run) -> None:
+    size = run.one(1, "blk_size")
+    assert int(size["vda_sectors"]) * SECTOR == run.params["DISK_RW_MIB"] * MiB
+    assert int(size["vdb_sectors"]) * SECTOR == run.params["DISK_RO_MIB"] * MiB
+    assert size["vda_ro"] == "0"
+    assert size["vdb_ro"] == "1"
+
+
+@pytest.mark.parametrize("boot", [1, 2])
+def test_block_pattern_round_trip(run: Run, boot: int) -> None:
+    pat = run.one(boot, "blk_pattern", label=f"boot{boot}")
+    assert pat["write_rc"] == "0"
+    assert re.fullmatch(r"[0-9a-f]{64}", pat["written"])
+    assert pat["read"] == pat["written"]
+
+
+def test_filesystem_checked_on_the_host(run: Run) -> None:
+    fs = run.one(1, "fs")
+    assert fs["mkfs_rc"] == fs["mount_rc"] == fs["umount_rc"] == "0"
+    image = run.dir / "disk-rw.img"
+    fsck = shutil.which("e2fsck") or "/usr/sbin/e2fsck"
+    res = subprocess.run([fsck, "-f", "-n", str(image)], capture_output=True, text=True)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+    def cat(path: str) -> bytes:
+        out = subprocess.run([shutil.which("debugfs") or "/usr/sbin/debugfs", "-R",
+                              f"cat {path}", str(image)], capture_output=True)
+        assert out.returncode == 0, out.stderr
+        return out.stdout
+
+    assert cat("/hello.txt").decode() == f"hello from the e2e guest {run.params['TOKEN']}\n"
+    assert hashlib.sha256(cat("/hello.txt")).hexdigest() == fs["hello_sha256"]
+    assert hashlib.sha256(cat("/dir/data.bin")).hexdigest() == fs["data_sha256"]
+    assert cat("/dir/numbers.txt").decode().split() == [str(i) for i in range(1, 20001)]
+    # Written by the second boot, after the reboot.
+    assert cat("/boot-count").decode().strip() == "2"
+    assert cat("/boot2.txt").decode() == f"second boot {run.params['TOKEN']}\n"
+
+
+def test_filesystem_survives_reboot(run: Run) -> None:
+    first = run.one(1, "fs")
+    again = run.one(2, "fs_again")
+    assert again["mount_rc"] == again["umount_rc"] == "0"
+    assert again["data_sha256"] == first["data_sha256"]
+    assert again["hello_ok"] == "1"
+
+
+def test_readonly_device_refuses_writes(run: Run) -> None:
+    ro = run.one(1, "blk_ro")
+    assert ro["read_sha256"] == run.params["DISK_RO_SHA256"]
+    assert ro["kernel_write_rc"] != "0"
+    assert ro["device_write_rc"] != "0", "a write that reached the read-only device succeeded"
+    data = (run.dir / "disk-ro.img").read_bytes()
+    assert hashlib.sha256(data).hexdigest() == run.params["DISK_RO_SHA256"]
+
+
+@pytest.mark.parametrize("label", ["boot1", "reprobe", "boot2"])
+def test_net_mac_ping_and_transfers(run: Run, label: str) -> None:
+    boot = 2 if label == "boot2" else 1
+    nif = run.one(boot, "net_if", label=label)
+    assert nif["mac"] == run.params["NET_MAC"]
+    ping = run.one(boot, "net_ping", label=label)
+    assert ping["rc"] == "0" and int(ping["received"] or 0) >= 1, ping
+    up = run.one(boot, "net_up", label=label)
+    assert up["rc"] == "0" and int(up["bytes"]) == run.params["NET_BYTES"]
+    received = [p for p in run.peer if p["_"] == "net_up" and p.get("sha256") == up["sha256"]]
+    assert received and int(received[0]["bytes"]) == run.params["NET_BYTES"], \
+        f"dom0 did not receive the guest's upload intact: {run.peer}"
+    down = run.one(boot, "net_down", label=label)
+    assert down["rc"] == "0" and int(down["bytes"]) == run.params["NET_BYTES"]
+    assert down["sha256"] == run.params["NET_DOWN_SHA256"]
+
+
+@pytest.mark.parametrize("tag", ["p0", "named"])
+@pytest.mark.parametrize("boot", [1, 2])
+def test_console_carries_text_both_ways(run: Run, tag: str, boot: int) -> None:
+    con = run.one(boot, "console", tag=f"{tag}-boot{boot}")
+    assert con["present"] == "1", con
+    assert con["reply_ok"] == "1", f"{con}; dom0 peer: {run.peer}"
+    port = "console" if tag == "p0" else run.params["CONSOLE_PORT"]
+    assert any(p["_"] == "console_ping" and p.get("port") == port
+               and p.get("tag") == f"{tag}-boot{boot}" for p in run.peer)
+
+
+def test_reset_and_reprobe_without_reboot(run: Run) -> None:
+    rp = run.one(1, "reprobe")
+    assert int(rp["windows"]) == len(WINDOWS)
+    assert rp["devices_after_unbind"] == "0"
+    assert int(rp["devices_after_bind"]) == len(WINDOWS)
+    pattern = run.one(1, "blk_pattern", label="boot1")
+    assert run.one(1, "blk_after_reprobe")["sha256"] == pattern["written"]
+
+
+def test_guest_reboot_is_served_again(run: Run) -> None:
+    assert run.find(1, "reboot-requested")
+    assert run.dom0_value("vmmiod1_exit") == "0", "vmmiod did not exit 0 when the domain rebooted"
+    assert run.dom0_value("vmmiod2_ready") == "1"
+    assert run.dom0_value("boot2_finished") == "1"
+
+
+def test_destroy_is_clean(run: Run) -> None:
+    assert run.dom0_value("xl_destroy_rc") == "0"
+    text = (run.dir / "xl-destroy.log").read_text()
+    assert not re.search(r"error|unable|fail", text, re.I), text
+    xl_log = run.dir / "xl-e2e.log"
+    if xl_log.exists():
+        assert "unable to remove device" not in xl_log.read_text()
+    assert run.dom0_value("vmmiod_final_exit") == "0"
+
+
+@pytest.mark.parametrize("name", ["vmmiod.log", "vmmiod-2.log"])
+def test_vmmiod_json_log(run: Run, name: str) -> None:
+    path = run.dir / name
+    assert path.exists(), f"{name} missing"
+    records = []
+    for n, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            records.append(json.loads(line))
+        except ValueError:
+            pytest.fail(f"{name}:{n} is not a JSON line: {line[:200]}")
+    events = {r.get("event") for r in records}
+    assert EXPECTED_EVENTS <= events, f"missing events: {EXPECTED_EVENTS - events}"
+    errors = [r for r in records if r.get("level") in ("error", "critical")]
+    assert not errors, errors[:5]
+    bad = [r for r in records if r.get("event") in BAD_EVENTS]
+    assert not bad, bad[:5]
