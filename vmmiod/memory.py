@@ -211,6 +211,14 @@ class MappedMemory(GuestMemory):
         self._owned.append(m)
         return region
 
+    def locate(self, gpa: int, length: int, writable: bool = False) -> tuple[memoryview, int]:
+        # Hot path (rings, indirect tables, headers): the last region hit, whole range inside it.
+        r = self._last
+        if (r is not None and r.gpa <= gpa and gpa + length <= r.gpa + r.size and length >= 0
+                and (r.writable or not writable)):
+            return r.buf, gpa - r.gpa
+        return super().locate(gpa, length, writable)
+
     def views(self, gpa: int, length: int, writable: bool = False) -> list[memoryview]:
         # Hot path (every buffer of every chain): the last region hit, whole range inside it.
         r = self._last

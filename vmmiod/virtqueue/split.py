@@ -228,7 +228,9 @@ class SplitQueue:
 
     def pop(self) -> DescriptorChain | None:
         """The next available chain, or None. Reads avail.idx only when the cached one is used up."""
-        self._check_generation()
+        mem = self.memory
+        if mem is None or not self.ready or mem.generation != self._gen:
+            self._check_generation()
         if self._avail_idx == self.next_avail and self.avail_idx() == self.next_avail:
             return None
         slot = self.next_avail % self.size
