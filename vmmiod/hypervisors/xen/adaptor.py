@@ -307,6 +307,9 @@ class XenAdaptor(Adaptor):
         ioeventfds = self._ioeventfds(loop)
         if irqfds or ioeventfds:
             self.log.info("xen_eventfd_fast_path", irqfds=irqfds, ioeventfds=ioeventfds)
+        else:  # the kernel offers neither: nothing to keep the extra handle for
+            self.privcmd.close()
+            self.privcmd = None
 
     def _ioeventfds(self, loop: asyncio.AbstractEventLoop) -> int:
         assert self.privcmd is not None and self.server is not None

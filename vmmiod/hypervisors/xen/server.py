@@ -108,7 +108,12 @@ class IoreqServer:
             vcpu = self._port_vcpu.get(port)
             if vcpu is None:
                 continue
-            if self._serve(page, vcpu, self.bus):
+            try:
+                answered = self._serve(page, vcpu, self.bus)
+            except Exception as exc:  # a bug below the bus: log it, keep serving the others
+                self.log.exception("xen_ioreq_failed", vcpu=vcpu, error=repr(exc))
+                continue
+            if answered:
                 self.counters["ioreqs"] = self.counters.get("ioreqs", 0) + 1
                 try:
                     evtchn.notify(port)
