@@ -186,6 +186,27 @@ def test_sighup_with_a_broken_config_keeps_running(tmp_path: Path,
     assert d.proc.wait(20) == 0
 
 
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+def test_a_second_signal_forces_exit(tmp_path: Path, daemons: list[Daemon], loop: str) -> None:
+    """SIGSTOP holds the daemon while both signals become pending, so both reach it before
+    it can finish the orderly stop that the first one starts."""
+    d = Daemon(tmp_path, env={"VMMIOD_EVENT_LOOP": loop})
+    daemons.append(d)
+    d.wait_for("READY=1")
+    d.proc.send_signal(signal.SIGSTOP)
+    d.proc.send_signal(signal.SIGTERM)
+    d.proc.send_signal(signal.SIGINT)
+    d.proc.send_signal(signal.SIGCONT)
+    code = d.proc.wait(20)
+    events = d.events()
+    requested = [e for e in events if e["event"] == "stop_requested"]
+    forced = [e for e in events if e["event"] == "stop_forced"]
+    assert len(requested) == 1 and len(forced) == 1
+    assert {requested[0]["signal"], forced[0]["signal"]} == {"SIGTERM", "SIGINT"}
+    assert code == 128 + signal.Signals[str(forced[0]["signal"])].value
+    assert "daemon_stopped" not in [e["event"] for e in events]
+
+
 def test_every_log_event_is_documented() -> None:
     """docs/logging.md lists the stable event names: every one the code emits is there."""
     root = Path(__file__).resolve().parent.parent
