@@ -109,6 +109,11 @@ class Daemon:
             self.notifier.status(f"failed: {exc}")
             await self._teardown()
             return exc.exit_code
+        except Exception as exc:  # a bug: still release what was opened, and say what broke
+            self.log.exception("startup_failed", message=repr(exc), exit_code=EX_SOFTWARE)
+            self.notifier.status(f"failed: {exc!r}")
+            await self._teardown()
+            return EX_SOFTWARE
         return await self._serve()
 
     async def _serve(self) -> int:
@@ -128,7 +133,7 @@ class Daemon:
         code = EX_OK
         finished = self.adaptor.finished
         if finished is not None and finished.done() and not self._stop.is_set():
-            code = finished.result() if not finished.exception() else EX_SOFTWARE
+            code = int(finished.result()) if not finished.exception() else EX_SOFTWARE
             self.log.info("guest_finished", exit_code=code)
         for task in background:
             task.cancel()
