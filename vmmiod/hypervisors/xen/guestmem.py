@@ -266,8 +266,9 @@ class XenGuestMemory(GuestMemory):
         self.invalidate()
         self._retired = [m for m in self._retired if not self._release(m)]
         if self._retired and self.log is not None:
-            # Still referenced at shutdown: left mapped (the process exit unmaps them).
-            self.log.warning("guest_memory_mappings_in_use", count=len(self._retired))
+            # Still referenced at shutdown (e.g. ring views a reset queue kept): left mapped,
+            # which is safe; the process exit unmaps them.
+            self.log.info("guest_memory_mappings_in_use", count=len(self._retired))
 
     @property
     def mapped_pages(self) -> int:
