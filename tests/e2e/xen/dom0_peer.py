@@ -4,7 +4,8 @@
   console socket backend given; logs what arrives; answers each line "E2E-PING <token> <tag>"
   with "E2E-PONG <token> <tag>".
 - net: TCP 5001 receives until EOF and records byte count and sha256 (the guest's upload);
-  TCP 5002 sends the file given with --send (the guest's download) and closes.
+  TCP 5002 reads a decimal byte count line, sends that much of the file given with --send
+  (the guest's download) and closes.
 Findings are appended to --out as "key=value" lines; test_xen_e2e.py reads them.
 Bounded: exits after --lifetime seconds at the latest.
 """
@@ -87,15 +88,23 @@ def serve_up(srv: socket.socket, out: Findings) -> None:
 
 
 def serve_down(srv: socket.socket, blob: bytes, out: Findings) -> None:
+    """Send the first N bytes of the test file, N being the decimal first line the client sends."""
     n = 0
     while True:
         conn, _ = srv.accept()
         n += 1
         conn.settimeout(120)
         try:
-            conn.sendall(blob)
-            out.add(f"net_down n={n} bytes={len(blob)}")
-        except OSError as exc:
+            request = b""
+            while b"\n" not in request and len(request) < 32:
+                data = conn.recv(32)
+                if not data:
+                    break
+                request += data
+            size = min(int(request.split(b"\n")[0] or 0), len(blob))
+            conn.sendall(blob[:size])
+            out.add(f"net_down n={n} bytes={size}")
+        except (OSError, ValueError) as exc:
             out.add(f"net_down_error n={n} error={exc!r}".replace(" ", "_"))
         conn.close()
 

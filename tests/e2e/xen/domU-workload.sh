@@ -94,24 +94,31 @@ blockdev --setro /dev/vdb 2>/dev/null
 R blk_ro read_sha256=$ro_sha kernel_write_rc=$ro_kernel_rc device_write_rc=$ro_device_rc
 
 # -- net: MAC, ping over the TAP, 4 MiB each way -----------------------------------------------
-net_workload() {  # $1: label
+net_stats() {  # frames and interrupts of eth0 so far, for the transfer figures
+    echo "tx_packets=$(cat /sys/class/net/eth0/statistics/tx_packets) rx_packets=$(cat /sys/class/net/eth0/statistics/rx_packets) irqs=$(grep 2000400.virtio /proc/interrupts | awk '{print $2 + $3}')"
+}
+net_workload() {  # $1: label, $2: bytes each way
     ip link set eth0 up
     ip addr add "$IP/24" dev eth0 2>/dev/null
     R net_if label=$1 mac=$(cat /sys/class/net/eth0/address 2>/dev/null) mtu=$(cat /sys/class/net/eth0/mtu 2>/dev/null)
     ping -c 3 -W 5 "$DOM0IP" > /tmp/ping.log 2>&1
     prc=$?
     R net_ping label=$1 rc=$prc received=$(sed -n 's/.* \([0-9]*\) packets received.*/\1/p' /tmp/ping.log)
-    dd if=/dev/urandom of=/tmp/up.bin bs=$MiB count=$((NETBYTES / MiB)) 2>/dev/null
+    dd if=/dev/urandom of=/tmp/up.bin bs=1024 count=$(($2 / 1024)) 2>/dev/null
     up=$(sha256sum /tmp/up.bin | cut -d' ' -f1)
+    R net_stats label=$1-before-up $(net_stats)
     t0=$(cut -d' ' -f1 /proc/uptime)
     timeout 300 nc "$DOM0IP" 5001 < /tmp/up.bin
     R net_up label=$1 rc=$? bytes=$(stat -c %s /tmp/up.bin) sha256=$up t0=$t0
+    R net_stats label=$1-after-up $(net_stats)
     t0=$(cut -d' ' -f1 /proc/uptime)
-    timeout 300 nc "$DOM0IP" 5002 < /dev/null > /tmp/down.bin
+    # The first line asks dom0 for that many bytes of its test file.
+    echo "$2" | timeout 300 nc "$DOM0IP" 5002 > /tmp/down.bin
     R net_down label=$1 rc=$? t0=$t0 bytes=$(stat -c %s /tmp/down.bin) sha256=$(sha256sum /tmp/down.bin | cut -d' ' -f1)
+    R net_stats label=$1-after-down $(net_stats)
     rm -f /tmp/up.bin /tmp/down.bin
 }
-net_workload boot$BOOT
+net_workload boot$BOOT "$NETBYTES"
 
 # -- console: port 0 (an hvc console next to Xen's hvc0) and the named port ---------------------
 console_ping() {  # $1: device, $2: tag
@@ -152,7 +159,7 @@ if [ "$BOOT" = 1 ]; then
     r=$(dd if=/dev/vda bs=$MiB skip=32 count=16 iflag=direct 2>/dev/null | sha256sum | cut -d' ' -f1)
     R blk_after_reprobe sha256=$r
     ip addr flush dev eth0 2>/dev/null
-    net_workload reprobe
+    net_workload reprobe $((NETBYTES / 8))  # the full size is moved at each boot
 fi
 
 if [ "$BOOT" = 1 ]; then
