@@ -77,6 +77,17 @@ from vmmiod.virtqueue import DescriptorChain, SplitQueue, VirtqueueError
 LOG_FIRST = 10  # guest-caused warnings logged in full, then one in LOG_EVERY
 LOG_EVERY = 1000
 
+def _try_io(op: Any, fd: int, views: list[memoryview], offset: int) -> int:
+    """The one-call fast path; -1 on EFAULT so the backend redoes it (with a bounce buffer)."""
+    try:
+        n: int = op(fd, views, offset)
+    except OSError as exc:
+        if exc.errno != errno.EFAULT:
+            raise
+        return -1
+    return n
+
+
 class BlockDevice(VirtioDevice):
     device_id = 2
     type_name = "block"
@@ -246,8 +257,8 @@ class BlockDevice(VirtioDevice):
                 # Buffered image, one call: the common case without the backend's wrappers.
                 # A short or refused transfer is redone in full by the backend (idempotent).
                 pfd = self._plain_fd
-                if pfd < 0 or len(views) > IOV_MAX or os.preadv(
-                        pfd, views, req.sector << SECTOR_SHIFT) != length:
+                if pfd < 0 or len(views) > IOV_MAX or _try_io(
+                        os.preadv, pfd, views, req.sector << SECTOR_SHIFT) != length:
                     self.backing.readv(views, req.sector << SECTOR_SHIFT, length)
                 status = VIRTIO_BLK_S_OK
                 c["bytes_read"] += length
@@ -268,8 +279,8 @@ class BlockDevice(VirtioDevice):
                     views += mem.views(gpa, n, False)
             try:
                 pfd = self._plain_fd
-                if pfd < 0 or len(views) > IOV_MAX or os.pwritev(
-                        pfd, views, req.sector << SECTOR_SHIFT) != length:
+                if pfd < 0 or len(views) > IOV_MAX or _try_io(
+                        os.pwritev, pfd, views, req.sector << SECTOR_SHIFT) != length:
                     self.backing.writev(views, req.sector << SECTOR_SHIFT, length)
             except OSError as exc:
                 status = self._io_error("write", exc, req)

@@ -210,11 +210,18 @@ class Backing:
                 _full(os.preadv, self.fd, views, offset, length)
                 return
             except OSError as exc:
-                if exc.errno != errno.EINVAL:
+                if exc.errno not in (errno.EINVAL, errno.EFAULT):
                     raise
-            self._bounce_read(views, offset, length)  # the guest's memory is not aligned
+            self._bounce_read(self.fd, views, offset, length)  # guest memory not aligned
             return
-        _full(os.preadv, self.buffered_fd, views, offset, length)
+        try:
+            _full(os.preadv, self.buffered_fd, views, offset, length)
+        except OSError as exc:
+            if exc.errno != errno.EFAULT:
+                raise
+            # Memory the kernel cannot pin (Xen foreign mappings are VM_IO|VM_PFNMAP) makes
+            # zero-copy paths fail with EFAULT: go through our own buffer instead.
+            self._bounce_read(self.buffered_fd, views, offset, length)
 
     def writev(self, views: list[memoryview], offset: int, length: int) -> None:
         if self.direct and not (offset | length) % self.direct_align:
@@ -222,11 +229,16 @@ class Backing:
                 _full(os.pwritev, self.fd, views, offset, length)
                 return
             except OSError as exc:
-                if exc.errno != errno.EINVAL:
+                if exc.errno not in (errno.EINVAL, errno.EFAULT):
                     raise
-            self._bounce_write(views, offset, length)  # the guest's memory is not aligned
+            self._bounce_write(self.fd, views, offset, length)  # guest memory not aligned
             return
-        _full(os.pwritev, self.buffered_fd, views, offset, length)
+        try:
+            _full(os.pwritev, self.buffered_fd, views, offset, length)
+        except OSError as exc:
+            if exc.errno != errno.EFAULT:
+                raise
+            self._bounce_write(self.buffered_fd, views, offset, length)  # see readv
 
     def _bounce_buffer(self, length: int) -> memoryview:
         if self._bounce is None or len(self._bounce) < length:
@@ -235,10 +247,10 @@ class Backing:
             self._bounce = mmap.mmap(-1, max(length, 1 << 16))  # page-aligned by mmap
         return memoryview(self._bounce)[:length]
 
-    def _bounce_read(self, views: list[memoryview], offset: int, length: int) -> None:
+    def _bounce_read(self, fd: int, views: list[memoryview], offset: int, length: int) -> None:
         bounce = self._bounce_buffer(length)
         try:
-            _full(os.preadv, self.fd, [bounce], offset, length)
+            _full(os.preadv, fd, [bounce], offset, length)
             pos = 0
             for v in views:
                 n = len(v)
@@ -247,7 +259,7 @@ class Backing:
         finally:
             bounce.release()
 
-    def _bounce_write(self, views: list[memoryview], offset: int, length: int) -> None:
+    def _bounce_write(self, fd: int, views: list[memoryview], offset: int, length: int) -> None:
         bounce = self._bounce_buffer(length)
         try:
             pos = 0
@@ -255,7 +267,7 @@ class Backing:
                 n = len(v)
                 bounce[pos:pos + n] = v
                 pos += n
-            _full(os.pwritev, self.fd, [bounce], offset, length)
+            _full(os.pwritev, fd, [bounce], offset, length)
         finally:
             bounce.release()
 

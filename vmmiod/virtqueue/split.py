@@ -160,6 +160,9 @@ class SplitQueue:
         self._signalled_valid = False
         self._in_flight = bytearray(0)
         self._gen = -1
+        # Drop the ring views: a lazy mapper (Xen) can unmap only what nobody references.
+        self._desc_buf = self._avail_buf = self._used_buf = memoryview(b"")
+        self._desc_off = self._avail_off = self._used_off = 0
 
     def check_config(self) -> None:
         """Size and alignment rules that need no memory (2.7: sizes, 2.7.5-2.7.8 alignment)."""
