@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 DEFAULT_KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"
+STEP_TIMEOUT = 1200  # seconds for one apt command (a download of a few hundred MB at worst)
 
 
 @dataclass(frozen=True)
@@ -149,7 +150,7 @@ class PrivateApt:
         cmd = [tool, *self.options(), *args]
         env = dict(os.environ, DEBIAN_FRONTEND="noninteractive", LC_ALL="C")
         res = subprocess.run(
-            cmd, cwd=cwd, env=env, text=True, check=False,
+            cmd, cwd=cwd, env=env, text=True, check=False, timeout=STEP_TIMEOUT,
             stdout=subprocess.PIPE if capture else None,
             stderr=subprocess.PIPE if capture else None,
         )

@@ -71,9 +71,15 @@ def log(msg: str) -> None:
     print(f"[e2e-build {time.monotonic() - T0:6.1f}s] {msg}", flush=True)
 
 
+STEP_TIMEOUT = 1200  # seconds for any one download or build command
+
+
 def sh(*cmd: str | Path, cwd: Path | None = None, quiet: bool = True) -> None:
-    res = subprocess.run([str(c) for c in cmd], cwd=cwd, text=True,
-                         stdout=subprocess.PIPE if quiet else None, stderr=subprocess.STDOUT)
+    try:
+        res = subprocess.run([str(c) for c in cmd], cwd=cwd, text=True, timeout=STEP_TIMEOUT,
+                             stdout=subprocess.PIPE if quiet else None, stderr=subprocess.STDOUT)
+    except subprocess.TimeoutExpired:
+        raise SystemExit(f"e2e-build: {' '.join(str(c) for c in cmd)} timed out ({STEP_TIMEOUT}s)")
     if res.returncode != 0:
         sys.stdout.write((res.stdout or "")[-6000:])
         raise SystemExit(f"e2e-build: {' '.join(str(c) for c in cmd)} failed ({res.returncode})")
@@ -95,9 +101,9 @@ def ensure_host_tools() -> None:
         raise SystemExit(f"e2e-build: missing host packages (install them as root): {missing}")
     log(f"installing host packages: {' '.join(missing)}")
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    subprocess.run(["apt-get", "update", "-qq"], env=env, check=True)
+    subprocess.run(["apt-get", "update", "-qq"], env=env, check=True, timeout=STEP_TIMEOUT)
     subprocess.run(["apt-get", "install", "-y", "-qq", "--no-install-recommends", *missing],
-                   env=env, check=True, stdout=subprocess.DEVNULL)
+                   env=env, check=True, stdout=subprocess.DEVNULL, timeout=STEP_TIMEOUT)
 
 
 class Build:

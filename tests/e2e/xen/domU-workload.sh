@@ -95,7 +95,7 @@ R blk_ro read_sha256=$ro_sha kernel_write_rc=$ro_kernel_rc device_write_rc=$ro_d
 
 # -- net: MAC, ping over the TAP, 4 MiB each way -----------------------------------------------
 net_stats() {  # frames and interrupts of eth0 so far, for the transfer figures
-    echo "tx_packets=$(cat /sys/class/net/eth0/statistics/tx_packets) rx_packets=$(cat /sys/class/net/eth0/statistics/rx_packets) irqs=$(grep 2000400.virtio /proc/interrupts | awk '{print $2 + $3}')"
+    echo "tx_packets=$(cat /sys/class/net/eth0/statistics/tx_packets) rx_packets=$(cat /sys/class/net/eth0/statistics/rx_packets) irqs=$(grep " $(basename "$(readlink -f /sys/class/net/eth0/device)")\$" /proc/interrupts | awk '{print $2 + $3}')"
 }
 net_workload() {  # $1: label, $2: bytes each way
     ip link set eth0 up

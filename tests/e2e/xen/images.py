@@ -62,7 +62,7 @@ Log = Callable[[str], None]
 
 def run(*cmd: str | Path, cwd: Path | None = None, stdout: int | None = None) -> str:
     res = subprocess.run([str(c) for c in cmd], cwd=cwd, text=True, stdout=stdout or subprocess.PIPE,
-                         stderr=subprocess.PIPE)
+                         stderr=subprocess.PIPE, timeout=900)
     if res.returncode != 0:
         raise SystemExit(f"e2e-build: {' '.join(map(str, cmd))} failed:\n{res.stderr[-4000:]}")
     return res.stdout or ""
