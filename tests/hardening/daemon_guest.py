@@ -76,8 +76,13 @@ class DaemonGuest:
 
     def connect(self) -> None:
         """(Re)connect a VMM with fresh RAM and bring every device up, as a booting guest."""
-        self.vmm = SimVmm(ram_size=64 << 20, timeout=10.0)
-        server = self.vmm.connect(self.files.socket, wait=10.0)
+        vmm = SimVmm(ram_size=64 << 20, timeout=10.0)
+        self.connect_drivers(vmm, vmm.connect(self.files.socket, wait=10.0))
+
+    def connect_drivers(self, vmm: SimVmm, server: Any) -> None:
+        """Bring every announced device up on a connected VMM (fresh allocations)."""
+        self.vmm = vmm
+        vmm.alloc = Allocator(vmm.ram_gpa, vmm.ram_size)
         by_base = {w.base: w for w in server.windows}
         self.blk = BlockDriver(self.vmm, by_base[BLOCK_BASE], queue_size=64, depth=16)
         self.blk.start()
