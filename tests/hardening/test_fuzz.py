@@ -20,7 +20,7 @@ from tests.hardening.stack import fd_count, map_count
 
 TARGET = int(os.environ.get("VMMIOD_FUZZ_EXAMPLES", "100000"))
 STEPS_PER_RUN = 60
-RUNS_PER_ROUND = 1000
+RUNS_PER_ROUND = 400
 
 
 def test_hostile_guest_campaign() -> None:
