@@ -85,7 +85,7 @@ def archive_uris(sources: list[HostSource]) -> tuple[str, str | None, str]:
     for src in sources:
         if not src.uris or "main" not in src.components:
             continue
-        if any(s.endswith("-security") or s.endswith("/updates") for s in src.suites):
+        if any(s.endswith(("-security", "/updates")) for s in src.suites):
             security = security or src.uris[0]
         else:
             if main is None and src.signed_by and os.path.exists(src.signed_by):
@@ -165,7 +165,7 @@ class PrivateApt:
     def resolve(self, packages: list[str]) -> list[tuple[str, str]]:
         """(package, version) of every package `apt-get install` would bring in."""
         out = self.run("apt-get", "-s", "install", *packages, capture=True)
-        found = re.findall(r"^Inst (\S+) \((\S+)", out, re.M)
+        found = re.findall(r"^Inst (\S+) \((\S+)", out, re.MULTILINE)
         return [(name.split(":")[0], ver) for name, ver in found]
 
     def download(self, packages: list[str]) -> None:
@@ -178,7 +178,7 @@ class PrivateApt:
     def depends(self, package: str) -> list[str]:
         out = self.run("apt-cache", "depends", "--no-recommends", "--no-suggests", package,
                        capture=True)
-        return re.findall(r"^\s+Depends: (\S+)", out, re.M)
+        return re.findall(r"^\s+Depends: (\S+)", out, re.MULTILINE)
 
     def source(self, package: str, dest: Path) -> None:
         dest.mkdir(parents=True, exist_ok=True)

@@ -20,6 +20,8 @@ Usage: build.py [--suite SUITE] [--refresh]   (--refresh re-reads the package li
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -28,11 +30,12 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import aptdeb  # noqa: E402
-import images  # noqa: E402
+import aptdeb
+import images
 
 HOST_TOOLS = {  # command -> Debian package providing it on the host
     "qemu-system-aarch64": "qemu-system-arm",
@@ -76,7 +79,7 @@ STEP_TIMEOUT = 1200  # seconds for any one download or build command
 
 def sh(*cmd: str | Path, cwd: Path | None = None, quiet: bool = True) -> None:
     try:
-        res = subprocess.run([str(c) for c in cmd], cwd=cwd, text=True, timeout=STEP_TIMEOUT,
+        res = subprocess.run([str(c) for c in cmd], cwd=cwd, text=True, timeout=STEP_TIMEOUT, check=False,
                              stdout=subprocess.PIPE if quiet else None, stderr=subprocess.STDOUT)
     except subprocess.TimeoutExpired:
         raise SystemExit(f"e2e-build: {' '.join(str(c) for c in cmd)} timed out ({STEP_TIMEOUT}s)")
@@ -220,6 +223,30 @@ class Build:
         log(f"images built: dom0.cpio {(self.out / 'dom0.cpio').stat().st_size >> 20} MiB")
 
 
+LOCK_WAIT = 1800  # seconds to wait for another build or run using the same cache
+
+
+@contextlib.contextmanager
+def cache_lock(cache: Path) -> Iterator[None]:
+    """One build or run at a time per cache: two would overwrite each other's files."""
+    cache.mkdir(parents=True, exist_ok=True)
+    with open(cache / ".lock", "w") as f:
+        deadline = time.monotonic() + LOCK_WAIT
+        announced = False
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if not announced:
+                    log(f"waiting for another e2e build or run using {cache}")
+                    announced = True
+                if time.monotonic() > deadline:
+                    raise SystemExit(f"e2e: {cache} stayed locked for {LOCK_WAIT}s") from None
+                time.sleep(1)
+        yield
+
+
 def default_cache() -> Path:
     env = os.environ.get("VMMIOD_E2E_CACHE")
     return Path(env) if env else Path.home() / ".cache" / "vmmiod" / "e2e"
@@ -232,10 +259,11 @@ def main() -> int:
     ap.add_argument("--refresh", action="store_true", help="re-read the package lists")
     args = ap.parse_args()
     ensure_host_tools()
-    b = Build(args.cache.expanduser(), args.suite, args.refresh)
-    b.packages()
-    b.hypervisor()
-    b.images()
+    with cache_lock(args.cache.expanduser()):
+        b = Build(args.cache.expanduser(), args.suite, args.refresh)
+        b.packages()
+        b.hypervisor()
+        b.images()
     print(b.out)
     log("done")
     return 0

@@ -50,7 +50,7 @@ def console_client(path: str, name: str, token: str, out: Findings, stop: thread
             while not stop.is_set():
                 try:
                     data = s.recv(4096)
-                except socket.timeout:
+                except TimeoutError:
                     continue
                 except OSError:
                     break
@@ -127,7 +127,8 @@ def main() -> None:
     args = ap.parse_args()
     out = Findings(args.out)
     stop = threading.Event()
-    blob = open(args.send, "rb").read()
+    with open(args.send, "rb") as f:
+        blob = f.read()
     threads = [threading.Thread(target=serve_up, args=(listener(UP_PORT), out), daemon=True),
                threading.Thread(target=serve_down, args=(listener(DOWN_PORT), blob, out),
                                 daemon=True)]

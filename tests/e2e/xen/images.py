@@ -9,8 +9,8 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 VERSION = 4  # bump when the assembly below changes in a way the stamps cannot see
 
@@ -62,7 +62,7 @@ Log = Callable[[str], None]
 
 def run(*cmd: str | Path, cwd: Path | None = None, stdout: int | None = None) -> str:
     res = subprocess.run([str(c) for c in cmd], cwd=cwd, text=True, stdout=stdout or subprocess.PIPE,
-                         stderr=subprocess.PIPE, timeout=900)
+                         stderr=subprocess.PIPE, timeout=900, check=False)
     if res.returncode != 0:
         raise SystemExit(f"e2e-build: {' '.join(map(str, cmd))} failed:\n{res.stderr[-4000:]}")
     return res.stdout or ""
@@ -142,7 +142,7 @@ def pack_cpio(root: Path, dest: Path) -> None:
     listing = "\n".join(sorted(n for n in names if n)) + "\n"
     with open(dest, "wb") as out:
         res = subprocess.run(["cpio", "-o", "-H", "newc", "-R", "0:0", "--quiet"], cwd=root,
-                             input=listing.encode(), stdout=out, stderr=subprocess.PIPE)
+                             input=listing.encode(), stdout=out, stderr=subprocess.PIPE, check=False)
     if res.returncode != 0:
         raise SystemExit(f"e2e-build: cpio failed: {res.stderr.decode()[-2000:]}")
 
