@@ -158,6 +158,5 @@ result "xl_destroy_rc=$XL_RC seconds=$(since $T0)"
 wait_for 60 "vmmiod exit" vmmiod_exited || { result "vmmiod_final_exit=timeout"; kill $VMMIOD_SUBSHELL; }
 result "vmmiod_final_exit=$(cat "$VMMIOD_LOG.exit" 2>/dev/null)"
 kill $PEER_PID 2>/dev/null
-# Back to the host for its own checks (e2fsck, debugfs, the read-only image untouched).
-cp "$IMG_RW" /out/disk-rw.img
-cp "$IMG_RO" /out/disk-ro.img
+# dom0.sh's collect copies the images back to the host for its own checks (e2fsck, debugfs,
+# the read-only image untouched).

@@ -31,6 +31,10 @@ collect() {
     dmesg > /out/dom0-dmesg.log 2>&1
     xenstore-ls -f > /out/xenstore.txt 2>&1
     cp /var/log/xen/*.log /out/ 2>/dev/null
+    # The disk images (full mode) go back too, for a look at what the guest left there.
+    for img in /tmp/disk-rw.img /tmp/disk-ro.img; do
+        [ -f "$img" ] && timeout 60 cp "$img" /out/
+    done
     sync
 }
 # wait_for SECONDS DESCRIPTION COMMAND...: poll COMMAND every 0.2 s until it succeeds.
@@ -53,7 +57,8 @@ guest_says() { guest_log | grep -q "$1"; }
 # before the host's timeout would kill QEMU.
 ( while sleep 5; do cp "$CONSOLE_LOG_DIR"/guest-*.log /out/ 2>/dev/null; done ) &
 ( sleep "$E2E_DEADLINE"; say "deadline of ${E2E_DEADLINE}s reached"
-  echo "fail: dom0 deadline (${E2E_DEADLINE}s) reached" > /out/dom0-status; collect; poweroff -f ) &
+  echo "fail: dom0 deadline (${E2E_DEADLINE}s) reached" > /out/dom0-status; collect; sync
+  poweroff -f ) &
 
 # -- Xen userspace: modules, xenfs, xenstored, dom0 in xenstore, xenconsoled ----------------------
 say "starting Xen userspace ($XENBIN)"
