@@ -9,8 +9,9 @@ move started (queue work, the block worker's flushes, frames from the peer), the
 2. guest memory: the guard bytes around every region are intact, and every byte that changed
    while the devices ran was handed out writable by the audited memory layer (or written by the
    guest itself); the audit itself raises inside the device if a buffer is not the asked range;
-3. budgets: no chain walk read more descriptors than the ring size (plus the entries of the one
-   indirect table it may use), and no queue popped more than twice its size in one move;
+3. budgets: no chain walk read more descriptors than the ring size plus one (plus the entries of
+   the one indirect table it may use, plus one), and no queue popped more than twice its size
+   in one move;
 4. violations: every `guest_protocol_violation` leaves its window in DEVICE_NEEDS_RESET, every
    window newly in DEVICE_NEEDS_RESET has one, every VirtqueueError a queue raised ends there,
    and every access the memory layer refused (`memory.rejected`) shows up as a violation or a
@@ -90,7 +91,10 @@ class Checks:
                 reads = METER.reads
                 STATS.descriptors_read += reads
                 STATS.max_walk = max(STATS.max_walk, reads)
-                if reads > q.size + METER.indirect_entries:
+                # The walk reads the next descriptor before it checks the budget, so a loop is
+                # found on read size + 1 (and table + 1 inside an indirect table).
+                if reads > q.size + 1 + (METER.indirect_entries + 1 if METER.indirect_entries
+                                         else 0):
                     self.walk_problems.append(
                         f"window {wi} queue {q.index}: a walk read {reads} descriptors "
                         f"(size {q.size}, indirect {METER.indirect_entries})")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import random
 import socket
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import yaml  # type: ignore[import-untyped]
 
@@ -150,7 +150,7 @@ class DaemonGuest:
                 if e.get("level") in ("critical", "exception")
                 or e.get("event") in ("guest_protocol_violation", "window_error")]
 
-    def __enter__(self) -> DaemonGuest:
+    def __enter__(self) -> Self:
         self.daemon.start()
         try:
             self.connect()

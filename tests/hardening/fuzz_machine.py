@@ -21,7 +21,6 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition,
 
 from tests.hardening.checks import STATS, Checks
 from tests.hardening.stack import (
-    NAMES,
     RAM2_GPA,
     RAM2_SIZE,
     RAM_GPA,
@@ -83,6 +82,11 @@ class HostileGuest(RuleBasedStateMachine):
         self.loop.run_until_complete(self.stack.open())
         self.checks = Checks(self.stack, self.loop)
 
+    @property
+    def rig(self) -> Stack:
+        assert self.stack is not None
+        return self.stack
+
     def act(self, name: str, fn: Callable[[], Any]) -> Any:
         assert self.checks is not None
         return self.checks.step(name, fn)
@@ -92,14 +96,13 @@ class HostileGuest(RuleBasedStateMachine):
             if self.client is not None:
                 self.client.close()
             if self.stack is not None:
-                self.loop.run_until_complete(self.stack.close())
+                self.loop.run_until_complete(self.rig.close())
         finally:
             self.loop.close()
 
     def _vmm(self, i: int) -> BusVmm:
-        assert self.stack is not None
         base, size = slice_of(i)
-        return BusVmm(self.stack.bus, self.stack.memory.guest, Allocator(base, size))
+        return BusVmm(self.rig.bus, self.rig.memory.guest, Allocator(base, size))
 
     def _queue(self, i: int, q: int) -> DriverQueue | None:
         d = self.drv[i]
@@ -112,16 +115,14 @@ class HostileGuest(RuleBasedStateMachine):
     @rule(i=dev_index, off=st.one_of(st.sampled_from(REGISTERS), st.integers(0, 0x1FF)),
           size=st.sampled_from([4, 4, 4, 1, 2, 8, 3]), value=u32)
     def register_write(self, i: int, off: int, size: int, value: int) -> None:
-        assert self.stack is not None
-        addr = self.stack.base(i) + off
-        self.act("register_write", lambda: self.stack.bus.access(addr, size, True, value))
+        addr = self.rig.base(i) + off
+        self.act("register_write", lambda: self.rig.bus.access(addr, size, True, value))
 
     @rule(i=dev_index, off=st.one_of(st.sampled_from(REGISTERS), st.integers(0, 0x1FF)),
           size=st.sampled_from([4, 4, 1, 2, 8]))
     def register_read(self, i: int, off: int, size: int) -> None:
-        assert self.stack is not None
-        addr = self.stack.base(i) + off
-        self.act("register_read", lambda: self.stack.bus.access(addr, size, False))
+        addr = self.rig.base(i) + off
+        self.act("register_read", lambda: self.rig.bus.access(addr, size, False))
 
     @rule(addr=st.one_of(st.integers(WINDOW_BASE - 8, WINDOW_BASE + 3 * WINDOW_SIZE + 8),
                          addresses),
@@ -130,9 +131,8 @@ class HostileGuest(RuleBasedStateMachine):
           ptr=st.booleans())
     def raw_ioreq(self, addr: int, size: int, write: bool, data: int, typ: int, count: int,
                   ptr: bool) -> None:
-        assert self.stack is not None
         req = IoRequest(addr, size, write, data, typ, count, ptr and typ == 1)
-        self.act("raw_ioreq", lambda: self.stack.bus.dispatch(req))
+        self.act("raw_ioreq", lambda: self.rig.bus.dispatch(req))
 
     @rule(i=dev_index, features=st.integers(0, (1 << 64) - 1), mask_transport=st.booleans(),
           sizes=st.lists(st.sampled_from([8, 8, 8, 16, 4, 2, 1, 32, 3, 0]), min_size=1, max_size=6),
@@ -143,14 +143,13 @@ class HostileGuest(RuleBasedStateMachine):
         self.drv[i] = None
 
         def go() -> None:
-            assert self.stack is not None
-            d = VirtioMmioDriver(self._vmm(i), Window(self.stack.base(i), WINDOW_SIZE,  # type: ignore[arg-type]
-                                                      self.stack.lines[i].irq))
+            d = VirtioMmioDriver(self._vmm(i), Window(self.rig.base(i), WINDOW_SIZE,  # type: ignore[arg-type]
+                                                      self.rig.lines[i].irq))
             try:
                 d.probe()
                 want = features if not mask_transport else features & ((1 << 32) - 1)
                 d.negotiate(want)
-                nq = len(self.stack.devices[i].queue_max_sizes)
+                nq = len(self.rig.devices[i].queue_max_sizes)
                 for q in range(nq):
                     d.setup_queue(q, max(1, sizes[q % len(sizes)]))
                 if ok:
@@ -162,37 +161,31 @@ class HostileGuest(RuleBasedStateMachine):
 
     @rule(i=dev_index)
     def reset(self, i: int) -> None:
-        assert self.stack is not None
         self.drv[i] = None
-        self.act("reset", lambda: self.stack.bus.access(self.stack.base(i) + R.STATUS, 4, True, 0))
+        self.act("reset", lambda: self.rig.bus.access(self.rig.base(i) + R.STATUS, 4, True, 0))
 
     @rule(i=dev_index, bits=st.sampled_from([1, 3, 7, 11, 15, 0x80, 0x40, 0xFF, 0x8B]))
     def status(self, i: int, bits: int) -> None:
-        assert self.stack is not None
-        self.act("status", lambda: self.stack.bus.access(self.stack.base(i) + R.STATUS, 4,
+        self.act("status", lambda: self.rig.bus.access(self.rig.base(i) + R.STATUS, 4,
                                                          True, bits))
 
     @rule(i=dev_index, q=st.integers(0, 9))
     def notify(self, i: int, q: int) -> None:
-        assert self.stack is not None
-        addr = self.stack.base(i) + R.QUEUE_NOTIFY
-        self.act("notify", lambda: self.stack.bus.access(addr, 4, True, q))
+        addr = self.rig.base(i) + R.QUEUE_NOTIFY
+        self.act("notify", lambda: self.rig.bus.access(addr, 4, True, q))
 
     @rule(i=dev_index, extra=st.sampled_from([0, 0, 1, 2, 0xFFFF_FFFF]))
     def interrupt(self, i: int, extra: int) -> None:
-        assert self.stack is not None
-        base = self.stack.base(i)
+        base = self.rig.base(i)
 
         def go() -> None:
-            assert self.stack is not None
-            isr = self.stack.bus.access(base + R.INTERRUPT_STATUS, 4, False)
-            self.stack.bus.access(base + R.INTERRUPT_ACK, 4, True, isr | extra)
+            isr = self.rig.bus.access(base + R.INTERRUPT_STATUS, 4, False)
+            self.rig.bus.access(base + R.INTERRUPT_ACK, 4, True, isr | extra)
         self.act("interrupt", go)
 
     @rule()
     def invalidate(self) -> None:
-        assert self.stack is not None
-        self.act("invalidate", lambda: self.stack.bus.dispatch(
+        self.act("invalidate", lambda: self.rig.bus.dispatch(
             IoRequest(0, 8, True, (1 << 64) - 1, 8)))
 
     # -- rings ----------------------------------------------------------------------------------
@@ -221,15 +214,16 @@ class HostileGuest(RuleBasedStateMachine):
           parts=st.lists(st.tuples(st.sampled_from(["hdr", "buf", "status", "hostile"]),
                                    addresses, lengths, st.booleans()), min_size=1, max_size=5),
           rtype=st.sampled_from([0, 1, 4, 8]), indirect=st.booleans(),
-          table_at=st.one_of(st.none(), addresses))
+          table_at=st.one_of(st.none(), addresses), cycle=st.booleans())
     def hostile_chain(self, i: int, q: int, head: int, parts: list[tuple[str, int, int, bool]],
-                      rtype: int, indirect: bool, table_at: int | None) -> None:
-        """A chain that looks right (a real header, real buffers) with hostile parts in it."""
+                      rtype: int, indirect: bool, table_at: int | None, cycle: bool) -> None:
+        """A chain that looks right (a real header, real buffers) with hostile parts in it;
+        with `cycle` its last descriptor links back to its first (a loop)."""
         dq = self._queue(i, q)
         d = self.drv[i]
         if dq is None or d is None:
             return
-        mem, alloc = dq.memory, d.vmm.alloc  # type: ignore[attr-defined]
+        mem, alloc = dq.memory, d.vmm.alloc
         descs: list[tuple[int, int, int]] = []
         try:
             for kind, addr, length, write in parts:
@@ -248,16 +242,18 @@ class HostileGuest(RuleBasedStateMachine):
         if indirect:
             for k, (addr, length, flags) in enumerate(descs):
                 last = k + 1 == len(descs)
+                link = 0 if cycle and last else k + 1
                 if table_at is None:
                     mem.write(table + 16 * k, struct.pack(
-                        "<QIHH", addr, length, flags | (0 if last else VIRTQ_DESC_F_NEXT), k + 1))
+                        "<QIHH", addr, length,
+                        flags | (0 if last and not cycle else VIRTQ_DESC_F_NEXT), link))
             dq.raw_desc(h, table, 16 * len(descs), VIRTQ_DESC_F_INDIRECT, 0)
         else:
             for k, (addr, length, flags) in enumerate(descs):
                 last = k + 1 == len(descs)
-                nxt = (h + k + 1) % dq.size
+                nxt = h if cycle and last else (h + k + 1) % dq.size
                 dq.raw_desc((h + k) % dq.size, addr, length,
-                            flags | (0 if last else VIRTQ_DESC_F_NEXT), nxt)
+                            flags | (0 if last and not cycle else VIRTQ_DESC_F_NEXT), nxt)
         dq.raw_avail(dq.avail_idx, h)
         dq.avail_idx = (dq.avail_idx + 1) & 0xFFFF
         dq.raw_avail_idx(dq.avail_idx)
@@ -286,9 +282,8 @@ class HostileGuest(RuleBasedStateMachine):
         self._kick("avail_jump", i, dq, True)
 
     def _kick(self, name: str, i: int, dq: DriverQueue, kick: bool) -> None:
-        assert self.stack is not None
-        addr = self.stack.base(i) + R.QUEUE_NOTIFY
-        self.act(name, (lambda: self.stack.bus.access(addr, 4, True, dq.index)) if kick
+        addr = self.rig.base(i) + R.QUEUE_NOTIFY
+        self.act(name, (lambda: self.rig.bus.access(addr, 4, True, dq.index)) if kick
                  else (lambda: None))
 
     # -- well-formed traffic --------------------------------------------------------------------
@@ -300,8 +295,8 @@ class HostileGuest(RuleBasedStateMachine):
     def block_request(self, rtype: int, sector: int, n: int, indirect: bool,
                       split_header: bool) -> None:
         dq = self._queue(0, 0)
-        assert self.stack is not None and dq is not None
-        mem, alloc = self.stack.memory.guest, self.drv[0].vmm.alloc  # type: ignore[union-attr]
+        assert dq is not None
+        mem, alloc = self.rig.memory.guest, self.drv[0].vmm.alloc  # type: ignore[union-attr]
         try:
             hdr, data, status = alloc.alloc(16), alloc.alloc(max(n, 1)), alloc.alloc(1)
         except MemoryError:
@@ -325,21 +320,21 @@ class HostileGuest(RuleBasedStateMachine):
     def net_traffic(self, what: str, n: int, hdr: bytes, indirect: bool) -> None:
         q = {"tx": 1, "rx": 0, "ctrl": 2}[what]
         d = self.drv[1]
-        assert self.stack is not None and d is not None
+        assert d is not None
         if q >= len(d.queues) or d.queues[q] is None:
             return
         dq = d.queues[q]
         try:
-            buf = d.vmm.alloc.alloc(max(n, 1))  # type: ignore[attr-defined]
+            buf = d.vmm.alloc.alloc(max(n, 1))
         except MemoryError:
             return
         if what == "tx":
-            self.stack.memory.guest.write(buf, (hdr + bytes(n))[:max(n, 1)])
+            self.rig.memory.guest.write(buf, (hdr + bytes(n))[:max(n, 1)])
             self._add(1, dq, [(buf, n)], [], indirect)
         elif what == "rx":
             self._add(1, dq, [], [(buf, n)], indirect)
         else:
-            self.stack.memory.guest.write(buf, hdr[:max(n, 1)])
+            self.rig.memory.guest.write(buf, hdr[:max(n, 1)])
             self._add(1, dq, [(buf, min(n, 12))], [(buf + 12, 1)] if n > 12 else [], indirect)
 
     @precondition(lambda self: self.drv[2] is not None)
@@ -349,15 +344,15 @@ class HostileGuest(RuleBasedStateMachine):
           indirect=st.booleans())
     def console_traffic(self, q: int, n: int, msg: tuple[int, int, int], indirect: bool) -> None:
         d = self.drv[2]
-        assert self.stack is not None and d is not None
+        assert d is not None
         if q >= len(d.queues) or d.queues[q] is None:
             return
         dq = d.queues[q]
         try:
-            buf = d.vmm.alloc.alloc(max(n, 8))  # type: ignore[attr-defined]
+            buf = d.vmm.alloc.alloc(max(n, 8))
         except MemoryError:
             return
-        self.stack.memory.guest.write(buf, CTRL.pack(*msg))
+        self.rig.memory.guest.write(buf, CTRL.pack(*msg))
         if q in (0, 2, 4):  # receive queues: the device writes
             self._add(2, dq, [], [(buf, n)], indirect)
         else:
@@ -392,12 +387,10 @@ class HostileGuest(RuleBasedStateMachine):
     @rule(sizes=st.lists(st.sampled_from([0, 1, 13, 14, 60, 1514, 1600, 9000, 65000]),
                          min_size=1, max_size=4), foreign=st.booleans())
     def peer_sends(self, sizes: list[int], foreign: bool) -> None:
-        assert self.stack is not None
-        dest = self.stack.net_address
+        dest = self.rig.net_address
 
         def go() -> None:
-            assert self.stack is not None
-            sock = self.stack.peer
+            sock = self.rig.peer
             other = None
             if foreign:
                 other = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
@@ -413,7 +406,7 @@ class HostileGuest(RuleBasedStateMachine):
                     other.close()
         self.act("peer_sends", go)
         try:
-            while self.stack.peer.recv(70000):
+            while self.rig.peer.recv(70000):
                 pass
         except OSError:
             pass
@@ -421,13 +414,11 @@ class HostileGuest(RuleBasedStateMachine):
     @rule(action=st.sampled_from(["connect", "send", "close", "half", "reset"]),
           data=st.binary(max_size=64))
     def console_client(self, action: str, data: bytes) -> None:
-        assert self.stack is not None
 
         def go() -> None:
-            assert self.stack is not None
             if action == "connect" and self.client is None:
                 c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                c.connect(str(self.stack.console_socket))
+                c.connect(str(self.rig.console_socket))
                 c.setblocking(False)
                 self.client = c
             elif self.client is not None:
@@ -443,7 +434,8 @@ class HostileGuest(RuleBasedStateMachine):
                         self.client.close()
                         self.client = None
                 except OSError:
-                    self.client.close()
+                    if self.client is not None:
+                        self.client.close()
                     self.client = None
         self.act("console_client", go)
         if self.client is not None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import socket
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 from vmmiod.config import (
     BlockConfig,
@@ -85,7 +85,7 @@ class InprocGuest:
                 if e.get("level") in ("error", "exception", "critical")
                 or e.get("event") == "guest_protocol_violation"]
 
-    def __enter__(self) -> InprocGuest:
+    def __enter__(self) -> Self:
         self.daemon.start()
         try:
             self.vmm.connect(self.daemon.socket_path)

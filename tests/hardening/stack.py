@@ -70,8 +70,9 @@ class Stack:
         self.peer.bind(("127.0.0.1", 0))
         self.peer.setblocking(False)
         guest = GuestConfig("hostile")
-        mmio = [MmioConfig(base=WINDOW_BASE + i * WINDOW_SIZE, irq=IRQ_BASE + i, version=v)
-                for i, v in enumerate(versions)]  # type: ignore[arg-type]
+        mmio = [MmioConfig(base=WINDOW_BASE + i * WINDOW_SIZE, irq=IRQ_BASE + i,
+                           version=v)  # type: ignore[arg-type]
+                for i, v in enumerate(versions)]
         self.console_socket = self.dir / "con.sock"
         self.devices: list[Any] = [
             BlockDevice(BlockConfig(id="vda", mmio=mmio[0], path=self.image,

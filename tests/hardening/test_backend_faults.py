@@ -203,7 +203,7 @@ def test_filesystem_remounted_read_only_under_the_daemon(tmp_path: Path) -> None
                 assert io(g, VIRTIO_BLK_T_OUT, 0, data)[0] == VIRTIO_BLK_S_OK
                 assert io(g, VIRTIO_BLK_T_FLUSH, 0)[0] == VIRTIO_BLK_S_OK
                 trigger.write_text("vmmiod hardening test\n")  # ext4_error -> remount-ro
-                opts = next(line for line in open("/proc/mounts")
+                opts = next(line for line in Path("/proc/mounts").read_text().splitlines()
                             if f" {mnt} " in line).split()[3].split(",")
                 assert "ro" in opts or "emergency_ro" in opts, opts  # 6.x: emergency_ro
                 assert io(g, VIRTIO_BLK_T_OUT, 128, data)[0] == VIRTIO_BLK_S_IOERR

@@ -19,18 +19,28 @@ import argparse
 import json
 import os
 import random
-import socket
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from vmmiod.sim.block import VIRTIO_BLK_S_OK, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_IN, \
-    VIRTIO_BLK_T_OUT, BlockDriver
+from vmmiod.sim.block import (
+    VIRTIO_BLK_S_OK,
+    VIRTIO_BLK_T_FLUSH,
+    VIRTIO_BLK_T_IN,
+    VIRTIO_BLK_T_OUT,
+    BlockDriver,
+)
 from vmmiod.sim.console import ConsoleDriver, connect_console
-from vmmiod.sim.harness import BLOCK_BASE, CONSOLE_BASE, NET_BASE, DaemonProcess, GuestFiles, \
-    write_config
+from vmmiod.sim.harness import (
+    BLOCK_BASE,
+    CONSOLE_BASE,
+    NET_BASE,
+    DaemonProcess,
+    GuestFiles,
+    write_config,
+)
 from vmmiod.sim.net import NetDriver, make_frame, udp_peer
 from vmmiod.sim.vmm import SimVmm
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import ctypes
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, MutableMapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -127,17 +127,21 @@ class GuardedMemory(MappedMemory):
                 continue
             mask = self.handed_writable[b.region.gpa]
             dirty = self.guest.dirty[b.region.gpa]
-            for chunk in range(0, len(raw), 256):
-                if raw[chunk:chunk + 256] == old[chunk:chunk + 256]:
+            for block in range(0, len(raw), 65536):  # two levels: most of memory is unchanged
+                if raw[block:block + 65536] == old[block:block + 65536]:
                     continue
-                for i in range(chunk, min(chunk + 256, len(raw))):
-                    if raw[i] == old[i]:
+                for chunk in range(block, min(block + 65536, len(raw)), 256):
+                    if raw[chunk:chunk + 256] == old[chunk:chunk + 256]:
                         continue
-                    off = i - GUARD_SIZE
-                    if not 0 <= off < b.region.size or not (mask[off] or dirty[off]):
-                        problems.append(f"byte at gpa {b.region.gpa + off:#x} changed")
-                        if len(problems) > 8:
-                            return problems
+                    for i in range(chunk, min(chunk + 256, len(raw))):
+                        if raw[i] == old[i]:
+                            continue
+                        off = i - GUARD_SIZE
+                        if not 0 <= off < b.region.size or not (mask[off] or dirty[off]):
+                            problems.append(f"byte at gpa {b.region.gpa + off:#x} changed")
+                            if len(problems) > 8:
+                                return problems
+        return problems
         return problems
 
     def close(self) -> None:
@@ -243,9 +247,9 @@ class EventLog:
 
     events: list[dict[str, Any]] = field(default_factory=list)
 
-    def __call__(self, logger: Any, method: str, event_dict: dict[str, Any]) -> Any:
+    def __call__(self, logger: Any, method: str, event_dict: MutableMapping[str, Any]) -> Any:
         event_dict["level"] = method
-        self.events.append(event_dict)
+        self.events.append(dict(event_dict))
         raise structlog.DropEvent
 
     def logger(self, **context: Any) -> Any:
