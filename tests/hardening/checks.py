@@ -98,8 +98,9 @@ class Checks:
                     self.walk_problems.append(
                         f"window {wi} queue {q.index}: a walk read {reads} descriptors "
                         f"(size {q.size}, indirect {METER.indirect_entries})")
-            key = (wi, q.index)
-            self.pops[key] = self.pops.get(key, 0) + 1
+            if chain is not None:
+                key = (wi, q.index)
+                self.pops[key] = self.pops.get(key, 0) + 1
             return chain
         return pop
 
