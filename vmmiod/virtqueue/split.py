@@ -30,6 +30,7 @@ from vmmiod.virtqueue.errors import (
     RingOutsideMemory,
     UsedIdNotInFlight,
 )
+from vmmiod.virtqueue.fastwalk import FAST_TABLE_MAX, TABLE_STRUCTS, linear_reader
 
 MAX_QUEUE_SIZE = 32768
 
@@ -258,13 +259,26 @@ class SplitQueue:
         readable: list[tuple[int, int]] = []
         writable: list[tuple[int, int]] = []
         rlen = wlen = 0
-        idx = head
         unpack = DESC.unpack_from
+        addr, length, flags, nxt = unpack(buf, base + DESC_SIZE * head)
+        if (flags == VIRTQ_DESC_F_INDIRECT and self.indirect and length
+                and not length & (DESC_SIZE - 1) and length <= DESC_SIZE * FAST_TABLE_MAX):
+            # The usual indirect chain: the table read in one go and matched against the shape
+            # a driver builds; anything else takes the walk below, which names the broken rule.
+            try:
+                tbuf, tbase = mem.locate(addr, length)
+            except GuestMemoryError as exc:
+                raise RingAccessError(f"queue {self.index}: indirect table: {exc}") from exc
+            vals = TABLE_STRUCTS[length >> 4].unpack_from(tbuf, tbase)
+            reader = linear_reader(vals[2::4])
+            if reader is not None:
+                chain = reader(vals, mem, head)
+                if chain is not None:
+                    return chain
         while True:
             if budget == 0:
                 raise ChainTooLong(f"queue {self.index}: chain from head {head} loops")
             budget -= 1
-            addr, length, flags, nxt = unpack(buf, base + DESC_SIZE * idx)
             if flags & VIRTQ_DESC_F_INDIRECT:
                 if not self.indirect:
                     raise IndirectNotNegotiated(f"queue {self.index}: INDIRECT_DESC not negotiated")
@@ -280,7 +294,7 @@ class SplitQueue:
                     raise RingAccessError(f"queue {self.index}: indirect table: {exc}") from exc
                 table_size = budget = length // DESC_SIZE
                 in_indirect = True
-                idx = 0
+                addr, length, flags, nxt = unpack(buf, base)
                 continue
             if flags & VIRTQ_DESC_F_WRITE:
                 writable.append((addr, length))
@@ -297,7 +311,7 @@ class SplitQueue:
                 break
             if nxt >= table_size:
                 raise NextOutOfRange(f"queue {self.index}: next {nxt} >= {table_size}")
-            idx = nxt
+            addr, length, flags, nxt = unpack(buf, base + DESC_SIZE * nxt)
         return DescriptorChain(mem, head, readable, writable, rlen, wlen)
 
     def undo_pop(self) -> None:
