@@ -31,7 +31,7 @@ from vmmiod.sim.harness import BLOCK_BASE, DaemonProcess, GuestFiles
 from vmmiod.sim.vmm import SimError, SimVmm
 
 CYCLES = int(os.environ.get("VMMIOD_CRASH_CYCLES", "50"))
-IMAGE = 256 << 20
+IMAGE = 1 << 30  # sparse; a 20 MiB area per cycle, so most kills land mid-stream
 CACHES = ("writeback", "writethrough", "none")
 SECTOR = 512
 
