@@ -88,7 +88,11 @@ def test_console_client_reconnects_after_restart(tmp_path: Path) -> None:
         assert g.daemon.proc is not None
         g.daemon.proc.kill()
         g.daemon.proc.wait(10)
-        assert g.client is not None and g.client.recv(100) == b""  # EOF: the daemon is gone
+        assert g.client is not None
+        try:
+            assert g.client.recv(100) == b""  # EOF: the daemon is gone
+        except ConnectionResetError:
+            pass  # or a reset, when the dead daemon left bytes unread
         g.daemon = DaemonProcess(g.files).start()
         c = connect_console(str(g.files.console))
         c.close()
