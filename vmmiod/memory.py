@@ -163,6 +163,9 @@ class GuestMemory:
         U64.pack_into(buf, off, value & 0xFFFFFFFFFFFFFFFF)
 
 
+_NO_REGION: tuple[int, int, memoryview, bool] = (1, 0, memoryview(b""), False)  # matches nothing
+
+
 class MappedMemory(GuestMemory):
     """Guest memory whose regions are all mapped up front (memfd/mmap, or plain buffers)."""
 
@@ -170,6 +173,9 @@ class MappedMemory(GuestMemory):
         super().__init__()
         self._regions: list[Region] = []
         self._last: Region | None = None
+        # The last region hit as plain values (start, end, buffer, writable): the fast paths
+        # of locate() and views() test a range against it without attribute lookups.
+        self._hot: tuple[int, int, memoryview, bool] = _NO_REGION
         self._owned: list[mmap.mmap] = []
         for r in regions or []:
             self.add_region(r)
@@ -213,19 +219,17 @@ class MappedMemory(GuestMemory):
 
     def locate(self, gpa: int, length: int, writable: bool = False) -> tuple[memoryview, int]:
         # Hot path (rings, indirect tables, headers): the last region hit, whole range inside it.
-        r = self._last
-        if (r is not None and r.gpa <= gpa and gpa + length <= r.gpa + r.size and length >= 0
-                and (r.writable or not writable)):
-            return r.buf, gpa - r.gpa
+        start, end, buf, w = self._hot
+        if start <= gpa and gpa + length <= end and length >= 0 and (w or not writable):
+            return buf, gpa - start
         return super().locate(gpa, length, writable)
 
     def views(self, gpa: int, length: int, writable: bool = False) -> list[memoryview]:
         # Hot path (every buffer of every chain): the last region hit, whole range inside it.
-        r = self._last
-        if (r is not None and r.gpa <= gpa and gpa + length <= r.gpa + r.size and length > 0
-                and (r.writable or not writable)):
-            off = gpa - r.gpa
-            return [r.buf[off:off + length]]
+        start, end, buf, w = self._hot
+        if start <= gpa and gpa + length <= end and length > 0 and (w or not writable):
+            off = gpa - start
+            return [buf[off:off + length]]
         return super().views(gpa, length, writable)
 
     def _lookup(self, gpa: int, length: int, writable: bool) -> tuple[memoryview, int, int]:
@@ -234,6 +238,7 @@ class MappedMemory(GuestMemory):
             for r in self._regions:
                 if r.gpa <= gpa < r.gpa + r.size:
                     self._last = r
+                    self._hot = (r.gpa, r.gpa + r.size, r.buf, r.writable)
                     break
             else:
                 self.rejected += 1
@@ -255,6 +260,7 @@ class MappedMemory(GuestMemory):
 
     def close(self) -> None:
         self._last = None
+        self._hot = _NO_REGION
         for r in self._regions:
             r.buf.release()
         self._regions.clear()

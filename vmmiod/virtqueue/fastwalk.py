@@ -26,7 +26,8 @@ VIRTQ_DESC_F_WRITE = 2
 TABLE_STRUCTS = [struct.Struct("<" + "QIHH" * k) for k in range(FAST_TABLE_MAX + 1)]
 
 Reader = Callable[[tuple[int, ...], Any, int], Any]
-_readers: dict[tuple[int, ...], Reader | None] = {}
+READERS: dict[tuple[int, ...], Reader] = {}  # linear shapes seen, by flags
+_not_linear: set[tuple[int, ...]] = set()
 
 
 def _readable_count(flags: tuple[int, ...]) -> int | None:
@@ -72,16 +73,18 @@ def _generate(k: int, r: int) -> Reader:
 def linear_reader(flags: tuple[int, ...]) -> Reader | None:
     """The reader for a table with these flags, or None when the shape is not linear.
 
-    Readers are kept per shape: at most (FAST_TABLE_MAX + 1)**2 / 2 of them plus the non-linear
-    flag tuples a driver shows, so the cache is bounded and a hostile driver that shows new
-    shapes forever only gets the full walk once the cache is full.
+    Readers are kept per shape (a bounded number: a linear shape is its size and its count of
+    readable descriptors). Non-linear flag tuples are remembered too, up to a bound, so that a
+    driver showing them again costs a set lookup; past the bound each costs one check.
     """
-    try:
-        return _readers[flags]
-    except KeyError:
-        pass
+    reader = READERS.get(flags)
+    if reader is not None or flags in _not_linear:
+        return reader
     r = _readable_count(flags)
-    reader = None if r is None else _generate(len(flags), r)
-    if len(_readers) < 4096:
-        _readers[flags] = reader
+    if r is None:
+        if len(_not_linear) < 4096:
+            _not_linear.add(flags)
+        return None
+    reader = _generate(len(flags), r)
+    READERS[flags] = reader  # at most (FAST_TABLE_MAX + 1) * (FAST_TABLE_MAX + 2) / 2 shapes
     return reader

@@ -30,7 +30,7 @@ from vmmiod.virtqueue.errors import (
     RingOutsideMemory,
     UsedIdNotInFlight,
 )
-from vmmiod.virtqueue.fastwalk import FAST_TABLE_MAX, TABLE_STRUCTS, linear_reader
+from vmmiod.virtqueue.fastwalk import FAST_TABLE_MAX, READERS, TABLE_STRUCTS, linear_reader
 
 MAX_QUEUE_SIZE = 32768
 
@@ -235,46 +235,61 @@ class SplitQueue:
         mem = self.memory
         if mem is None or not self.ready or mem.generation != self._gen:
             self._check_generation()
-        if self._avail_idx == self.next_avail and self.avail_idx() == self.next_avail:
+            assert mem is not None
+        nxt_avail = self.next_avail
+        if self._avail_idx == nxt_avail and self.avail_idx() == nxt_avail:
             return None
-        slot = self.next_avail % self.size
-        head: int = U16.unpack_from(self._avail_buf, self._avail_off + 4 + 2 * slot)[0]
-        chain = self._walk(head)
-        if self._in_flight[head]:
-            raise HeadInFlight(f"queue {self.index}: head {head} is already in flight")
-        self.next_avail = (self.next_avail + 1) & 0xFFFF
-        self._in_flight[head] = 1
-        return chain
-
-    def _walk(self, head: int) -> DescriptorChain:
         n = self.size
+        head: int = U16.unpack_from(self._avail_buf,
+                                    self._avail_off + 4 + 2 * (nxt_avail & (n - 1)))[0]
         if head >= n:
             raise HeadOutOfRange(f"queue {self.index}: head {head} >= size {n}")
-        mem = self.memory
-        assert mem is not None
-        buf, base = self._desc_buf, self._desc_off
-        table_size = n
-        budget = n
-        in_indirect = False
-        readable: list[tuple[int, int]] = []
-        writable: list[tuple[int, int]] = []
-        rlen = wlen = 0
-        unpack = DESC.unpack_from
-        addr, length, flags, nxt = unpack(buf, base + DESC_SIZE * head)
+        addr, length, flags, nxt = DESC.unpack_from(self._desc_buf,
+                                                    self._desc_off + DESC_SIZE * head)
+        chain = None
         if (flags == VIRTQ_DESC_F_INDIRECT and self.indirect and length
                 and not length & (DESC_SIZE - 1) and length <= DESC_SIZE * FAST_TABLE_MAX):
             # The usual indirect chain: the table read in one go and matched against the shape
-            # a driver builds; anything else takes the walk below, which names the broken rule.
+            # a driver builds (fastwalk.py); anything else takes the full walk, which names the
+            # rule it breaks.
             try:
                 tbuf, tbase = mem.locate(addr, length)
             except GuestMemoryError as exc:
                 raise RingAccessError(f"queue {self.index}: indirect table: {exc}") from exc
             vals = TABLE_STRUCTS[length >> 4].unpack_from(tbuf, tbase)
-            reader = linear_reader(vals[2::4])
+            key = vals[2::4]
+            reader = READERS.get(key) or linear_reader(key)
             if reader is not None:
                 chain = reader(vals, mem, head)
-                if chain is not None:
-                    return chain
+        if chain is None:
+            chain = self._walk_from(head, addr, length, flags, nxt)
+        if self._in_flight[head]:
+            raise HeadInFlight(f"queue {self.index}: head {head} is already in flight")
+        self.next_avail = (nxt_avail + 1) & 0xFFFF
+        self._in_flight[head] = 1
+        return chain
+
+    def _walk(self, head: int) -> DescriptorChain:
+        """Walk the chain at `head` descriptor by descriptor (every rule checked)."""
+        n = self.size
+        if head >= n:
+            raise HeadOutOfRange(f"queue {self.index}: head {head} >= size {n}")
+        addr, length, flags, nxt = DESC.unpack_from(self._desc_buf,
+                                                    self._desc_off + DESC_SIZE * head)
+        return self._walk_from(head, addr, length, flags, nxt)
+
+    def _walk_from(self, head: int, addr: int, length: int, flags: int,
+                   nxt: int) -> DescriptorChain:
+        """The full walk, from the head descriptor's fields (already read)."""
+        mem = self.memory
+        assert mem is not None
+        buf, base = self._desc_buf, self._desc_off
+        table_size = budget = self.size
+        in_indirect = False
+        readable: list[tuple[int, int]] = []
+        writable: list[tuple[int, int]] = []
+        rlen = wlen = 0
+        unpack = DESC.unpack_from
         while True:
             if budget == 0:
                 raise ChainTooLong(f"queue {self.index}: chain from head {head} loops")
@@ -334,13 +349,15 @@ class SplitQueue:
 
     def publish_used(self) -> bool:
         """Make added elements visible (element before idx); True if the driver wants an interrupt."""
+        mem = self.memory
         if not self.ready:
             return False
-        self._check_generation()
+        if mem is None or mem.generation != self._gen:
+            self._check_generation()
         barrier.wmb()
-        U16.pack_into(self._used_buf, self._used_off + 2, self.next_used)
-        barrier.mb()  # the idx store before reading the driver's suppression state
         new = self.next_used
+        U16.pack_into(self._used_buf, self._used_off + 2, new)
+        barrier.mb()  # the idx store before reading the driver's suppression state
         if self.event_idx:
             old = self._signalled_used
             valid = self._signalled_valid
@@ -350,7 +367,8 @@ class SplitQueue:
                 return False
             used_event: int = U16.unpack_from(
                 self._avail_buf, self._avail_off + 4 + 2 * self.size)[0]
-            return not valid or vring_need_event(used_event, new, old)
+            # vring_need_event(used_event, new, old), written out (once per batch, every batch)
+            return not valid or ((new - used_event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
         flags: int = U16.unpack_from(self._avail_buf, self._avail_off)[0]
         return not flags & VIRTQ_AVAIL_F_NO_INTERRUPT
 
@@ -366,7 +384,9 @@ class SplitQueue:
 
     def enable_notification(self) -> bool:
         """Ask for the next notification; True if buffers arrived meanwhile (drain again)."""
-        self._check_generation()
+        mem = self.memory
+        if mem is None or not self.ready or mem.generation != self._gen:
+            self._check_generation()
         if self.event_idx:
             U16.pack_into(self._used_buf, self._used_off + 4 + 8 * self.size, self.next_avail)
         else:
