@@ -134,7 +134,7 @@ xl unpause "$GUEST" || fail "xl unpause"
 say "guest unpaused (boot 1)"
 
 # Boot 1 ends with the guest rebooting; xl re-creates the domain (its daemon process stays).
-if wait_for 240 "boot 1" guest_says "E2E-R reboot-requested"; then
+if wait_for 300 "boot 1" guest_says "E2E-R reboot-requested"; then
     result "boot1_finished=1"
     ip -s link show "$TAP_IF" > /out/tap-stats-boot1.txt 2>&1
     wait_for 60 "vmmiod 1 exit" vmmiod_exited || { result "vmmiod1_exit=timeout"; kill $VMMIOD_SUBSHELL; }
@@ -143,7 +143,7 @@ if wait_for 240 "boot 1" guest_says "E2E-R reboot-requested"; then
     wait_for 90 "vmmiod 2 ready" vmmiod_ready || fail "vmmiod (second instance) not ready after the reboot"
     result "vmmiod2_ready=1 domid=$(xl domid $GUEST)"
     address_tap
-    wait_for 240 "boot 2" guest_says "E2E-R boot n=2 done" || fail "guest did not finish boot 2"
+    wait_for 300 "boot 2" guest_says "E2E-R boot n=2 done" || fail "guest did not finish boot 2"
     result "boot2_finished=1"
     ip -s link show "$TAP_IF" > /out/tap-stats-boot2.txt 2>&1
 else

@@ -85,13 +85,14 @@ fi
 
 ro_sha=$(dd if=/dev/vdb bs=$MiB 2>/dev/null | sha256sum | cut -d' ' -f1)
 dd if=/dev/zero of=/dev/vdb bs=4096 count=1 oflag=direct conv=fsync 2>/dev/null
-ro_kernel_rc=$?
-# Past the kernel's own read-only flag: the write request reaches the device, which must refuse.
+ro_write_rc=$?
+# Clearing the block device's own flag changes nothing: the disk stays read-only because the
+# device offered VIRTIO_BLK_F_RO (Linux: set_disk_ro), so opening it for writing still fails.
 blockdev --setrw /dev/vdb 2>/dev/null
 dd if=/dev/zero of=/dev/vdb bs=4096 count=1 oflag=direct conv=fsync 2>/dev/null
-ro_device_rc=$?
+ro_setrw_rc=$?
 blockdev --setro /dev/vdb 2>/dev/null
-R blk_ro read_sha256=$ro_sha kernel_write_rc=$ro_kernel_rc device_write_rc=$ro_device_rc
+R blk_ro read_sha256=$ro_sha write_rc=$ro_write_rc setrw_write_rc=$ro_setrw_rc
 
 # -- net: MAC, ping over the TAP, 4 MiB each way -----------------------------------------------
 net_stats() {  # frames and interrupts of eth0 so far, for the transfer figures
@@ -108,12 +109,12 @@ net_workload() {  # $1: label, $2: bytes each way
     up=$(sha256sum /tmp/up.bin | cut -d' ' -f1)
     R net_stats label=$1-before-up $(net_stats)
     t0=$(cut -d' ' -f1 /proc/uptime)
-    timeout 300 nc "$DOM0IP" 5001 < /tmp/up.bin
+    timeout 200 nc "$DOM0IP" 5001 < /tmp/up.bin
     R net_up label=$1 rc=$? bytes=$(stat -c %s /tmp/up.bin) sha256=$up t0=$t0
     R net_stats label=$1-after-up $(net_stats)
     t0=$(cut -d' ' -f1 /proc/uptime)
     # The first line asks dom0 for that many bytes of its test file.
-    echo "$2" | timeout 300 nc "$DOM0IP" 5002 > /tmp/down.bin
+    echo "$2" | timeout 200 nc "$DOM0IP" 5002 > /tmp/down.bin
     R net_down label=$1 rc=$? t0=$t0 bytes=$(stat -c %s /tmp/down.bin) sha256=$(sha256sum /tmp/down.bin | cut -d' ' -f1)
     R net_stats label=$1-after-down $(net_stats)
     rm -f /tmp/up.bin /tmp/down.bin
