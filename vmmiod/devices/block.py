@@ -77,16 +77,6 @@ from vmmiod.virtqueue import DescriptorChain, SplitQueue, VirtqueueError
 LOG_FIRST = 10  # guest-caused warnings logged in full, then one in LOG_EVERY
 LOG_EVERY = 1000
 
-def _try_io(op: Any, fd: int, views: list[memoryview], offset: int) -> int:
-    """The one-call fast path; -1 on EFAULT so the backend redoes it (with a bounce buffer)."""
-    try:
-        n: int = op(fd, views, offset)
-    except OSError as exc:
-        if exc.errno != errno.EFAULT:
-            raise
-        return -1
-    return n
-
 
 class BlockDevice(VirtioDevice):
     device_id = 2
@@ -208,10 +198,12 @@ class BlockDevice(VirtioDevice):
         used_before = q.next_used
         budget = q.size  # chains per turn: a guest that refills forever cannot starve the loop
         handle = self._handle
+        pop = q.pop
         while True:
-            q.disable_notification()
+            if not q.event_idx:  # with EVENT_IDX there is nothing to disable
+                q.disable_notification()
             while budget:
-                chain = q.pop()
+                chain = pop()
                 if chain is None:
                     break
                 handle(index, q, memory, limits, chain)
@@ -226,7 +218,10 @@ class BlockDevice(VirtioDevice):
                 continue
             if not q.enable_notification():
                 break
-        self._end_batch(index, q.next_used != used_before)
+        if self._deferred and self._deferred[index]:
+            self._end_batch(index, q.next_used != used_before)
+        elif q.next_used != used_before:  # _end_batch without deferred work, written out
+            self.notify_used(index)
 
     def _reschedule(self, index: int) -> None:
         assert self._loop is not None
@@ -255,10 +250,17 @@ class BlockDevice(VirtioDevice):
                     views += mem.views(gpa, n, True)
             try:
                 # Buffered image, one call: the common case without the backend's wrappers.
-                # A short or refused transfer is redone in full by the backend (idempotent).
+                # A short or refused (EFAULT) transfer is redone in full by the backend
+                # (idempotent); the try is written out here, a call costs as much as the check.
                 pfd = self._plain_fd
-                if pfd < 0 or len(views) > IOV_MAX or _try_io(
-                        os.preadv, pfd, views, req.sector << SECTOR_SHIFT) != length:
+                n = -1
+                if pfd >= 0 and len(views) <= IOV_MAX:
+                    try:
+                        n = os.preadv(pfd, views, req.sector << SECTOR_SHIFT)
+                    except OSError as exc:
+                        if exc.errno != errno.EFAULT:
+                            raise
+                if n != length:
                     self.backing.readv(views, req.sector << SECTOR_SHIFT, length)
                 status = VIRTIO_BLK_S_OK
                 c["bytes_read"] += length
@@ -279,8 +281,14 @@ class BlockDevice(VirtioDevice):
                     views += mem.views(gpa, n, False)
             try:
                 pfd = self._plain_fd
-                if pfd < 0 or len(views) > IOV_MAX or _try_io(
-                        os.pwritev, pfd, views, req.sector << SECTOR_SHIFT) != length:
+                n = -1
+                if pfd >= 0 and len(views) <= IOV_MAX:
+                    try:
+                        n = os.pwritev(pfd, views, req.sector << SECTOR_SHIFT)
+                    except OSError as exc:
+                        if exc.errno != errno.EFAULT:
+                            raise
+                if n != length:
                     self.backing.writev(views, req.sector << SECTOR_SHIFT, length)
             except OSError as exc:
                 status = self._io_error("write", exc, req)

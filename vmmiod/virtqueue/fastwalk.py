@@ -1,13 +1,13 @@
 """Indirect tables read in one go: the shape every driver builds, checked without a loop.
 
 Linux (and every driver we know) fills an indirect table linearly: descriptor i chains to i + 1,
-readable descriptors first, the last without NEXT, every descriptor used. `SplitQueue._walk`
+readable descriptors first, the last without NEXT, every descriptor used. `SplitQueue.pop`
 unpacks such a table with one struct call and asks `linear_reader(flags)` for a reader of its
-shape: a small function, generated once per shape, that checks the `next` fields and the total
-length with plain comparisons and builds the chain with no loop (in CPython a loop over three
-descriptors costs more than the I/O it describes). A table of any other shape, or one that
-breaks a rule, gets no reader or a None from it, and the caller walks it descriptor by
-descriptor, which raises the named error. So this module decides nothing about validity: it
+shape: a DescriptorChain subclass, generated once per shape, whose constructor checks the `next`
+fields and the total length with plain comparisons and fills the chain with no loop (in CPython
+a loop over three descriptors costs more than the I/O it describes). A table of any other shape
+gets no reader; one that breaks a rule makes the reader raise NotThisShape; either way the
+caller walks it descriptor by descriptor, which raises the named error. So this module decides nothing about validity: it
 only recognises chains that the full walk would accept, and returns exactly what it would.
 """
 
@@ -45,28 +45,39 @@ def _readable_count(flags: tuple[int, ...]) -> int | None:
     return r
 
 
+class NotThisShape(Exception):
+    """Raised by a reader whose table breaks a rule after all: the caller walks it in full."""
+
+
 def _generate(k: int, r: int) -> Reader:
-    """Source of a reader for k descriptors, r of them readable (values from one unpack)."""
+    """A reader for k descriptors, r of them readable: a DescriptorChain subclass whose
+    constructor takes the values of one unpack (one Python frame per chain, not two)."""
     nexts = " or ".join(f"v[{4 * i + 3}] != {i + 1}" for i in range(k - 1)) or "False"
     pairs = [f"(v[{4 * i}], v[{4 * i + 1}])" for i in range(k)]
     rlen = " + ".join(f"v[{4 * i + 1}]" for i in range(r)) or "0"
     wlen = " + ".join(f"v[{4 * i + 1}]" for i in range(r, k)) or "0"
     src = (
-        "def read(v, mem, head):\n"
+        "def __init__(self, v, memory, head):\n"
         f"    if {nexts}:\n"
-        "        return None\n"
+        "        raise NotThisShape\n"
         f"    rlen = {rlen}\n"
         f"    wlen = {wlen}\n"
         "    if rlen + wlen >= LEN_LIMIT:\n"
-        "        return None\n"
-        f"    return DescriptorChain(mem, head, [{', '.join(pairs[:r])}], "
-        f"[{', '.join(pairs[r:])}], rlen, wlen)\n"
+        "        raise NotThisShape\n"
+        "    self.memory = memory\n"
+        "    self.head = head\n"
+        f"    self.readable = [{', '.join(pairs[:r])}]\n"
+        f"    self.writable = [{', '.join(pairs[r:])}]\n"
+        "    self.readable_len = rlen\n"
+        "    self.writable_len = wlen\n"
     )
     from vmmiod.virtqueue.split import DescriptorChain  # split imports this module
 
-    namespace: dict[str, Any] = {"LEN_LIMIT": LEN_LIMIT, "DescriptorChain": DescriptorChain}
-    exec(compile(src, f"<virtqueue linear reader k={k} r={r}>", "exec"), namespace)
-    reader: Reader = namespace["read"]
+    namespace: dict[str, Any] = {"LEN_LIMIT": LEN_LIMIT, "NotThisShape": NotThisShape}
+    exec(compile(src, f"<virtqueue linear chain k={k} r={r}>", "exec"), namespace)
+    cls = type(f"LinearChain{k}r{r}", (DescriptorChain,),
+               {"__slots__": (), "__init__": namespace["__init__"], "__module__": __name__})
+    reader: Reader = cls
     return reader
 
 

@@ -30,7 +30,13 @@ from vmmiod.virtqueue.errors import (
     RingOutsideMemory,
     UsedIdNotInFlight,
 )
-from vmmiod.virtqueue.fastwalk import FAST_TABLE_MAX, READERS, TABLE_STRUCTS, linear_reader
+from vmmiod.virtqueue.fastwalk import (
+    FAST_TABLE_MAX,
+    READERS,
+    TABLE_STRUCTS,
+    NotThisShape,
+    linear_reader,
+)
 
 MAX_QUEUE_SIZE = 32768
 
@@ -260,7 +266,17 @@ class SplitQueue:
             key = vals[2::4]
             reader = READERS.get(key) or linear_reader(key)
             if reader is not None:
-                chain = reader(vals, mem, head)
+                try:
+                    chain = reader(vals, mem, head)
+                except NotThisShape:
+                    pass
+        elif not flags & (VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_INDIRECT):
+            # A chain of one direct descriptor (receive buffers, console): nothing to walk, and
+            # a u32 length cannot overflow the chain length.
+            if flags & VIRTQ_DESC_F_WRITE:
+                chain = DescriptorChain(mem, head, [], [(addr, length)], 0, length)
+            else:
+                chain = DescriptorChain(mem, head, [(addr, length)], [], length, 0)
         if chain is None:
             chain = self._walk_from(head, addr, length, flags, nxt)
         if self._in_flight[head]:
@@ -340,12 +356,14 @@ class SplitQueue:
     # -- used ring ------------------------------------------------------------------------------
     def add_used(self, head: int, length: int) -> None:
         """Write a used element (not yet visible to the driver until publish_used)."""
-        if not 0 <= head < len(self._in_flight) or not self._in_flight[head]:
+        in_flight = self._in_flight
+        if not 0 <= head < len(in_flight) or not in_flight[head]:
             raise UsedIdNotInFlight(f"queue {self.index}: head {head} is not in flight")
-        self._in_flight[head] = 0
-        slot = self.next_used % self.size
-        USED_ELEM.pack_into(self._used_buf, self._used_off + 4 + 8 * slot, head, length)
-        self.next_used = (self.next_used + 1) & 0xFFFF
+        in_flight[head] = 0
+        nxt_used = self.next_used
+        USED_ELEM.pack_into(self._used_buf, self._used_off + 4 + 8 * (nxt_used & (self.size - 1)),
+                            head, length)
+        self.next_used = (nxt_used + 1) & 0xFFFF
 
     def publish_used(self) -> bool:
         """Make added elements visible (element before idx); True if the driver wants an interrupt."""
