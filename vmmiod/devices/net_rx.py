@@ -39,8 +39,14 @@ class RxHeld:
 
     def add(self, chain: DescriptorChain) -> None:
         room = IOV_MAX - 1 - len(self.iov)
-        views = chain.writable_views() if room > 0 else []
         cap = chain.writable_len
+        writable = chain.writable
+        if room <= 0:
+            views = []
+        elif len(writable) == 1 and cap:  # the usual receive buffer: one descriptor
+            views = chain.memory.views(writable[0][0], cap, True)
+        else:
+            views = chain.writable_views()
         if len(views) > room:
             del views[room:]  # a scatter list no iovec can carry: use the part that fits
             cap = sum(len(v) for v in views)
