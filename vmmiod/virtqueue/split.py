@@ -224,13 +224,16 @@ class SplitQueue:
         """Read avail.idx (one read per batch) and check the distance rule."""
         idx: int = U16.unpack_from(self._avail_buf, self._avail_off + 2)[0]
         if ((idx - self.next_avail) & 0xFFFF) > self.size:
-            self.ready = False
-            raise AvailIndexJump(
-                f"queue {self.index}: avail.idx {idx} is more than {self.size} "
-                f"ahead of {self.next_avail}")
+            raise self._avail_jump(idx)
         barrier.rmb()  # ring entries after the index that covers them
         self._avail_idx = idx
         return idx
+
+    def _avail_jump(self, idx: int) -> AvailIndexJump:
+        """The queue stops: the driver's avail.idx ran more than a ring ahead."""
+        self.ready = False
+        return AvailIndexJump(f"queue {self.index}: avail.idx {idx} is more than {self.size} "
+                              f"ahead of {self.next_avail}")
 
     def has_available(self) -> bool:
         self._check_generation()
@@ -243,9 +246,15 @@ class SplitQueue:
             self._check_generation()
             assert mem is not None
         nxt_avail = self.next_avail
-        if self._avail_idx == nxt_avail and self.avail_idx() == nxt_avail:
-            return None
         n = self.size
+        if self._avail_idx == nxt_avail:  # avail_idx(), written out: once per pop that drains
+            idx: int = U16.unpack_from(self._avail_buf, self._avail_off + 2)[0]
+            if idx == nxt_avail:
+                return None
+            if ((idx - nxt_avail) & 0xFFFF) > n:
+                raise self._avail_jump(idx)
+            barrier.rmb()  # ring entries after the index that covers them
+            self._avail_idx = idx
         head: int = U16.unpack_from(self._avail_buf,
                                     self._avail_off + 4 + 2 * (nxt_avail & (n - 1)))[0]
         if head >= n:
@@ -410,4 +419,8 @@ class SplitQueue:
         else:
             U16.pack_into(self._used_buf, self._used_off, 0)
         barrier.mb()
+        idx: int = U16.unpack_from(self._avail_buf, self._avail_off + 2)[0]
+        if idx == self.next_avail:  # nothing new: no entry will be read, no check or barrier
+            self._avail_idx = idx
+            return False
         return self.avail_idx() != self.next_avail
