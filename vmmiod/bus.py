@@ -12,7 +12,8 @@ bisect, plus the last window hit, is faster than anything cleverer at that size.
 from __future__ import annotations
 
 import bisect
-from typing import Any, Callable, Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import structlog
 

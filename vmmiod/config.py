@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal, Union
+from typing import Literal
 
 import yaml
 
@@ -43,7 +43,7 @@ class GenericConfig:
     socket_mode: int = 0o600
 
 
-HypervisorConfig = Union[XenConfig, GenericConfig]
+HypervisorConfig = XenConfig | GenericConfig
 
 
 @dataclass(frozen=True)
@@ -101,7 +101,7 @@ class DgramBackend:
     remote: SocketAddress | None = None
 
 
-NetBackend = Union[TapBackend, DgramBackend]
+NetBackend = TapBackend | DgramBackend
 
 
 @dataclass(frozen=True)
@@ -134,7 +134,7 @@ class FileBackend:
     path: Path = Path("/var/log/vmmiod/console.log")
 
 
-ConsoleBackend = Union[PtyBackend, SocketBackend, FileBackend]
+ConsoleBackend = PtyBackend | SocketBackend | FileBackend
 
 
 @dataclass(frozen=True)
@@ -156,7 +156,7 @@ class ConsoleConfig:
     type: Literal["console"] = "console"
 
 
-DeviceConfig = Union[BlockConfig, NetConfig, ConsoleConfig]
+DeviceConfig = BlockConfig | NetConfig | ConsoleConfig
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,8 @@ registers in vmmiod/mmio_queues.py.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from vmmiod.devices.base import (
     VIRTIO_F_EVENT_IDX,

@@ -9,7 +9,8 @@ and the driver has finished feature negotiation (4.2.3.2).
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from vmmiod.devices.base import (
     VIRTIO_F_EVENT_IDX,

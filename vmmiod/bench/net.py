@@ -43,10 +43,10 @@ from vmmiod.config import (
     TapBackend,
 )
 from vmmiod.devices.net import NetDevice
-from vmmiod.sim.net_model import NetDriver, NetHdr
 from vmmiod.devices.net_proto import VIRTIO_NET_HDR_F_NEEDS_CSUM, VIRTIO_NET_HDR_GSO_TCPV4
-from vmmiod.sim.net_testkit import NetNamespace, ether, ipv4, tcp_segment
 from vmmiod.memory import memfd_memory
+from vmmiod.sim.net_model import NetDriver, NetHdr
+from vmmiod.sim.net_testkit import NetNamespace, ether, ipv4, tcp_segment
 from vmmiod.sim.vring import Allocator
 
 GPA = 0x4000_0000

@@ -19,7 +19,8 @@ from __future__ import annotations
 import mmap
 import sys
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import structlog
 
