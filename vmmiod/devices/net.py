@@ -192,6 +192,19 @@ class NetDevice(VirtioDevice):
             except OSError as exc:
                 self.log.error("net_backend_error", op="configure", error=str(exc))
 
+    def on_queue_reset(self, index: int) -> None:
+        """The driver disabled or reset one queue: forget every chain popped from it.
+
+        Chains held from before the reset must never reach the new ring's used ring (the
+        driver has recycled those heads), and a transmit wait belongs to the old ring.
+        """
+        super().on_queue_reset(index)
+        if index == RX_QUEUE:
+            self._rx_stop()
+            self._rx_held.clear()
+        elif index == TX_QUEUE:
+            self._tx_unwait()
+
     def process_queue(self, index: int) -> None:
         if index == RX_QUEUE:
             self._rx_start()
@@ -224,7 +237,7 @@ class NetDevice(VirtioDevice):
         q = self._queue(RX_QUEUE)
         if self._reading or q is None or not self._opened or self._loop is None:
             return
-        if not self._rx_held and not q.has_available() and not q.enable_notification():
+        if not self._rx_can_read(q) and not q.has_available() and not q.enable_notification():
             return  # wait for the guest's next receive-queue notification
         q.disable_notification()
         self._loop.add_reader(self.backend.fd, self._guarded, self._rx_ready, RX_QUEUE)
@@ -236,13 +249,27 @@ class NetDevice(VirtioDevice):
             if self._loop is not None and self.backend.fd >= 0:
                 self._loop.remove_reader(self.backend.fd)
 
+    def _rx_can_read(self, q: SplitQueue) -> bool:
+        """The held chains can take the largest frame, or are all the device will ever get.
+
+        With MRG_RXBUF a frame read into too little room is lost, so the device waits for the
+        guest to post enough (as QEMU's virtio_net_has_buffers does) unless the ring can give
+        no more: every descriptor held, or the iovec full. Then it reads and drops what does
+        not fit, rather than stall.
+        """
+        held = self._rx_held
+        if not self.mrg_rxbuf:
+            return bool(held)
+        return held.cap >= self._rx_need or len(held) >= q.size or held.full()
+
     def _rx_fill(self, q: SplitQueue) -> bool:
-        """Hold enough posted chains for the next frame; False if the guest posted none."""
+        """Hold enough posted chains for the next frame; False: wait for the guest to post."""
         held = self._rx_held
         held.refresh(q.memory.generation if q.memory is not None else 0)
         want = self._rx_need if self.mrg_rxbuf else 1
         chains = held.chains
-        while (held.cap < want if self.mrg_rxbuf else not chains) and len(chains) < q.size:
+        while (held.cap < want if self.mrg_rxbuf else not chains) and len(chains) < q.size \
+                and not held.full():
             chain = q.pop()
             if chain is None:
                 break
@@ -252,7 +279,7 @@ class NetDevice(VirtioDevice):
                 q.add_used(chain.head, 0)
                 continue
             held.add(chain)
-        return bool(chains)
+        return self._rx_can_read(q)
 
     def _rx_drop(self, reason: RxDrop) -> None:
         key = f"rx_dropped_{reason.value}"

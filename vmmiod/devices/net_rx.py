@@ -56,6 +56,10 @@ class RxHeld:
         self.iov.extend(views)
         self.cap += cap
 
+    def full(self) -> bool:
+        """No further chain can add room: the iovec is at its limit."""
+        return len(self.iov) >= IOV_MAX - 1
+
     def refresh(self, gen: int) -> None:
         """Look every view up again when guest memory was remapped (Xen invalidate)."""
         if gen == self.gen:
