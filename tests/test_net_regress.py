@@ -122,3 +122,65 @@ def test_receive_queue_reset_forgets_held_chains(tmp_path: Path) -> None:
             await a.stop()
             await b.stop()
     run(body)
+
+
+def test_transmit_under_eagain_resets_and_invalidate_returns_only_exposed_heads(
+        tmp_path: Path) -> None:
+    """A stressed sender: tiny socket buffer (sends hit EAGAIN and chains go back to the ring),
+    memory invalidated, the transmit queue reset and the device reset mid-transfer. The driver
+    model raises if the device ever returns a head it did not expose."""
+    import random
+
+    async def body() -> None:
+        rng = random.Random(7)
+        ba, bb = unix_pair(tmp_path)
+        a, b = Guest("alpha", ba), Guest("beta", bb)
+        await a.start(indirect=True)
+        await b.start(rx_buf_size=BUF)
+        sock = a.device.backend.sock  # type: ignore[attr-defined]
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1)
+        try:
+            sent = 0
+            events = {"reset_tx": 0, "reset_dev": 0, "invalidate": 0}
+            for step in range(400):
+                d = a.driver
+                d.reclaim_tx()  # raises on a head the driver did not expose
+                for _ in range(rng.randrange(1, 12)):
+                    if d.txq.num_free < 2:
+                        break
+                    frame = ether(b.device.mac, a.device.mac, ETH_P_IP,
+                                  step.to_bytes(4, "big") * rng.randrange(10, 300))
+                    d.send(frame, split_at=rng.choice([None, 12, 20]), kick=rng.random() < 0.7)
+                    sent += 1
+                r = rng.random()
+                if r < 0.05:
+                    a.memory.invalidate()
+                    events["invalidate"] += 1
+                elif r < 0.08:
+                    a.reset_queue(TX_QUEUE)
+                    events["reset_tx"] += 1
+                elif r < 0.10:
+                    a.device.reset()
+                    a.new_driver(indirect=True)
+                    events["reset_dev"] += 1
+                if rng.random() < 0.5:
+                    b.driver.rx_frames()
+                    b.driver.post_rx()
+                await asyncio.sleep(0 if rng.random() < 0.7 else 0.001)
+                assert a.driver.transport.faults == []
+                assert a.device.counters.get("violations", 0) == 0
+            for _ in range(50):
+                b.driver.rx_frames()
+                b.driver.post_rx()
+                a.driver.kick(TX_QUEUE)
+                a.driver.reclaim_tx()
+                if not a.driver.txq.pending():
+                    break
+                await asyncio.sleep(0.01)
+            assert a.driver.txq.pending() == 0
+            assert all(events.values()), events
+            assert a.device.counters["tx_frames"] > 0
+        finally:
+            await a.stop()
+            await b.stop()
+    run(body)
