@@ -184,3 +184,57 @@ def test_transmit_under_eagain_resets_and_invalidate_returns_only_exposed_heads(
             await a.stop()
             await b.stop()
     run(body)
+
+
+def test_avail_slot_changed_after_a_chain_was_given_back_is_reported(tmp_path: Path) -> None:
+    """Sends hit EAGAIN, the device gives the chain back (undo_pop); a guest that then rewrites
+    that avail slot makes the device pop another head: logged as virtqueue_inconsistency."""
+    from structlog.testing import capture_logs
+
+    async def body() -> None:
+        ba, bb = unix_pair(tmp_path)
+        a, b = Guest("alpha", ba), Guest("beta", bb)
+        await a.start()
+        await b.start()
+        try:
+            d = a.driver
+            frame = ether(b.device.mac, a.device.mac, ETH_P_IP, bytes(1400))
+            for _ in range(200):  # b posts nothing and reads nothing: its socket fills
+                if not a.device._tx_waiting:
+                    d.send(frame)
+                await asyncio.sleep(0)
+                if a.device._tx_waiting:
+                    break
+            assert a.device._tx_waiting and a.device._tx_undone >= 0
+            sq = a.device.queues[TX_QUEUE]
+            slot = sq.next_avail
+            assert sq.next_avail != d.txq.avail_idx  # the given-back chain is still exposed
+            spare = d.txq.add([(d.alloc.alloc(64), 64)], [])  # exposed after it, one slot on
+            d.txq.raw_avail(slot, spare)  # the guest rewrites the slot the device gave back
+            with capture_logs() as logs:
+                b.driver.post_rx()
+                for _ in range(100):
+                    b.driver.rx_frames()
+                    b.driver.post_rx()
+                    await asyncio.sleep(0.005)
+                    if a.device.counters["inconsistencies"]:
+                        break
+            assert a.device.counters["inconsistencies"] >= 1
+            assert any(e["event"] == "virtqueue_inconsistency" and e["log_level"] == "warning"
+                       for e in logs)
+        finally:
+            await a.stop()
+            await b.stop()
+    run(body)
+
+
+def test_ring_books_balance_check() -> None:
+    from vmmiod.devices.net_rx import ring_unbalanced
+    from vmmiod.virtqueue import SplitQueue
+
+    q = SplitQueue(8)
+    q.next_avail, q.next_used = 3, 1
+    assert ring_unbalanced(q, 2) == 0
+    assert ring_unbalanced(q, 0) == 2
+    q.next_avail, q.next_used = 1, 0xFFFF  # across the 16-bit wrap
+    assert ring_unbalanced(q, 2) == 0

@@ -55,7 +55,7 @@ from vmmiod.devices.net_proto import (
     parse_mac,
     scatter,
 )
-from vmmiod.devices.net_rx import IOV_MAX, RxHeld
+from vmmiod.devices.net_rx import IOV_MAX, RxHeld, report_inconsistency, ring_unbalanced
 from vmmiod.devices.net_tap import TapInterface
 from vmmiod.memory import GuestMemoryError
 from vmmiod.virtqueue import DescriptorChain, SplitQueue, VirtqueueError
@@ -93,9 +93,10 @@ class NetDevice(VirtioDevice):
         self._reading = False
         self._filtering = False
         self._tx_waiting = False
+        self._tx_undone = -1  # head given back to the ring on EAGAIN: the next pop must be it
         self._opened = False
         for key in ("rx_frames", "rx_bytes", "tx_frames", "tx_bytes", "ctrl_commands",
-                    "ctrl_errors", "config_interrupts", "link_changes"):
+                    "ctrl_errors", "config_interrupts", "link_changes", "inconsistencies"):
             self.counters[key] = 0
         for reason in RxDrop:
             self.counters[f"rx_dropped_{reason.value}"] = 0
@@ -183,6 +184,7 @@ class NetDevice(VirtioDevice):
     def on_reset(self) -> None:
         self._rx_stop()
         self._tx_unwait()
+        self._tx_undone = -1
         self._rx_held.clear()
         if self._opened and self.guest_offloads:
             # The next driver may take fewer offloads: stop the kernel queueing offloaded frames.
@@ -204,6 +206,7 @@ class NetDevice(VirtioDevice):
             self._rx_held.clear()
         elif index == TX_QUEUE:
             self._tx_unwait()
+            self._tx_undone = -1
 
     def process_queue(self, index: int) -> None:
         if index == RX_QUEUE:
@@ -250,17 +253,9 @@ class NetDevice(VirtioDevice):
                 self._loop.remove_reader(self.backend.fd)
 
     def _rx_can_read(self, q: SplitQueue) -> bool:
-        """The held chains can take the largest frame, or are all the device will ever get.
-
-        With MRG_RXBUF a frame read into too little room is lost, so the device waits for the
-        guest to post enough (as QEMU's virtio_net_has_buffers does) unless the ring can give
-        no more: every descriptor held, or the iovec full. Then it reads and drops what does
-        not fit, rather than stall.
-        """
-        held = self._rx_held
-        if not self.mrg_rxbuf:
-            return bool(held)
-        return held.cap >= self._rx_need or len(held) >= q.size or held.full()
+        # Wait for enough room for the largest frame (QEMU: virtio_net_has_buffers), unless
+        # the ring can give no more; see RxHeld.can_read.
+        return self._rx_held.can_read(self.mrg_rxbuf, self._rx_need, q.size)
 
     def _rx_fill(self, q: SplitQueue) -> bool:
         """Hold enough posted chains for the next frame; False: wait for the guest to post."""
@@ -309,6 +304,8 @@ class NetDevice(VirtioDevice):
         finally:
             if q.next_used != start:
                 self.notify_used(RX_QUEUE)
+            if ring_unbalanced(q, len(self._rx_held)):
+                self._inconsistent(q, held=len(self._rx_held))
 
     def _rx_one(self, q: SplitQueue) -> None:
         """Receive one frame into the held chains (BlockingIOError when none is queued)."""
@@ -361,12 +358,19 @@ class NetDevice(VirtioDevice):
                         q.disable_notification()
                         continue
                     break
+                if self._tx_undone >= 0:
+                    if chain.head != self._tx_undone:
+                        self._inconsistent(q, popped=chain.head, undone=self._tx_undone)
+                    self._tx_undone = -1
                 if not self._tx_one(q, chain):
+                    self._tx_undone = chain.head
                     break
                 done += 1
         finally:
             if done:
                 self.notify_used(TX_QUEUE)
+            if q.ready and ring_unbalanced(q, 0):
+                self._inconsistent(q, held=0)
 
     def _tx_one(self, q: SplitQueue, chain: DescriptorChain) -> bool:
         """Send one chain; False when the backend is full (the chain goes back to the ring)."""
@@ -402,6 +406,10 @@ class NetDevice(VirtioDevice):
                 self.log.info("net_frame_dropped", direction="tx", reason=reason.value)
         q.add_used(chain.head, 0)  # always returned; the device wrote nothing into it
         return True
+
+    def _inconsistent(self, q: SplitQueue, **context: int) -> None:
+        if not self.failed:  # after a fault mid-chain the books are off by design (logged)
+            report_inconsistency(self.log, self.counters, q, **context)
 
     def _tx_wait(self) -> None:
         if not self._tx_waiting and self._loop is not None:

@@ -10,8 +10,9 @@ instead of being rebuilt per frame (a 64-byte frame would otherwise pay for ~40 
 from __future__ import annotations
 
 from collections import deque
+from typing import Any
 
-from vmmiod.virtqueue import DescriptorChain
+from vmmiod.virtqueue import DescriptorChain, SplitQueue
 
 IOV_MAX = 1024  # Linux's UIO_MAXIOV; one iovec stays free for the backend's overflow buffer
 
@@ -56,6 +57,18 @@ class RxHeld:
         self.iov.extend(views)
         self.cap += cap
 
+    def can_read(self, mrg_rxbuf: bool, need: int, ring_size: int) -> bool:
+        """The held chains can take the largest frame (`need` bytes), or are all there will be.
+
+        With MRG_RXBUF a frame read into too little room is lost, so the device waits for the
+        guest to post enough, unless the ring can give no more (every descriptor held, or the
+        iovec full): then it reads and drops what does not fit rather than stall. Without it
+        one chain is enough (the guest posts chains of the largest size).
+        """
+        if not mrg_rxbuf:
+            return bool(self.chains)
+        return self.cap >= need or len(self.chains) >= ring_size or self.full()
+
     def full(self) -> bool:
         """No further chain can add room: the iovec is at its limit."""
         return len(self.iov) >= IOV_MAX - 1
@@ -90,3 +103,26 @@ class RxHeld:
             self.cap -= cap
         del self.iov[:drop]
         return out
+
+
+def ring_unbalanced(q: SplitQueue, held: int) -> int:
+    """Chains popped and neither returned nor held (0 when the device's books balance).
+
+    Every pop is either given back (undo_pop), returned (add_used) or held by the device, so
+    next_avail - next_used equals the chains held. Anything else means a head could reach the
+    used ring twice or never: checked once per batch, it costs two subtractions.
+    """
+    return ((q.next_avail - q.next_used) & 0xFFFF) - held
+
+
+INCONSISTENCIES_LOGGED = 10  # then only the counter grows
+
+
+def report_inconsistency(log: Any, counters: dict[str, int], q: SplitQueue,
+                         **context: int) -> None:
+    """The device's own ring bookkeeping does not add up: say so loudly, since it may return a
+    head the driver does not have in flight (Linux: "id N is not a head!")."""
+    counters["inconsistencies"] += 1
+    if counters["inconsistencies"] <= INCONSISTENCIES_LOGGED:
+        log.warning("virtqueue_inconsistency", queue=q.index, next_avail=q.next_avail,
+                    next_used=q.next_used, **context)
