@@ -55,7 +55,13 @@ from vmmiod.devices.net_proto import (
     parse_mac,
     scatter,
 )
-from vmmiod.devices.net_rx import IOV_MAX, RxHeld, report_inconsistency, ring_unbalanced
+from vmmiod.devices.net_rx import (
+    IOV_MAX,
+    RxHeld,
+    count_drop,
+    report_inconsistency,
+    ring_unbalanced,
+)
 from vmmiod.devices.net_tap import TapInterface
 from vmmiod.memory import GuestMemoryError
 from vmmiod.virtqueue import DescriptorChain, SplitQueue, VirtqueueError
@@ -252,9 +258,7 @@ class NetDevice(VirtioDevice):
             if self._loop is not None and self.backend.fd >= 0:
                 self._loop.remove_reader(self.backend.fd)
 
-    def _rx_can_read(self, q: SplitQueue) -> bool:
-        # Wait for enough room for the largest frame (QEMU: virtio_net_has_buffers), unless
-        # the ring can give no more; see RxHeld.can_read.
+    def _rx_can_read(self, q: SplitQueue) -> bool:  # room for the largest frame, or all
         return self._rx_held.can_read(self.mrg_rxbuf, self._rx_need, q.size)
 
     def _rx_fill(self, q: SplitQueue) -> bool:
@@ -277,10 +281,7 @@ class NetDevice(VirtioDevice):
         return self._rx_can_read(q)
 
     def _rx_drop(self, reason: RxDrop) -> None:
-        key = f"rx_dropped_{reason.value}"
-        self.counters[key] += 1
-        if self.counters[key] == 1:  # the first of each kind is logged; the counters tell the rest
-            self.log.info("net_frame_dropped", direction="rx", reason=reason.value)
+        count_drop(self.log, self.counters, "rx", reason.value)
 
     def _rx_ready(self) -> None:
         q = self._queue(RX_QUEUE)
@@ -400,10 +401,7 @@ class NetDevice(VirtioDevice):
             self.counters["tx_frames"] += 1
             self.counters["tx_bytes"] += chain.readable_len - hdr_len
         else:
-            key = f"tx_dropped_{reason.value}"
-            self.counters[key] += 1
-            if self.counters[key] == 1:
-                self.log.info("net_frame_dropped", direction="tx", reason=reason.value)
+            count_drop(self.log, self.counters, "tx", reason.value)
         q.add_used(chain.head, 0)  # always returned; the device wrote nothing into it
         return True
 

@@ -126,3 +126,11 @@ def report_inconsistency(log: Any, counters: dict[str, int], q: SplitQueue,
     if counters["inconsistencies"] <= INCONSISTENCIES_LOGGED:
         log.warning("virtqueue_inconsistency", queue=q.index, next_avail=q.next_avail,
                     next_used=q.next_used, **context)
+
+
+def count_drop(log: Any, counters: dict[str, int], direction: str, reason: str) -> None:
+    """Count a dropped frame; the first of each kind is logged, the counters tell the rest."""
+    key = f"{direction}_dropped_{reason}"
+    counters[key] += 1
+    if counters[key] == 1:
+        log.info("net_frame_dropped", direction=direction, reason=reason)
