@@ -24,7 +24,7 @@ from vmmiod.devices.console_backends import PortBackend
 
 REFUSED_MESSAGE = b"vmmiod: this console port already has a client; try again later\r\n"
 TAKEN_OVER_MESSAGE = b"\r\nvmmiod: another client took over this console port\r\n"
-LISTEN_BACKLOG = 4
+LISTEN_BACKLOG = 16  # clients reconnecting faster than the loop accepts must not see EAGAIN
 SOCKET_MODE = 0o600
 
 
