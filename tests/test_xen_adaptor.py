@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import errno
+import json
 import os
 from pathlib import Path
 from typing import Any
@@ -51,7 +52,8 @@ def log() -> Any:
 
 def adaptor(cfg: Config, fake: FakeXen | None, dev_dir: str, bus: Any = None) -> XenAdaptor:
     return XenAdaptor(cfg, bus if bus is not None else MmioBus(), log(),
-                      loader=fake.loader if fake else None, dev_dir=dev_dir, machine="x86_64")
+                      loader=fake.loader if fake else None, dev_dir=dev_dir, machine="x86_64",
+                      run_dir=os.path.join(dev_dir, "run"))
 
 
 def prepare_fails(a: XenAdaptor) -> PlatformUnavailable:
@@ -368,3 +370,46 @@ def test_errno_is_read_from_ctypes() -> None:
     with pytest.raises(OSError) as info:
         xenlibs.check(-1, "xendevicemodel_nr_vcpus")
     assert info.value.errno == errno.ENOSYS
+
+
+def test_server_left_by_a_killed_instance_is_destroyed_first(dev_dir: str) -> None:
+    """A SIGKILLed instance cannot destroy its IOREQ server; the next one must (record.py)."""
+    fake = FakeXen()
+    fake.add_domain(DOMID, "web")
+    fake.add_backend("virtio_disk", DOMID, 51712, "33554432", 33)
+    cfg = make_config([("blk", 0x2000000, 33)])
+    rec = Path(dev_dir) / "run" / "ioreq-server.json"
+    rec.parent.mkdir()
+    rec.write_text(json.dumps({"domid": DOMID, "server": 5}))  # what the killed instance left
+    a = adaptor(cfg, fake, dev_dir)
+
+    async def scenario() -> None:
+        await a.prepare()
+        destroyed = [c for c in fake.calls if c[0] == "xendevicemodel_destroy_ioreq_server"]
+        assert [c[2:] for c in destroyed] == [(DOMID, 5)]
+        names = fake.names()
+        assert names.index("xendevicemodel_destroy_ioreq_server") < \
+            names.index("xendevicemodel_create_ioreq_server")
+        assert json.loads(rec.read_text()) == {"domid": DOMID, "server": 3}  # ours, recorded
+        await a.start()
+        await a.stop()
+        assert not rec.exists()  # an orderly stop leaves nothing for the next instance
+
+    asyncio.run(scenario())
+
+
+def test_record_of_another_domain_is_not_acted_on(dev_dir: str) -> None:
+    fake = FakeXen()
+    fake.add_domain(DOMID, "web")
+    fake.add_backend("virtio_disk", DOMID, 51712, "33554432", 33)
+    rec = Path(dev_dir) / "run" / "ioreq-server.json"
+    rec.parent.mkdir()
+    rec.write_text(json.dumps({"domid": DOMID + 1, "server": 5}))  # a guest since rebuilt
+    a = adaptor(make_config([("blk", 0x2000000, 33)]), fake, dev_dir)
+
+    async def scenario() -> None:
+        await a.prepare()
+        assert "xendevicemodel_destroy_ioreq_server" not in fake.names()
+        await a.stop()
+
+    asyncio.run(scenario())

@@ -19,7 +19,7 @@ from typing import Any
 
 from vmmiod.config import MMIO_WINDOW_SIZE, Config, XenConfig
 from vmmiod.hypervisors.base import Adaptor, PlatformUnavailable
-from vmmiod.hypervisors.xen import backends, fences
+from vmmiod.hypervisors.xen import backends, fences, record
 from vmmiod.hypervisors.xen.guestmem import XenGuestMemory, XenMapper
 from vmmiod.hypervisors.xen.handles import DeviceModel, EventChannels, ForeignMemory, GrantTable
 from vmmiod.hypervisors.xen.irq import IrqRangeError, Privcmd, XenInterruptLine, check_irq
@@ -52,7 +52,8 @@ class XenAdaptor(Adaptor):
     kind = "xen"
 
     def __init__(self, config: Config, bus: Any, log: Any, *, loader: Loader | None = None,
-                 dev_dir: str = "/dev/xen", machine: str | None = None) -> None:
+                 dev_dir: str = "/dev/xen", machine: str | None = None,
+                 run_dir: str | None = None) -> None:
         super().__init__(bus, log)
         if not isinstance(config.hypervisor, XenConfig):
             raise TypeError("XenAdaptor needs a XenConfig")
@@ -78,6 +79,7 @@ class XenAdaptor(Adaptor):
         self.restricted = False
         self._nr_vcpus = 0
         self.counters = {"events": 0, "ioreqs": 0, "interrupts": 0, "interrupt_errors": 0}
+        self._record = record.record_path(config.guest.name, run_dir)
 
     # -- prepare ----------------------------------------------------------------------------------
     async def prepare(self) -> None:
@@ -274,6 +276,7 @@ class XenAdaptor(Adaptor):
         and well inside xl's 10 s wait.
         """
         assert self.dm and self.evtchn and self.fmem and self.backends
+        self._destroy_stale_server()
         self.server = IoreqServer(self.domid, self.dm, self.evtchn, self.fmem, self.bus,
                                   self.log, self.counters)
         ranges = sorted({(b, b + MMIO_WINDOW_SIZE - 1) for _d, b, _i in self._all_windows()})
@@ -286,8 +289,27 @@ class XenAdaptor(Adaptor):
                 raise PlatformUnavailable(NO_IOREQ_SERVER) from None
             raise PlatformUnavailable(f"cannot create the IOREQ server for domain "
                                       f"{self.domid}: {exc}") from None
+        assert self.server.sid is not None  # create() succeeded
+        try:
+            record.write_record(self._record, self.domid, self.server.sid)
+        except OSError as exc:
+            self.log.warning("xen_server_record_failed", path=str(self._record), error=str(exc))
         self.backends.serving = True
         self.backends.sync()
+
+    def _destroy_stale_server(self) -> None:
+        """Destroy the server a killed predecessor left for this domain (see record.py)."""
+        assert self.dm is not None
+        stale = record.read_record(self._record)
+        record.remove_record(self._record)
+        if stale is None or stale[0] != self.domid:
+            return
+        try:
+            self.dm.destroy_ioreq_server(stale[1])
+        except OSError as exc:  # already gone (the domain was rebuilt, or Xen cleaned up)
+            self.log.info("xen_stale_server_absent", server=stale[1], error=str(exc))
+            return
+        self.log.warning("xen_stale_server_destroyed", server=stale[1], domid=self.domid)
 
     def _fast_path(self, loop: asyncio.AbstractEventLoop) -> None:
         """privcmd IRQFD for Arm SPIs, IOEVENTFD for QueueNotify; silently absent elsewhere."""
@@ -379,6 +401,7 @@ class XenAdaptor(Adaptor):
             self.backends.close()  # Closed (6) for every entry we served; stop watching
         if self.server is not None:
             self.server.destroy()
+            record.remove_record(self._record)
         if self.privcmd is not None:
             self.privcmd.close()
             self.privcmd = None
