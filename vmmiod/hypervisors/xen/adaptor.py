@@ -400,8 +400,10 @@ class XenAdaptor(Adaptor):
         if self.backends is not None:
             self.backends.close()  # Closed (6) for every entry we served; stop watching
         if self.server is not None:
+            sid = self.server.sid
             self.server.destroy()
-            record.remove_record(self._record)
+            if sid is not None:
+                record.remove_record(self._record, (self.domid, sid))
         if self.privcmd is not None:
             self.privcmd.close()
             self.privcmd = None

@@ -43,7 +43,11 @@ def write_record(path: Path, domid: int, sid: int) -> None:
     os.replace(tmp, path)
 
 
-def remove_record(path: Path) -> None:
+def remove_record(path: Path, owner: tuple[int, int] | None = None) -> None:
+    """Remove the record; with `owner`, only if it is still that (domid, server)'s (the next
+    instance, for a rebuilt domain, may already have written its own)."""
+    if owner is not None and read_record(path) != owner:
+        return
     try:
         path.unlink()
     except FileNotFoundError:
