@@ -146,9 +146,6 @@ def test_tap_deleted_under_load_link_goes_down() -> None:
     in_netns(body)
 
 
-@pytest.mark.xfail(strict=True, reason="net_tap.py keeps the fd of the deleted TAP (EBADFD) and "
-                   "never attaches to a TAP recreated under its name: link stays down "
-                   "(reported in docs/reliability.md)")
 def test_tap_recreated_link_comes_back() -> None:
     async def body(rig: Rig) -> None:
         await asyncio.sleep(0.05)

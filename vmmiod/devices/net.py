@@ -87,7 +87,8 @@ class NetDevice(VirtioDevice):
         self.mac = parse_mac(cfg.mac) if cfg.mac else default_mac(guest.name, cfg.id)
         self.backend: NetBackendIO
         if isinstance(cfg.backend, TapBackend):
-            self.backend = TapInterface(cfg.backend, guest.name, cfg.id, cfg.mtu, self.log)
+            self.backend = TapInterface(cfg.backend, guest.name, cfg.id, cfg.mtu, self.log,
+                                        on_fd=self._backend_fd_changed)
         else:
             self.backend = DgramSocket(cfg.backend, self.log)
         self.rx_filter = RxFilter()
@@ -159,6 +160,16 @@ class NetDevice(VirtioDevice):
                 and self.has_feature(VIRTIO_NET_F_STATUS):
             self.counters["config_interrupts"] += 1
             self.transport.signal_config_change()
+
+    def _backend_fd_changed(self, attached: bool) -> None:
+        """The TAP was deleted (its fd about to close) or a new one attached (link follows)."""
+        if not attached:
+            self._rx_stop()
+            if self._tx_waiting:
+                self._tx_unwait()
+                self._reschedule(TX_QUEUE)  # the chain given back is dropped: link down
+        else:
+            self._guarded(self._rx_start, RX_QUEUE)
 
     # -- activation -----------------------------------------------------------------------------
     def on_activate(self) -> None:
@@ -244,7 +255,8 @@ class NetDevice(VirtioDevice):
     # -- receive --------------------------------------------------------------------------------
     def _rx_start(self) -> None:
         q = self._queue(RX_QUEUE)
-        if self._reading or q is None or not self._opened or self._loop is None:
+        if self._reading or q is None or not self._opened or self._loop is None \
+                or self.backend.fd < 0:
             return
         if not self._rx_can_read(q) and not q.has_available() and not q.enable_notification():
             return  # wait for the guest's next receive-queue notification

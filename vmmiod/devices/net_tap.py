@@ -5,6 +5,11 @@ header the guest uses: checksum and segmentation offloads pass straight through 
 says which ones the guest takes on receive; TUNSETVNETHDRSZ the header size). Interface
 set-up (MTU, bridge port, IFF_UP) uses the classic socket ioctls, so no `ip` binary is needed.
 Link changes come from an rtnetlink socket (RTMGRP_LINK) and are confirmed with SIOCGIFFLAGS.
+
+A TAP deleted under us (its name gone or renumbered, or EBADFD from the fd) is let go: the
+device unwatches the fd, it is closed and the link reported down. When an interface of our name
+appears again it is attached with the same set-up; with `create: true` the daemon recreates it
+itself if the name is still free after RECREATE_DELAY (the operator may be recreating it).
 """
 
 from __future__ import annotations
@@ -60,6 +65,13 @@ RTM_NEWLINK, RTM_DELLINK = 16, 17
 NLMSGHDR = struct.Struct("=IHHII")
 IFINFOMSG = struct.Struct("=BxHiII")
 
+# A deleted TAP we may create: wait this long for the operator to recreate it before we do.
+RECREATE_DELAY = 2.0
+REATTACH_RETRY = 0.1  # an attach that failed (EBUSY: `ip tuntap add` still holds it) retries
+REATTACH_TRIES = 50
+# Errors from the TAP fd that may mean the interface is gone (EBADFD: the fd was detached).
+GONE_ERRNOS = (errno.EBADFD, errno.ENODEV, errno.EIO)
+
 IFNAME_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,15}$")
 
 
@@ -101,7 +113,8 @@ class TapInterface:
 
     offloads = True  # checksum and segmentation offloads pass through
 
-    def __init__(self, cfg: TapBackend, guest: str, device_id: str, mtu: int, log: Any) -> None:
+    def __init__(self, cfg: TapBackend, guest: str, device_id: str, mtu: int, log: Any,
+                 on_fd: Callable[[bool], None] | None = None) -> None:
         self.cfg = cfg
         self.ifname = cfg.ifname or default_ifname(guest, device_id)
         self.mtu = mtu
@@ -110,6 +123,11 @@ class TapInterface:
         self.link_up = False
         self.created = False
         self._offload_flags = 0
+        self._hdr_len = 12
+        self._ifindex = -1  # of the interface the fd is attached to
+        self._on_fd = on_fd  # False: the fd is about to close; True: a new fd is attached
+        self._timer: asyncio.TimerHandle | None = None
+        self._tries = 0
         self._ctl: socket.socket | None = None
         self._nl: socket.socket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -132,6 +150,29 @@ class TapInterface:
         if not existed and not self.cfg.create:
             raise BackendError(f"TAP interface {name} does not exist and create is false: "
                                f"create it (ip tuntap add {name} mode tap) or set create: true")
+        self._loop = loop
+        self._on_link = on_link
+        try:
+            self._ctl = socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            self._attach()
+            self._nl = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK
+                                     | socket.SOCK_CLOEXEC, NETLINK_ROUTE)
+            self._nl.bind((0, RTMGRP_LINK))
+        except BackendError:
+            self.close()
+            raise
+        except OSError as exc:
+            self.close()
+            raise BackendError(f"TAP {name}: set-up failed: {exc.strerror or exc}") from None
+        loop.add_reader(self._nl.fileno(), self._on_netlink)
+        self.link_up = self._query_link()
+        self.log.info("net_backend_opened", ifname=name, created=self.created,
+                      bridge=self.cfg.bridge, link_up=self.link_up)
+
+    def _attach(self) -> None:
+        """Open /dev/net/tun on our name (creating the TAP if the name is free) and set it up."""
+        name = self.ifname
+        existed = self._exists(name)
         try:
             fd = os.open(TUN_PATH, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
         except FileNotFoundError:
@@ -149,31 +190,80 @@ class TapInterface:
             raise BackendError(f"TAP {name}: {why.get(exc.errno or 0, exc.strerror)}") from None
         self.fd = fd
         self.created = not existed
+        self._ifindex = socket.if_nametoindex(name)
+        # Header size and offloads belong to the interface: a new one needs them again.
+        fcntl.ioctl(fd, TUNSETVNETHDRSZ, struct.pack("i", self._hdr_len))
+        fcntl.ioctl(fd, TUNSETOFFLOAD, self._offload_flags)
+        self._set_mtu()
+        if self.cfg.bridge:
+            self._enslave(self.cfg.bridge)
+        if self.created or self.cfg.bridge:
+            self._set_flags(IFF_UP, IFF_UP)
+
+    def _close_fd(self) -> None:
+        if self._on_fd is not None:
+            self._on_fd(False)  # the device removes its reader/writer before the fd closes
+        os.close(self.fd)
+        self.fd = -1
+        self._ifindex = -1
+
+    def _detach(self, reason: str) -> None:
+        """The TAP is gone: let go of its fd, report the link down, wait for it to return."""
+        if self.fd < 0:
+            return
+        self._close_fd()
+        self.log.warning("net_tap_lost", ifname=self.ifname, reason=reason)
+        self._set_link(False)
+        self._tries = 0
+        if self.cfg.create:
+            self._schedule(RECREATE_DELAY, True)
+
+    def _schedule(self, delay: float, create: bool) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = self._loop.call_later(delay, self._reattach, create) \
+            if self._loop is not None else None
+
+    def _reattach(self, create: bool) -> None:
+        """Attach to the interface of our name again (creating it only when `create`)."""
+        if self._timer is not None:
+            self._timer.cancel()  # an attach now supersedes the one planned
+            self._timer = None
+        if self.fd >= 0 or self._nl is None or (not create and not self._exists(self.ifname)):
+            return  # attached already, closed, or nothing to attach to yet
         try:
-            self._ctl = socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-            self.configure(12, 0)
-            self._set_mtu()
-            if self.cfg.bridge:
-                self._enslave(self.cfg.bridge)
-            if self.created or self.cfg.bridge:
-                self._set_flags(IFF_UP, IFF_UP)
-            self._nl = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK
-                                     | socket.SOCK_CLOEXEC, NETLINK_ROUTE)
-            self._nl.bind((0, RTMGRP_LINK))
-        except BackendError:
-            self.close()
-            raise
-        except OSError as exc:
-            self.close()
-            raise BackendError(f"TAP {name}: set-up failed: {exc.strerror or exc}") from None
-        self._loop = loop
-        self._on_link = on_link
-        loop.add_reader(self._nl.fileno(), self._on_netlink)
-        self.link_up = self._query_link()
-        self.log.info("net_backend_opened", ifname=name, created=self.created,
-                      bridge=self.cfg.bridge, link_up=self.link_up)
+            self._attach()
+        except (BackendError, OSError) as exc:
+            if self.fd >= 0:
+                self._close_fd()
+            self._tries += 1
+            self.log.warning("net_tap_reattach_failed", ifname=self.ifname, error=str(exc),
+                             attempt=self._tries)
+            if self._tries < REATTACH_TRIES:
+                self._schedule(REATTACH_RETRY, create)
+            return
+        self._tries = 0
+        self.log.info("net_tap_reattached", ifname=self.ifname, created=self.created)
+        if self._on_fd is not None:
+            self._on_fd(True)
+        self._set_link(self._query_link())
+
+    def _fd_error(self, exc: OSError) -> None:
+        """An error from the TAP fd: if the interface is gone, let go of it."""
+        if exc.errno not in GONE_ERRNOS or self.fd < 0:
+            return
+        try:
+            same = socket.if_nametoindex(self.ifname) == self._ifindex
+        except OSError:
+            same = False
+        # EIO also means "set down" (a write then): only a detached fd or a gone name is loss.
+        if exc.errno == errno.EBADFD or not same:
+            self._detach(f"fd_{errno.errorcode.get(exc.errno or 0, exc.errno)}".lower())
 
     def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if self._nl is not None:
             if self._loop is not None:
                 self._loop.remove_reader(self._nl.fileno())
@@ -185,6 +275,7 @@ class TapInterface:
         if self.fd >= 0:
             os.close(self.fd)  # a TAP we created (not persistent) disappears with its last fd
             self.fd = -1
+        self._ifindex = -1
         self.link_up = False
 
     @staticmethod
@@ -241,13 +332,17 @@ class TapInterface:
             return False  # interface gone
         return bool(flags & IFF_UP and flags & IFF_RUNNING)
 
+    def _set_link(self, up: bool) -> None:
+        if up != self.link_up:
+            self.link_up = up
+            self.log.info("net_link_changed", ifname=self.ifname, link_up=up)
+            if self._on_link is not None:
+                self._on_link(up)
+
     def _on_netlink(self) -> None:
         assert self._nl is not None
-        ours = False
-        try:
-            ifindex = socket.if_nametoindex(self.ifname)
-        except OSError:
-            ifindex = -1
+        indexes: set[int] = set()
+        lost = False
         while True:
             try:
                 data = self._nl.recv(65536)
@@ -255,7 +350,7 @@ class TapInterface:
                 break
             except OSError as exc:
                 if exc.errno == errno.ENOBUFS:  # events lost: re-read the state below
-                    ours = True
+                    lost = True
                     continue
                 break
             pos = 0
@@ -265,24 +360,34 @@ class TapInterface:
                     break
                 if kind in (RTM_NEWLINK, RTM_DELLINK) and \
                         pos + NLMSGHDR.size + IFINFOMSG.size <= len(data):
-                    index = IFINFOMSG.unpack_from(data, pos + NLMSGHDR.size)[2]
-                    if index == ifindex or (kind == RTM_DELLINK and ifindex < 0):
-                        ours = True
+                    indexes.add(IFINFOMSG.unpack_from(data, pos + NLMSGHDR.size)[2])
                 pos += (length + 3) & ~3
-        if not ours:
+        if not indexes and not lost:
             return
-        up = self._query_link()
-        if up != self.link_up:
-            self.link_up = up
-            self.log.info("net_link_changed", ifname=self.ifname, link_up=up)
-            if self._on_link is not None:
-                self._on_link(up)
+        try:
+            ifindex = socket.if_nametoindex(self.ifname)
+        except OSError:
+            ifindex = -1
+        if self.fd >= 0 and ifindex != self._ifindex:
+            self._detach("interface_deleted")  # gone, or deleted and made again already
+        if self.fd < 0:
+            if ifindex >= 0:
+                self._reattach(False)  # an interface of our name (re)appeared
+            elif self.cfg.create and self._timer is None:
+                self._schedule(RECREATE_DELAY, True)
+            return
+        if lost or self._ifindex in indexes:
+            self._set_link(self._query_link())
 
     # -- data path ------------------------------------------------------------------------------
     def configure(self, hdr_len: int, features: int) -> None:
         """Header size and receive offloads for what the guest negotiated (at DRIVER_OK)."""
-        fcntl.ioctl(self.fd, TUNSETVNETHDRSZ, struct.pack("i", hdr_len))
+        self._hdr_len = hdr_len
         flags = tun_offload_flags(features)
+        if self.fd < 0:  # detached: applied when the TAP is attached again
+            self._offload_flags = flags
+            return
+        fcntl.ioctl(self.fd, TUNSETVNETHDRSZ, struct.pack("i", hdr_len))
         fcntl.ioctl(self.fd, TUNSETOFFLOAD, flags)
         if self._offload_flags & ~flags:
             # Frames already queued were built for the offloads in force then (a GSO frame, a
@@ -310,10 +415,21 @@ class TapInterface:
         iov.append(self._overflow_view)
         try:
             return os.readv(self.fd, iov)
+        except BlockingIOError:
+            raise
+        except OSError as exc:
+            self._fd_error(exc)
+            raise
         finally:
             iov.pop()
 
     def send(self, views: list[memoryview], hdr_len: int) -> bool:
         """Write one frame (header included) from guest memory. False: no peer (never, here)."""
-        os.writev(self.fd, views)
+        try:
+            os.writev(self.fd, views)
+        except BlockingIOError:
+            raise
+        except OSError as exc:
+            self._fd_error(exc)
+            raise
         return True
