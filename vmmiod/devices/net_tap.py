@@ -415,10 +415,8 @@ class TapInterface:
         iov.append(self._overflow_view)
         try:
             return os.readv(self.fd, iov)
-        except BlockingIOError:
-            raise
         except OSError as exc:
-            self._fd_error(exc)
+            self._fd_error(exc)  # EAGAIN is no loss: it returns at once
             raise
         finally:
             iov.pop()
@@ -427,9 +425,7 @@ class TapInterface:
         """Write one frame (header included) from guest memory. False: no peer (never, here)."""
         try:
             os.writev(self.fd, views)
-        except BlockingIOError:
-            raise
         except OSError as exc:
-            self._fd_error(exc)
+            self._fd_error(exc)  # EAGAIN is no loss: it returns at once
             raise
         return True
