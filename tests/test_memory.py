@@ -129,3 +129,35 @@ def test_invalidate_bumps_generation() -> None:
     g = mem.generation
     mem.invalidate()
     assert mem.generation == g + 1
+
+
+
+def test_shared_fields_are_stored_without_a_transient_zero() -> None:
+    """struct.pack_into zero-fills its target before writing (CPython's s_pack_internal), so a
+    ring index written with it reads as 0 for a moment to the other side (the guest, or a VMM
+    process): a Linux guest then takes used.idx 0 for thousands of new entries. The accessors
+    must store the value in one go. Another process watches the bytes while we store."""
+    import mmap
+    import time
+
+    shared = mmap.mmap(-1, 4096)
+    mem = MappedMemory()
+    mem.add_buffer(BASE, shared)
+    mem.write_u16(BASE + 2, 0x0101)
+    pid = os.fork()
+    if pid == 0:  # the other side: count the times the index reads as 0
+        view = memoryview(shared)
+        zeros = 0
+        deadline = time.monotonic() + 0.8
+        while time.monotonic() < deadline:
+            for _ in range(5000):
+                if view[2] == 0 and view[3] == 0:
+                    zeros += 1
+        os._exit(min(zeros, 255))
+    deadline = time.monotonic() + 0.8
+    while time.monotonic() < deadline:
+        for i in range(5000):
+            mem.write_u16(BASE + 2, 0x0101 + (i & 0xFF))  # never 0
+            mem.write_u32(BASE + 8, 0x01010101 + i)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0, "the other side saw a transient 0"

@@ -17,11 +17,35 @@ from __future__ import annotations
 import mmap
 import os
 import struct
+import sys
 from dataclasses import dataclass
 
 U16 = struct.Struct("<H")
 U32 = struct.Struct("<I")
 U64 = struct.Struct("<Q")
+
+# Guest memory is little-endian (VIRTIO 1.x, Xen's ioreq_t); the single-store helpers below use
+# native-order memoryview casts, which is only right on a little-endian host (x86-64, arm64).
+if sys.byteorder != "little":  # pragma: no cover
+    raise ImportError("vmmiod runs on little-endian hosts only")
+
+
+# struct.pack_into zero-fills its target before it writes the value (CPython's
+# s_pack_internal starts with a memset), so a field that the other side reads concurrently
+# (a ring index, flags, avail_event) would be seen as 0 for a moment: Linux then takes a used
+# index of 0 for thousands of new entries ("id N is not a head!"). Stores of shared fields go
+# through a memoryview cast instead: one aligned store of the whole value.
+def store_u16(buf: memoryview, off: int, value: int) -> None:
+    """One 16-bit little-endian store at buf[off] (never a transient zero)."""
+    buf[off:off + 2].cast("H")[0] = value & 0xFFFF
+
+
+def store_u32(buf: memoryview, off: int, value: int) -> None:
+    buf[off:off + 4].cast("I")[0] = value & 0xFFFFFFFF
+
+
+def store_u64(buf: memoryview, off: int, value: int) -> None:
+    buf[off:off + 8].cast("Q")[0] = value & 0xFFFFFFFFFFFFFFFF
 
 ADDR_LIMIT = 1 << 64
 PAGE_SIZE = 4096
@@ -152,15 +176,15 @@ class GuestMemory:
 
     def write_u16(self, gpa: int, value: int) -> None:
         buf, off = self.locate(gpa, 2, True)
-        U16.pack_into(buf, off, value & 0xFFFF)
+        store_u16(buf, off, value)
 
     def write_u32(self, gpa: int, value: int) -> None:
         buf, off = self.locate(gpa, 4, True)
-        U32.pack_into(buf, off, value & 0xFFFFFFFF)
+        store_u32(buf, off, value)
 
     def write_u64(self, gpa: int, value: int) -> None:
         buf, off = self.locate(gpa, 8, True)
-        U64.pack_into(buf, off, value & 0xFFFFFFFFFFFFFFFF)
+        store_u64(buf, off, value)
 
 
 _NO_REGION: tuple[int, int, memoryview, bool] = (1, 0, memoryview(b""), False)  # matches nothing

@@ -10,7 +10,7 @@ from __future__ import annotations
 import struct
 
 from vmmiod import barrier
-from vmmiod.memory import GuestMemory, GuestMemoryError
+from vmmiod.memory import GuestMemory, GuestMemoryError, store_u16
 from vmmiod.virtqueue.errors import (
     AvailIndexJump,
     ChainLengthOverflow,
@@ -383,7 +383,7 @@ class SplitQueue:
             self._check_generation()
         barrier.wmb()
         new = self.next_used
-        U16.pack_into(self._used_buf, self._used_off + 2, new)
+        store_u16(self._used_buf, self._used_off + 2, new)  # one store, never 0 in passing
         barrier.mb()  # the idx store before reading the driver's suppression state
         if self.event_idx:
             old = self._signalled_used
@@ -407,7 +407,7 @@ class SplitQueue:
         """Ask the driver not to notify while the device is draining (no-op with EVENT_IDX)."""
         if not self.event_idx:
             self._check_generation()
-            U16.pack_into(self._used_buf, self._used_off, VIRTQ_USED_F_NO_NOTIFY)
+            store_u16(self._used_buf, self._used_off, VIRTQ_USED_F_NO_NOTIFY)
 
     def enable_notification(self) -> bool:
         """Ask for the next notification; True if buffers arrived meanwhile (drain again)."""
@@ -415,9 +415,9 @@ class SplitQueue:
         if mem is None or not self.ready or mem.generation != self._gen:
             self._check_generation()
         if self.event_idx:
-            U16.pack_into(self._used_buf, self._used_off + 4 + 8 * self.size, self.next_avail)
+            store_u16(self._used_buf, self._used_off + 4 + 8 * self.size, self.next_avail)
         else:
-            U16.pack_into(self._used_buf, self._used_off, 0)
+            store_u16(self._used_buf, self._used_off, 0)
         barrier.mb()
         idx: int = U16.unpack_from(self._avail_buf, self._avail_off + 2)[0]
         if idx == self.next_avail:  # nothing new: no entry will be read, no check or barrier
