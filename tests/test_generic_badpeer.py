@@ -3,9 +3,11 @@
 
 from __future__ import annotations
 
+import fcntl
 import mmap
 import os
 import socket
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,6 +23,7 @@ from vmmiod.sim.virtio_mmio import MAGIC
 from vmmiod.sim.vmm import Refused, SimVmm, sealed_memfd
 
 BASE, IRQ = 0x0200_0000, 33
+F_SEAL_FUTURE_WRITE = 0x0010  # linux/fcntl.h (Linux 5.1); Python 3.11's fcntl lacks the name
 Hello = tuple[proto.ClientHello, list[int]]
 
 
@@ -91,6 +94,33 @@ def short_ram(vmm: SimVmm, h: Hello) -> tuple[bytes, list[int]]:
     return proto.pack_client_hello(h[0]), replace_fd(h[1], 0, sealed_memfd("ram", 1 << 20))
 
 
+def plain_file(size: int, where: str | None) -> int:
+    """An unlinked file of `size` bytes in `where`: it could be truncated under the daemon."""
+    fd, name = tempfile.mkstemp(dir=where)
+    os.unlink(name)
+    os.ftruncate(fd, size)
+    return fd
+
+
+def file_as(index: int, where: str | None) -> Callable[[SimVmm, Hello], tuple[bytes, list[int]]]:
+    """A regular (or tmpfs) file in place of the RAM memfd (index 0) or the page (1)."""
+    def make(vmm: SimVmm, h: Hello) -> tuple[bytes, list[int]]:
+        size = vmm.ram_size if index == 0 else proto.IOREQ_PAGE_SIZE
+        return proto.pack_client_hello(h[0]), replace_fd(h[1], index, plain_file(size, where))
+    return make
+
+
+def sealed_with(index: int, seals: int) -> Callable[[SimVmm, Hello], tuple[bytes, list[int]]]:
+    """RAM (0) or page (1) in a memfd carrying `seals` (F_SEAL_WRITE: cannot be mapped)."""
+    def make(vmm: SimVmm, h: Hello) -> tuple[bytes, list[int]]:
+        size = vmm.ram_size if index == 0 else proto.IOREQ_PAGE_SIZE
+        fd = os.memfd_create("sealed", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        os.ftruncate(fd, size)
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
+        return proto.pack_client_hello(h[0]), replace_fd(h[1], index, fd)
+    return make
+
+
 def pipe_as_eventfd(vmm: SimVmm, h: Hello) -> tuple[bytes, list[int]]:
     r, w = os.pipe()
     os.close(w)
@@ -138,6 +168,16 @@ CASES = {
     "ram_shorter_than_region": (short_ram, proto.REFUSE_REGIONS),
     "unsealed_memfd": (unsealed_ram, proto.REFUSE_REGIONS),
     "overlapping_regions": (overlapping_regions, proto.REFUSE_REGIONS),
+    # Files can be truncated by the VMM at any time (SIGBUS in the daemon): memfds only.
+    "disk_file_as_ram": (file_as(0, "/var/tmp"), proto.REFUSE_REGIONS),
+    "disk_file_as_page": (file_as(1, "/var/tmp"), proto.REFUSE_PAGE),
+    "tmpfs_file_as_ram": (file_as(0, "/dev/shm"), proto.REFUSE_REGIONS),
+    "tmpfs_file_as_page": (file_as(1, "/dev/shm"), proto.REFUSE_PAGE),
+    "unsealed_page": (sealed_with(1, 0), proto.REFUSE_PAGE),
+    "write_sealed_ram": (sealed_with(0, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_WRITE),
+                         proto.REFUSE_REGIONS),
+    "write_sealed_page": (sealed_with(1, fcntl.F_SEAL_SHRINK | F_SEAL_FUTURE_WRITE),
+                          proto.REFUSE_PAGE),
     "missing_irq_line": (missing_irq, proto.REFUSE_IRQS),
 }
 
@@ -145,6 +185,10 @@ CASES = {
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_bad_peer_is_refused(daemon: ThreadedDaemon, case: str) -> None:
     make, reason = CASES[case]
+    for where in ("/var/tmp", "/dev/shm"):
+        if case.startswith(("disk" if where == "/var/tmp" else "tmpfs") + "_file") \
+                and not os.path.isdir(where):
+            pytest.skip(f"{where} does not exist on this machine")
     with SimVmm(ram_size=4 << 20) as vmm:
         before = open_fds()
         fds: list[int] = []
@@ -162,6 +206,61 @@ def test_bad_peer_is_refused(daemon: ThreadedDaemon, case: str) -> None:
         assert open_fds() == before + len(vmm.irq_fds)  # the daemon kept none of the fds
     assert daemon.call(lambda: daemon.adaptor.counters["refused"]) >= 1
     assert_undisturbed(daemon)
+
+
+def test_hugetlbfs_ram_is_refused(daemon: ThreadedDaemon) -> None:
+    """A sealed hugetlbfs memfd: the seal still allows punching a hole, and the daemon's next
+    touch of that hole with the huge page pool empty would be SIGBUS. Refused by its file
+    system, whatever the pool holds today."""
+    try:
+        fd = os.memfd_create("huge-ram", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING | os.MFD_HUGETLB)
+    except OSError as exc:
+        pytest.skip(f"no hugetlbfs memfds on this kernel: {exc}")
+    with SimVmm(ram_size=4 << 20) as vmm:
+        try:
+            os.ftruncate(fd, vmm.ram_size)
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
+
+            def build(server: proto.ServerHello) -> tuple[bytes, list[int]]:
+                hello, fds = vmm.client_hello(server)
+                return proto.pack_client_hello(hello), replace_fd(fds, 0, fd)
+
+            msg_type, reason, text = exchange(daemon.socket_path, build)
+        finally:
+            os.close(fd)
+    assert (msg_type, reason) == (proto.MSG_REFUSE, proto.REFUSE_REGIONS)
+    assert "hugetlbfs" in text
+    assert_undisturbed(daemon)
+
+
+def test_tolerated_seals(daemon: ThreadedDaemon) -> None:
+    """F_SEAL_SHRINK alone is enough; every other seal is fine where the mapping still works:
+    a read-only region may carry F_SEAL_WRITE (guest ROM)."""
+    import dataclasses
+
+    with SimVmm(ram_size=4 << 20) as vmm:
+        rom = os.memfd_create("rom", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        ram = os.memfd_create("ram", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        try:
+            os.ftruncate(rom, 1 << 20)
+            fcntl.fcntl(rom, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW
+                        | fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SEAL)
+            os.ftruncate(ram, vmm.ram_size)
+            fcntl.fcntl(ram, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
+            os.close(vmm.ram_fd)
+            vmm.ram_fd = ram  # the sim's RAM mapping is of the old fd: same size, unused here
+
+            def client_hello(server: proto.ServerHello) -> tuple[proto.ClientHello, list[int]]:
+                hello, fds = SimVmm.client_hello(vmm, server)
+                regions = (*hello.regions, proto.RegionSpec(0x1000_0000, 1 << 20, 0, True))
+                return dataclasses.replace(hello, regions=regions), [fds[0], rom, *fds[1:]]
+
+            vmm.client_hello = client_hello  # type: ignore[method-assign]
+            vmm.connect(daemon.socket_path)
+            assert vmm.read(BASE) == MAGIC
+            assert daemon.call(lambda: daemon.adaptor.connected)
+        finally:
+            os.close(rom)
 
 
 def test_too_many_fds_for_one_message(daemon: ThreadedDaemon) -> None:

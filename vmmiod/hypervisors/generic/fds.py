@@ -1,12 +1,20 @@
 """Checks on the file descriptors a VMM hands over, and mapping them (daemon side).
 
-Every check here protects the daemon from its peer: an fd of the wrong kind, a memory fd shorter
-than the range to map (touching it would kill the daemon with SIGBUS), or a memfd the VMM could
-still shrink later (same SIGBUS, later) is refused before anything is mapped.
+Every check here protects the daemon from its peer. Touching a shared mapping whose page the
+file cannot supply kills the daemon with SIGBUS, and Python cannot survive that, so the daemon
+maps only what its peer cannot take away (docs/generic-ioreq.md, "Memory fds"):
+- a memfd (the only kind of file that can be sealed): a regular file, a tmpfs file or a
+  socket is refused, since the VMM could truncate it at any time;
+- sealed with F_SEAL_SHRINK, and at least as long as the range mapped;
+- not on hugetlbfs: a VMM may punch a hole in a sealed memfd (the seal allows it) and a
+  hugetlbfs page faulted back in with the huge page pool exhausted is a SIGBUS. A tmpfs
+  memfd refills a hole with a fresh page instead.
+Everything is refused before anything is mapped.
 """
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import mmap
 import os
@@ -23,6 +31,21 @@ from vmmiod.hypervisors.generic.protocol import (
 from vmmiod.memory import GuestMemoryError, MappedMemory
 
 EVENTFD_LINK = "anon_inode:[eventfd]"
+REQUIRED_SEALS = fcntl.F_SEAL_SHRINK  # every other seal is tolerated (if the mapping works)
+HUGETLBFS_MAGIC = 0x958458F6  # statfs f_type of hugetlbfs (linux/magic.h)
+_STATFS_BYTES = 256  # struct statfs is 120 bytes on 64-bit Linux; f_type is its first long
+_libc: ctypes.CDLL | None = None
+
+
+def fs_type(fd: int) -> int | None:
+    """The f_type of the filesystem `fd` lives on (fstatfs), or None when it cannot be read."""
+    global _libc
+    if _libc is None:
+        _libc = ctypes.CDLL(None, use_errno=True)
+    buf = ctypes.create_string_buffer(_STATFS_BYTES)
+    if _libc.fstatfs(fd, buf) != 0:
+        return None
+    return ctypes.c_long.from_buffer(buf).value & 0xFFFF_FFFF
 
 
 def is_eventfd(fd: int) -> bool:
@@ -38,23 +61,27 @@ def check_eventfd(fd: int, what: str) -> None:
 
 
 def _check_memory_fd(fd: int, need: int, what: str, reason: int) -> int:
-    """A regular file (memfd or file) holding at least `need` bytes; returns its size."""
+    """A sealed (F_SEAL_SHRINK) memfd, not on hugetlbfs, holding at least `need` bytes."""
     try:
         st = os.fstat(fd)
     except OSError as exc:
         raise ProtocolError(reason, f"{what}: fstat failed: {exc.strerror}") from exc
     if not stat.S_ISREG(st.st_mode):
-        raise ProtocolError(reason, f"{what}: not a memfd or regular file")
-    if st.st_size < need:
-        raise ProtocolError(reason, f"{what}: file holds {st.st_size} bytes, {need} needed")
+        raise ProtocolError(reason, f"{what}: not a memfd")
     try:
         seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
     except OSError:
-        seals = None  # not a memfd: a file the VMM owns (see docs/generic-ioreq.md)
-    if seals is not None and not seals & fcntl.F_SEAL_SHRINK:
+        raise ProtocolError(reason, f"{what}: not a memfd (a file cannot be sealed, so the "
+                                    f"VMM could truncate it under the daemon)") from None
+    if fs_type(fd) == HUGETLBFS_MAGIC:
+        raise ProtocolError(reason, f"{what}: hugetlbfs memfds are refused (a punched hole "
+                                    f"faulted back with the huge page pool empty is SIGBUS)")
+    if seals & REQUIRED_SEALS != REQUIRED_SEALS:
         raise ProtocolError(reason, f"{what}: memfd is not sealed against shrinking "
                                     f"(F_SEAL_SHRINK); create it with MFD_ALLOW_SEALING, "
                                     f"then seal it")
+    if st.st_size < need:
+        raise ProtocolError(reason, f"{what}: memfd holds {st.st_size} bytes, {need} needed")
     return st.st_size
 
 
@@ -81,10 +108,10 @@ def map_ioreq_page(fd: int) -> mmap.mmap:
         st = os.fstat(fd)
     except OSError as exc:
         raise ProtocolError(REFUSE_PAGE, f"ioreq page: fstat failed: {exc.strerror}") from exc
-    if not stat.S_ISREG(st.st_mode) or st.st_size != IOREQ_PAGE_SIZE:
+    _check_memory_fd(fd, IOREQ_PAGE_SIZE, "ioreq page", REFUSE_PAGE)
+    if st.st_size != IOREQ_PAGE_SIZE:
         raise ProtocolError(REFUSE_PAGE, f"ioreq page: must be a memfd of exactly "
                                          f"{IOREQ_PAGE_SIZE} bytes, got {st.st_size}")
-    _check_memory_fd(fd, IOREQ_PAGE_SIZE, "ioreq page", REFUSE_PAGE)
     try:
         return mmap.mmap(fd, IOREQ_PAGE_SIZE, flags=mmap.MAP_SHARED,
                          prot=mmap.PROT_READ | mmap.PROT_WRITE)
