@@ -295,28 +295,30 @@ def test_silent_peer_times_out(daemon: ThreadedDaemon) -> None:
     assert_undisturbed(daemon)
 
 
-def test_silent_crowd_is_bounded(daemon: ThreadedDaemon) -> None:
-    """Peers that connect and say nothing hold at most MAX_PENDING slots; the rest are refused."""
-    from vmmiod.hypervisors.generic.adaptor import MAX_PENDING
-
-    crowd = []
-    try:
-        for _ in range(MAX_PENDING):
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
-            s.settimeout(5)
-            s.connect(str(daemon.socket_path))
-            assert proto.parse_header(s.recv(proto.MAX_MESSAGE))[1] == proto.MSG_SERVER_HELLO
-            crowd.append(s)
-        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as extra:
-            extra.settimeout(5)
-            extra.connect(str(daemon.socket_path))
-            answer = extra.recv(proto.MAX_MESSAGE)
-            assert proto.parse_refuse(answer)[0] == proto.REFUSE_BUSY
-    finally:
-        for s in crowd:
-            s.close()
+def test_busy_while_a_peer_is_silent(daemon: ThreadedDaemon) -> None:
+    """One connection at a time from accept to close: while the first says nothing yet, the
+    second gets REFUSE BUSY as its first message (it used to get SERVER_HELLO, then REFUSE 9
+    after its hello); the first is still served, and after it leaves the next one is."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as first:
+        first.settimeout(5)
+        first.connect(str(daemon.socket_path))
+        server = proto.parse_server_hello(first.recv(proto.MAX_MESSAGE))
+        for _ in range(3):
+            with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as loser:
+                loser.settimeout(5)
+                loser.connect(str(daemon.socket_path))
+                answer = loser.recv(proto.MAX_MESSAGE)
+                assert proto.parse_header(answer)[1] == proto.MSG_REFUSE
+                assert proto.parse_refuse(answer)[0] == proto.REFUSE_BUSY
+                assert loser.recv(proto.MAX_MESSAGE) == b""
+        with SimVmm() as vmm:  # the silent one now says hello: it is served
+            hello, fds = vmm.client_hello(server)
+            socket.send_fds(first, [proto.pack_client_hello(hello)], fds)
+            assert proto.parse_header(first.recv(proto.MAX_MESSAGE))[1] == proto.MSG_ACCEPT
+            first.send(proto.header(proto.MSG_BYE))
+            assert first.recv(proto.MAX_MESSAGE) == b""
     deadline = time.monotonic() + 5
-    while daemon.call(lambda: len(daemon.adaptor._pending)) and time.monotonic() < deadline:
+    while daemon.call(lambda: daemon.adaptor.connected) and time.monotonic() < deadline:
         time.sleep(0.01)
     assert_undisturbed(daemon)
 

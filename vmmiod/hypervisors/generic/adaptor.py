@@ -47,7 +47,6 @@ MSG_ACCEPT_BYTES = header(3)
 EVENTFD_ONE = (1).to_bytes(8, "little")
 HELLO_TIMEOUT = 10.0  # seconds a connected peer has to send its hello
 SCM_MAX_FD = 253  # Linux's limit of fds in one SCM_RIGHTS message
-MAX_PENDING = 8  # connections still owing their hello; more are refused at once
 ACCEPT_BACKOFF = 1.0  # seconds without accepting after EMFILE/ENFILE (else a busy loop)
 
 
@@ -209,10 +208,12 @@ class GenericAdaptor(Adaptor):
             self._loop.call_later(ACCEPT_BACKOFF, self._resume_accept)
             return
         sock.setblocking(False)
-        if self._conn is not None or len(self._pending) >= MAX_PENDING:
+        # One connection at a time, from accept to close: while one is served or still owes
+        # its hello, the next gets REFUSE BUSY as its first and only message.
+        if self._conn is not None or self._pending:
             self._refuse(sock, ProtocolError(REFUSE_BUSY, "another VMM is connected" if
-                                             self._conn is not None else "too many connections "
-                                             "waiting for their hello"))
+                                             self._conn is not None else "another VMM is "
+                                             "connected and has not sent its hello yet"))
             return
         try:
             sock.send(pack_server_hello(self.server_windows()))
