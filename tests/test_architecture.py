@@ -36,7 +36,6 @@ MAX_LINES = 400
 KNOWN: frozenset[tuple[str, str]] = frozenset({
     # (rule, subject): subject is "importer -> imported", a cycle "a <-> b <-> ...", or a module.
     ("hypervisors-devices", "vmmiod.hypervisors.base -> vmmiod.devices.base"),
-    ("cycle", "vmmiod.config <-> vmmiod.configreader <-> vmmiod.configschema"),
     ("cycle", "vmmiod.virtqueue.fastwalk <-> vmmiod.virtqueue.split"),
     # ioreq.py holds the slot server, which calls the bus (a type-only import back).
     ("cycle", "vmmiod.bus <-> vmmiod.ioreq"),

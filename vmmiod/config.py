@@ -1,174 +1,76 @@
 """Guest configuration: one YAML file per guest, parsed into frozen dataclasses.
 
-The rest of vmmiod sees only the dataclasses below. Parsing (`load()`) checks everything and
-reports every problem found with file, line and key path; see docs/configuration.md.
+The rest of vmmiod sees only the dataclasses (defined in vmmiod/configmodel.py, re-exported
+here) and `load()`. Parsing checks everything and reports every problem found with file, line
+and key path; see docs/configuration.md. The readers (configreader.py: YAML nodes and value
+types; configschema.py: per-section checks) import the model, never this module, so the
+configuration modules have no import cycle.
 """
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
 
 import yaml
 
+from vmmiod.configmodel import (
+    MMIO_WINDOW_SIZE,
+    BlockConfig,
+    Config,
+    ConsoleBackend,
+    ConsoleConfig,
+    ConsolePortConfig,
+    DeviceConfig,
+    DgramBackend,
+    FileBackend,
+    GenericConfig,
+    GuestConfig,
+    HypervisorConfig,
+    LogConfig,
+    MmioConfig,
+    NetBackend,
+    NetConfig,
+    PtyBackend,
+    SocketAddress,
+    SocketBackend,
+    TapBackend,
+    XenConfig,
+)
+from vmmiod.configreader import Reader
+from vmmiod.configschema import Schema
+
+__all__ = [
+    "EX_CONFIG",
+    "MMIO_WINDOW_SIZE",
+    "BlockConfig",
+    "Config",
+    "ConfigError",
+    "ConsoleBackend",
+    "ConsoleConfig",
+    "ConsolePortConfig",
+    "DeviceConfig",
+    "DgramBackend",
+    "FileBackend",
+    "GenericConfig",
+    "GuestConfig",
+    "HypervisorConfig",
+    "LogConfig",
+    "MmioConfig",
+    "NetBackend",
+    "NetConfig",
+    "PtyBackend",
+    "SocketAddress",
+    "SocketBackend",
+    "TapBackend",
+    "XenConfig",
+    "load",
+    "load_text",
+]
+
 EX_CONFIG = 78
-MMIO_WINDOW_SIZE = 0x200
 
 
-# -- model -----------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class GuestConfig:
-    name: str
-    domid: int | None = None  # None = "auto": resolve `name` through xenstore
-
-
-@dataclass(frozen=True)
-class XenConfig:
-    kind: Literal["xen"] = "xen"
-    # How guest interrupts are raised: "auto" (spi on arm64, isa on x86), "spi", "isa", "msi".
-    interrupts: Literal["auto", "spi", "isa", "msi"] = "auto"
-    grants: bool | Literal["auto"] = "auto"  # auto: follow xenstore grant_usage
-    map_cache_pages: int = 16384  # foreign-mapping cache bound (4 KiB pages)
-    domain_wait: float = 30.0  # seconds to wait for the domain to appear
-    backend_domid: int = 0  # where the backend xenstore keys live (0 = dom0)
-
-
-@dataclass(frozen=True)
-class GenericConfig:
-    kind: Literal["generic"] = "generic"
-    socket: Path = Path("/run/vmmiod/guest.sock")
-    on_disconnect: Literal["wait", "exit"] = "wait"
-    socket_mode: int = 0o600
-
-
-HypervisorConfig = XenConfig | GenericConfig
-
-
-@dataclass(frozen=True)
-class LogConfig:
-    level: Literal["debug", "info", "warning", "error"] = "info"
-    format: Literal["auto", "json", "console"] = "auto"
-    stats_interval: float = 60.0  # seconds between per-device counter records; 0 = off
-    file: Path | None = None  # None: stderr (journald); a file is reopened on SIGHUP
-
-
-@dataclass(frozen=True)
-class MmioConfig:
-    base: int | None  # None with auto=True: taken from xenstore by the Xen adaptor
-    irq: int | None
-    version: Literal[1, 2] = 2
-    auto: bool = False
-
-
-@dataclass(frozen=True)
-class BlockConfig:
-    id: str
-    mmio: MmioConfig
-    path: Path
-    readonly: bool = False
-    cache: Literal["writeback", "writethrough", "none"] = "writeback"
-    serial: str | None = None  # None: derived from guest name and device id
-    queues: int = 1
-    queue_size: int = 256
-    lock: bool = True
-    type: Literal["block"] = "block"
-
-
-@dataclass(frozen=True)
-class SocketAddress:
-    """An endpoint of the dgram net backend: UDP (host, port) or a Unix datagram path."""
-
-    family: Literal["udp", "unix"]
-    host: str = ""
-    port: int = 0
-    path: Path | None = None
-
-
-@dataclass(frozen=True)
-class TapBackend:
-    kind: Literal["tap"] = "tap"
-    ifname: str | None = None  # None: derived from guest and device id (<= 15 chars)
-    bridge: str | None = None
-    create: bool = True  # False: the interface must exist already
-
-
-@dataclass(frozen=True)
-class DgramBackend:
-    kind: Literal["dgram"] = "dgram"
-    local: SocketAddress = field(default_factory=lambda: SocketAddress("udp", "127.0.0.1", 0))
-    remote: SocketAddress | None = None
-
-
-NetBackend = TapBackend | DgramBackend
-
-
-@dataclass(frozen=True)
-class NetConfig:
-    id: str
-    mmio: MmioConfig
-    backend: NetBackend
-    mac: str | None = None  # "52:54:00:..."; None: stable locally administered default
-    mtu: int = 1500
-    queue_size: int = 256
-    type: Literal["net"] = "net"
-
-
-@dataclass(frozen=True)
-class PtyBackend:
-    kind: Literal["pty"] = "pty"
-    link: Path | None = None  # stable symlink to the pty's path
-
-
-@dataclass(frozen=True)
-class SocketBackend:
-    kind: Literal["socket"] = "socket"
-    path: Path = Path("/run/vmmiod/console.sock")
-    takeover: bool = False
-
-
-@dataclass(frozen=True)
-class FileBackend:
-    kind: Literal["file"] = "file"
-    path: Path = Path("/var/log/vmmiod/console.log")
-
-
-ConsoleBackend = PtyBackend | SocketBackend | FileBackend
-
-
-@dataclass(frozen=True)
-class ConsolePortConfig:
-    name: str  # port 0 is the console (/dev/hvc0); others appear as /dev/vport*p* with this name
-    backend: ConsoleBackend
-    buffer: int = 65536  # bytes kept while no client is attached
-
-
-@dataclass(frozen=True)
-class ConsoleConfig:
-    id: str
-    mmio: MmioConfig
-    ports: tuple[ConsolePortConfig, ...]
-    multiport: bool = False  # forced on when there is more than one port
-    cols: int = 80
-    rows: int = 25
-    queue_size: int = 64
-    type: Literal["console"] = "console"
-
-
-DeviceConfig = BlockConfig | NetConfig | ConsoleConfig
-
-
-@dataclass(frozen=True)
-class Config:
-    path: Path
-    guest: GuestConfig
-    hypervisor: HypervisorConfig
-    log: LogConfig
-    devices: tuple[DeviceConfig, ...]
-
-
-# -- parsing ---------------------------------------------------------------------------------------
 class ConfigError(Exception):
     """The configuration is invalid. `problems`: one "file:line: key.path: message" each."""
 
@@ -198,8 +100,6 @@ def load(path: str | os.PathLike[str], *, check_files: bool = True) -> Config:
 def load_text(text: str, label: str = "<config>", *, base_dir: Path | None = None,
               check_files: bool = True) -> Config:
     """Like `load()` for text already read; `label` names it in messages."""
-    from vmmiod.configreader import Reader
-
     loader = yaml.SafeLoader(text)
     try:
         root = loader.get_single_node()
@@ -213,8 +113,6 @@ def load_text(text: str, label: str = "<config>", *, base_dir: Path | None = Non
     finally:
         loader.dispose()
     reader = Reader(label, base_dir or Path.cwd(), loader)
-    from vmmiod.configschema import Schema
-
     config = Schema(reader, check_files).config(root, Path(label))
     if reader.problems or config is None:
         raise ConfigError(reader.messages())

@@ -14,7 +14,7 @@ from typing import Any
 
 from yaml.nodes import MappingNode, Node, ScalarNode
 
-from vmmiod import config as c
+from vmmiod import configmodel as c
 from vmmiod.configreader import TAG_STR, Reader, child, line_of
 
 Read = Callable[[Node, str], Any]
