@@ -37,8 +37,6 @@ KNOWN: frozenset[tuple[str, str]] = frozenset({
     # (rule, subject): subject is "importer -> imported", a cycle "a <-> b <-> ...", or a module.
     ("hypervisors-devices", "vmmiod.hypervisors.base -> vmmiod.devices.base"),
     ("cycle", "vmmiod.virtqueue.fastwalk <-> vmmiod.virtqueue.split"),
-    # ioreq.py holds the slot server, which calls the bus (a type-only import back).
-    ("cycle", "vmmiod.bus <-> vmmiod.ioreq"),
     # sim/hostile.py instruments the device's descriptor codec (a test tool; goes to tests/).
     ("guest-model-own-constants", "vmmiod.sim.hostile -> vmmiod.virtqueue.split"),
     ("guest-model-own-constants", "vmmiod.sim.vring -> vmmiod.virtqueue.split"),
@@ -48,7 +46,6 @@ KNOWN: frozenset[tuple[str, str]] = frozenset({
     ("size", "vmmiod.devices.console"),
     ("size", "vmmiod.devices.net"),
     ("size", "vmmiod.devices.net_tap"),
-    ("size", "vmmiod.hypervisors.generic.adaptor"),
     ("size", "vmmiod.hypervisors.xen.adaptor"),
     ("size", "vmmiod.virtqueue.split"),
 })

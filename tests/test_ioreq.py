@@ -1,4 +1,4 @@
-"""ioreq_t and ioregionfd codecs against bytes built independently, and the slot handshake.
+"""The ioreq_t codec against bytes built independently, and the slot handshake.
 
 The expected bytes are built here field by field (each field packed on its own at its offset
 from xen/include/public/hvm/ioreq.h, the bitfield byte assembled by hand), so a codec that got
@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import mmap
 import struct
-from typing import Callable, Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 from hypothesis import given
@@ -18,8 +18,8 @@ from hypothesis import strategies as st
 from tests.test_mmio_rig import Rig, bring_up, make_rig
 from vmmiod import barrier
 from vmmiod.bus import MmioBus
+from vmmiod.hypervisors.ioreq_slot import serve_ioreq_slot
 from vmmiod.ioreq import (
-    IOREGIONFD_MSG_SIZE,
     IOREQ_READ,
     IOREQ_TYPE_COPY,
     IOREQ_TYPE_INVALIDATE,
@@ -29,18 +29,11 @@ from vmmiod.ioreq import (
     STATE_IOREQ_NONE,
     STATE_IOREQ_READY,
     STATE_IORESP_READY,
-    IoregionCommand,
-    IoregionError,
     IoRequest,
     XenIoreq,
-    decode_ioregion_cmd,
-    decode_ioregion_resp,
     decode_ioreq,
-    encode_ioregion_cmd,
-    encode_ioregion_resp,
     encode_ioreq,
     pack_ioreq_into,
-    serve_ioreq_slot,
 )
 from vmmiod.memory import MappedMemory
 from vmmiod.mmio_regs import CONFIG, MAGIC_VALUE, MAGIC_VALUE_VIRT, QUEUE_NOTIFY, WINDOW_SIZE
@@ -130,8 +123,9 @@ def bus(rig: Rig) -> MmioBus:
 
 
 def put(page: mmap.mmap, vcpu: int, **fields: int) -> None:
-    f = dict(addr=0, data=0, count=1, size=4, vp_eport=40 + vcpu, state=STATE_IOREQ_READY,
-             data_is_ptr=0, dir_=IOREQ_READ, df=0, type_=IOREQ_TYPE_COPY)
+    f = {"addr": 0, "data": 0, "count": 1, "size": 4, "vp_eport": 40 + vcpu,
+         "state": STATE_IOREQ_READY, "data_is_ptr": 0, "dir_": IOREQ_READ, "df": 0,
+         "type_": IOREQ_TYPE_COPY}
     f.update(fields)
     page[vcpu * 32:(vcpu + 1) * 32] = xen_bytes(**f)
 
@@ -218,41 +212,3 @@ def test_slot_barriers_order_the_stores(page: mmap.mmap, bus: MmioBus) -> None:
     assert seen == [("rmb", STATE_IOREQ_READY, 0),
                     ("wmb", STATE_IOREQ_INPROCESS, MAGIC_VALUE_VIRT)]
     assert page[30] & 0xF == STATE_IORESP_READY
-
-
-# -- ioregionfd ----------------------------------------------------------------------------------
-def ioregion_bytes(cmd: int, size_code: int, resp: int, user_data: int, offset: int,
-                   data: int) -> bytes:
-    out = bytearray(32)
-    struct.pack_into("<I", out, 0, cmd | size_code << 4 | resp << 6)
-    struct.pack_into("<Q", out, 8, user_data)
-    struct.pack_into("<Q", out, 16, offset)
-    struct.pack_into("<Q", out, 24, data)
-    return bytes(out)
-
-
-@given(cmd=st.integers(0, 1), size_code=st.integers(0, 3), resp=st.integers(0, 1),
-       user_data=st.integers(0, 2**64 - 1), offset=st.integers(0, 2**64 - 1),
-       data=st.integers(0, 2**64 - 1))
-def test_ioregion_cmd_codec(cmd: int, size_code: int, resp: int, user_data: int, offset: int,
-                            data: int) -> None:
-    raw = ioregion_bytes(cmd, size_code, resp, user_data, offset, data)
-    c = decode_ioregion_cmd(raw)
-    assert c == IoregionCommand(cmd == 1, 1 << size_code, bool(resp), user_data, offset, data)
-    assert encode_ioregion_cmd(c) == raw
-
-
-def test_ioregion_response_and_errors() -> None:
-    raw = encode_ioregion_resp(0x1234)
-    assert len(raw) == IOREGIONFD_MSG_SIZE
-    assert raw == struct.pack("<Q", 0x1234) + bytes(24)
-    assert decode_ioregion_resp(raw) == 0x1234
-    with pytest.raises(IoregionError):
-        decode_ioregion_cmd(ioregion_bytes(5, 0, 0, 0, 0, 0))
-    with pytest.raises(IoregionError):
-        decode_ioregion_cmd(bytes(31))
-    with pytest.raises(IoregionError):
-        encode_ioregion_cmd(IoregionCommand(True, 3, False, 0, 0, 0))
-    c = decode_ioregion_cmd(ioregion_bytes(1, 1, 1, 9, 0x50, 0xABCDEF))
-    assert c.to_request(BASE) == IoRequest(BASE + 0x50, 2, True, 0xCDEF)
-

@@ -1,15 +1,13 @@
-"""IOREQs: the neutral request, the Xen ioreq_t and KVM ioregionfd codecs, the slot server.
+"""IOREQs: the neutral request and the codec of Xen's ioreq_t.
 
 Every hypervisor adaptor turns what it receives into an `IoRequest` (or, on the hot path, into
-the same four fields passed straight to `MmioBus.access`). Two wire formats live here:
+the same four fields passed straight to `MmioBus.access`). The wire format here is Xen's 32-byte
+`ioreq_t` (Xen's public header hvm/ioreq.h; the layout is in docs/xen.md and, for the generic
+channel, which shares the page, in docs/generic-ioreq.md). The slot handshake itself is served
+by vmmiod/hypervisors/ioreq_slot.py. (KVM's proposed ioregionfd format was here once; it was
+removed, see docs/generic-ioreq.md, "Why not ioregionfd".)
 
-- Xen's 32-byte `ioreq_t` (xen/include/public/hvm/ioreq.h), used by the Xen adaptor and by the
-  generic channel, which shares the same page layout. `serve_ioreq_slot()` is the device-model
-  side of its READY -> INPROCESS -> IORESP_READY handshake.
-- The 32-byte command/response pair of KVM's proposed ioregionfd.
-
-Nothing here knows devices or registers; values from the page are untrusted and never used as
-anything but numbers handed to the bus.
+Nothing here knows devices or registers.
 """
 
 from __future__ import annotations
@@ -18,12 +16,8 @@ import struct
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Union
 
-from vmmiod import barrier
-
 if TYPE_CHECKING:
     import mmap
-
-    from vmmiod.bus import MmioBus
 
 Buffer = Union[bytes, bytearray, memoryview, "mmap.mmap"]
 WritableBuffer = Union[bytearray, memoryview, "mmap.mmap"]
@@ -133,103 +127,3 @@ def encode_ioreq(req: XenIoreq) -> bytes:
     out = bytearray(IOREQ_SIZE)
     pack_ioreq_into(out, 0, req)
     return bytes(out)
-
-
-# -- the device-model side of the handshake --------------------------------------------------------
-
-_unpack_slot = IOREQ_T.unpack_from
-_pack_u64 = U64.pack_into
-
-
-def serve_ioreq_slot(page: WritableBuffer, vcpu: int, bus: MmioBus) -> bool:
-    """Answer vCPU `vcpu`'s pending ioreq_t on `page`, if it has one. True: notify the vCPU.
-
-    The order is Xen's (see shared/reference/xen-ioreq.md, "Handshake"): proceed only on READY;
-    read barrier before reading the request; INPROCESS; work; for reads store `data`; write
-    barrier so Xen sees the data before the state; IORESP_READY. State NONE and vp_eport belong
-    to Xen and are never written: moving the state backwards crashes the guest.
-    """
-    base = vcpu * IOREQ_SIZE
-    flags_at = base + SLOT_FLAGS_OFFSET
-    flags = page[flags_at]
-    if flags & STATE_MASK != STATE_IOREQ_READY:
-        return False
-    barrier.rmb()
-    keep = flags & ~STATE_MASK
-    page[flags_at] = keep | STATE_IOREQ_INPROCESS
-    addr, data, count, size, _eport, _pad, flags, typ = _unpack_slot(page, base)
-    is_write = not flags & DIR_BIT
-    if typ == IOREQ_TYPE_COPY and count == 1 and not flags & (DATA_IS_PTR_BIT | DF_BIT):
-        result = bus.access(addr, size, is_write, data)
-    else:
-        result = bus.dispatch(IoRequest(addr, size, is_write, data, typ, count,
-                                        bool(flags & DATA_IS_PTR_BIT), bool(flags & DF_BIT)))
-    if not is_write:
-        _pack_u64(page, base + SLOT_DATA_OFFSET, result & ALL_ONES)
-    barrier.wmb()
-    page[flags_at] = keep | STATE_IORESP_READY
-    return True
-
-
-# -- KVM ioregionfd (proposed; never merged) -------------------------------------------------------
-# Command: u32 info, u32 pad, u64 user_data, u64 offset, u64 data. Response: u64 data, 24 pad.
-IOREGIONFD_CMD = struct.Struct("<IIQQQ")
-IOREGIONFD_RESP = struct.Struct("<Q24x")
-IOREGIONFD_MSG_SIZE = 32
-IOREGIONFD_CMD_READ = 0
-IOREGIONFD_CMD_WRITE = 1
-IOREGIONFD_CMD_MASK = 0x0F
-IOREGIONFD_SIZE_SHIFT = 4
-IOREGIONFD_SIZE_MASK = 0x3
-IOREGIONFD_RESP_BIT = 1 << 6
-
-
-class IoregionError(ValueError):
-    """An ioregionfd command that is malformed (unknown cmd code, short message)."""
-
-
-@dataclass(slots=True)
-class IoregionCommand:
-    """One decoded ioregionfd command. `offset` is relative to the region's start."""
-
-    is_write: bool
-    size: int
-    response: bool
-    user_data: int
-    offset: int
-    data: int
-
-    def to_request(self, region_base: int) -> IoRequest:
-        return IoRequest((region_base + self.offset) & ALL_ONES, self.size, self.is_write,
-                         self.data & size_mask(self.size))
-
-
-def decode_ioregion_cmd(buf: Buffer, offset: int = 0) -> IoregionCommand:
-    if len(buf) - offset < IOREGIONFD_MSG_SIZE:
-        raise IoregionError(f"ioregionfd command is {len(buf) - offset} bytes, not 32")
-    info, _pad, user_data, off, data = IOREGIONFD_CMD.unpack_from(buf, offset)
-    cmd = info & IOREGIONFD_CMD_MASK
-    if cmd not in (IOREGIONFD_CMD_READ, IOREGIONFD_CMD_WRITE):
-        raise IoregionError(f"ioregionfd command code {cmd} is neither read nor write")
-    size = 1 << ((info >> IOREGIONFD_SIZE_SHIFT) & IOREGIONFD_SIZE_MASK)
-    return IoregionCommand(cmd == IOREGIONFD_CMD_WRITE, size, bool(info & IOREGIONFD_RESP_BIT),
-                           user_data, off, data)
-
-
-def encode_ioregion_cmd(cmd: IoregionCommand) -> bytes:
-    code = {1: 0, 2: 1, 4: 2, 8: 3}.get(cmd.size)
-    if code is None:
-        raise IoregionError(f"ioregionfd cannot carry a {cmd.size}-byte access")
-    info = ((IOREGIONFD_CMD_WRITE if cmd.is_write else IOREGIONFD_CMD_READ)
-            | code << IOREGIONFD_SIZE_SHIFT | (IOREGIONFD_RESP_BIT if cmd.response else 0))
-    return IOREGIONFD_CMD.pack(info, 0, cmd.user_data & ALL_ONES, cmd.offset & ALL_ONES,
-                               cmd.data & ALL_ONES)
-
-
-def encode_ioregion_resp(data: int) -> bytes:
-    return IOREGIONFD_RESP.pack(data & ALL_ONES)
-
-
-def decode_ioregion_resp(buf: Buffer, offset: int = 0) -> int:
-    value: int = IOREGIONFD_RESP.unpack_from(buf, offset)[0]
-    return value

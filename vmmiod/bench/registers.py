@@ -26,6 +26,7 @@ import structlog
 
 from vmmiod.bus import MmioBus
 from vmmiod.devices.base import VirtioDevice
+from vmmiod.hypervisors.ioreq_slot import serve_ioreq_slot
 from vmmiod.ioreq import (
     IOREQ_READ,
     IOREQ_TYPE_COPY,
@@ -34,7 +35,6 @@ from vmmiod.ioreq import (
     XenIoreq,
     decode_ioreq,
     pack_ioreq_into,
-    serve_ioreq_slot,
 )
 from vmmiod.memory import MappedMemory
 from vmmiod.mmio import VirtioMmio

@@ -1,7 +1,7 @@
 """The generic adaptor: IOREQs from any VMM over a Unix socket (docs/generic-ioreq.md).
 
 Xen's request page is kept as it is (ioreq_t slots, READY -> INPROCESS -> IORESP_READY), so
-`vmmiod.ioreq.serve_ioreq_slot` serves both adaptors; Xen's event channels become eventfds and
+`vmmiod.hypervisors.ioreq_slot.serve_ioreq_slot` serves both adaptors; Xen's event channels become eventfds and
 foreign mapping becomes memfds mapped once at connect time. One VMM at a time; a VMM that goes
 away resets every device (`bus.detach_memory()`) and the daemon waits for the next one, or
 exits when the config says `on_disconnect: exit`.
@@ -22,6 +22,7 @@ from typing import Any
 from vmmiod.config import MMIO_WINDOW_SIZE, Config, GenericConfig
 from vmmiod.hypervisors.base import Adaptor
 from vmmiod.hypervisors.generic import fds as fdcheck
+from vmmiod.hypervisors.generic.lines import EVENTFD_ONE, GenericLine
 from vmmiod.hypervisors.generic.protocol import (
     IRQ_MODE_EVENTFD,
     IRQ_MODE_LEVEL,
@@ -35,56 +36,18 @@ from vmmiod.hypervisors.generic.protocol import (
     ProtocolError,
     Window,
     header,
-    pack_irq_level,
     pack_refuse,
     pack_server_hello,
     parse_client_hello,
     parse_header,
 )
+from vmmiod.hypervisors.ioreq_slot import serve_ioreq_slot
 from vmmiod.memory import MappedMemory
 
 MSG_ACCEPT_BYTES = header(3)
-EVENTFD_ONE = (1).to_bytes(8, "little")
 HELLO_TIMEOUT = 10.0  # seconds a connected peer has to send its hello
 SCM_MAX_FD = 253  # Linux's limit of fds in one SCM_RIGHTS message
 ACCEPT_BACKOFF = 1.0  # seconds without accepting after EMFILE/ENFILE (else a busy loop)
-
-
-class GenericLine:
-    """One guest interrupt line. A no-op while no VMM is connected (or the VMM gave no line)."""
-
-    def __init__(self, irq: int, counters: dict[str, int]) -> None:
-        self.irq = irq
-        self.fd: int | None = None  # IRQ_MODE_EVENTFD: the VMM's eventfd
-        self.sock: socket.socket | None = None  # IRQ_MODE_LEVEL: the connection
-        self.level = False
-        self._counters = counters
-
-    def bind(self, fd: int | None, sock: socket.socket | None) -> None:
-        self.fd, self.sock, self.level = fd, sock, False
-
-    def raise_(self) -> None:
-        if self.fd is not None:
-            try:
-                os.write(self.fd, EVENTFD_ONE)
-                self._counters["interrupts"] += 1
-            except OSError:  # counter at its maximum: the VMM does not read its eventfd
-                self._counters["interrupts_dropped"] += 1
-        elif self.sock is not None and not self.level:
-            self._send_level(True)
-
-    def lower(self) -> None:
-        if self.sock is not None and self.level:
-            self._send_level(False)
-
-    def _send_level(self, level: bool) -> None:
-        assert self.sock is not None
-        try:
-            self.sock.send(pack_irq_level(self.irq, level))
-            self.level = level
-            self._counters["interrupts"] += int(level)
-        except OSError:  # the VMM does not read its socket; its EOF is handled elsewhere
-            self._counters["interrupts_dropped"] += 1
 
 
 @dataclass
@@ -145,8 +108,6 @@ class GenericAdaptor(Adaptor):
         return out
 
     async def start(self) -> None:
-        from vmmiod.ioreq import serve_ioreq_slot  # the completion shared with the Xen adaptor
-
         self._serve = serve_ioreq_slot
         if self._loop is None:
             await self.prepare()

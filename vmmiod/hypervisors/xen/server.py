@@ -1,6 +1,6 @@
 """The IOREQ server of one guest: create, map, enable, bind, map windows, serve, tear down.
 
-Order (shared/reference/xen-ioreq.md, "Server lifecycle"): nr_vcpus; create with buffered
+Order (docs/xen.md, "The IOREQ server"): nr_vcpus; create with buffered
 ioreqs off (Arm refuses anything else); map resource frame 1 (the synchronous page; frame 0 is
 the buffered ring, and get_ioreq_server_info's gfns are EOPNOTSUPP on Arm); enable (vp_eport
 values appear in the page only now); bind every vCPU's port, online or not; map each window
@@ -9,8 +9,8 @@ teardown errors after the guest is gone are expected and only logged at debug le
 
 Serving: the event-channel fd is read by the asyncio loop. For each pending port: unmask first
 (an event that arrives while we work is then not lost), find its vCPU, let
-`vmmiod.ioreq.serve_ioreq_slot` complete the slot (it owns the barriers and the state order),
-and notify the port only when a request was answered.
+`vmmiod.hypervisors.ioreq_slot.serve_ioreq_slot` complete the slot (it owns the barriers and
+the state order), and notify the port only when a request was answered.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import asyncio
 from collections.abc import Callable
 from typing import Any
 
-from vmmiod import ioreq
+from vmmiod.hypervisors import ioreq_slot
 from vmmiod.hypervisors.xen.abi import IOREQ_SLOT_SIZE, IOREQ_VP_EPORT_OFFSET, MAX_VCPUS
 from vmmiod.hypervisors.xen.handles import DeviceModel, EventChannels, ForeignMemory, page_view
 
@@ -50,7 +50,7 @@ class IoreqServer:
         self._port_vcpu: dict[int, int] = {}
         self.ranges: list[tuple[int, int]] = []  # (start, end inclusive)
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._serve: Callable[[memoryview, int, Any], bool] = ioreq.serve_ioreq_slot
+        self._serve: Callable[[memoryview, int, Any], bool] = ioreq_slot.serve_ioreq_slot
 
     # -- set-up -----------------------------------------------------------------------------------
     def create(self, ranges: list[tuple[int, int]]) -> None:

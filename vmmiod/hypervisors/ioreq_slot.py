@@ -1,0 +1,70 @@
+"""The device-model side of the ioreq_t slot handshake, shared by the Xen and generic adaptors.
+
+Both adaptors keep Xen's synchronous request page (one 32-byte `ioreq_t` per vCPU, layout in
+vmmiod/ioreq.py); they differ only in how a slot is signalled (event channel, eventfd). This
+module answers one slot: it reads the request, hands it to the bus and stores the answer, in the
+order docs/xen.md and docs/generic-ioreq.md ("Serving requests") give. Values on the page are
+untrusted and never used as anything but numbers handed to the bus.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from vmmiod import barrier
+from vmmiod.ioreq import (
+    ALL_ONES,
+    DATA_IS_PTR_BIT,
+    DF_BIT,
+    DIR_BIT,
+    IOREQ_SIZE,
+    IOREQ_T,
+    IOREQ_TYPE_COPY,
+    SLOT_DATA_OFFSET,
+    SLOT_FLAGS_OFFSET,
+    STATE_IOREQ_INPROCESS,
+    STATE_IOREQ_READY,
+    STATE_IORESP_READY,
+    STATE_MASK,
+    U64,
+    IoRequest,
+    WritableBuffer,
+)
+
+if TYPE_CHECKING:
+    from vmmiod.bus import MmioBus
+
+_unpack_slot = IOREQ_T.unpack_from
+_pack_u64 = U64.pack_into
+
+
+def serve_ioreq_slot(page: WritableBuffer, vcpu: int, bus: MmioBus) -> bool:
+    """Answer vCPU `vcpu`'s pending ioreq_t on `page`, if it has one. True: notify the vCPU.
+
+    Xen's order (docs/xen.md): proceed only on READY; read barrier before reading the request;
+    INPROCESS; work; for reads store `data`; write barrier so the peer sees the data before the
+    state; IORESP_READY. Each state change is one byte store that keeps the other bits of the
+    byte (data_is_ptr, dir, df, the reserved bit 7). State NONE and vp_eport belong to the
+    hypervisor (or the VMM) and are never written: moving the state backwards crashes a Xen
+    guest.
+    """
+    base = vcpu * IOREQ_SIZE
+    flags_at = base + SLOT_FLAGS_OFFSET
+    flags = page[flags_at]
+    if flags & STATE_MASK != STATE_IOREQ_READY:
+        return False
+    barrier.rmb()
+    keep = flags & ~STATE_MASK
+    page[flags_at] = keep | STATE_IOREQ_INPROCESS
+    addr, data, count, size, _eport, _pad, flags, typ = _unpack_slot(page, base)
+    is_write = not flags & DIR_BIT
+    if typ == IOREQ_TYPE_COPY and count == 1 and not flags & (DATA_IS_PTR_BIT | DF_BIT):
+        result = bus.access(addr, size, is_write, data)
+    else:
+        result = bus.dispatch(IoRequest(addr, size, is_write, data, typ, count,
+                                        bool(flags & DATA_IS_PTR_BIT), bool(flags & DF_BIT)))
+    if not is_write:
+        _pack_u64(page, base + SLOT_DATA_OFFSET, result & ALL_ONES)
+    barrier.wmb()
+    page[flags_at] = keep | STATE_IORESP_READY
+    return True
