@@ -218,6 +218,10 @@ class VirtioMmio(QueueRegisters):
         self.guest_page_size = 0
 
     # -- Transport (called by the device) ----------------------------------------------------------
+    def queue_count(self) -> int:
+        """vmmiod.transport.VirtioWindow: for adaptors, which never look at the device."""
+        return len(self.queues)
+
     def signal_used(self, queue_index: int) -> None:
         self._interrupt(VIRTIO_MMIO_INT_VRING)
 

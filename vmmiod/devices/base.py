@@ -14,24 +14,31 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Sequence
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar
 
 import structlog
 
 from vmmiod.memory import GuestMemory, GuestMemoryError
+from vmmiod.transport import (
+    VIRTIO_F_ACCESS_PLATFORM,
+    VIRTIO_F_EVENT_IDX,
+    VIRTIO_F_INDIRECT_DESC,
+    VIRTIO_F_RING_PACKED,
+    VIRTIO_F_RING_RESET,
+    VIRTIO_F_VERSION_1,
+    InterruptLine,
+    Transport,
+    bit,
+)
 from vmmiod.virtqueue import SplitQueue, VirtqueueError
 
-# Feature bits common to every device type (VIRTIO 1.2, section 6).
-VIRTIO_F_INDIRECT_DESC = 28
-VIRTIO_F_EVENT_IDX = 29
-VIRTIO_F_VERSION_1 = 32
-VIRTIO_F_ACCESS_PLATFORM = 33
-VIRTIO_F_RING_PACKED = 34
-VIRTIO_F_RING_RESET = 40
-
-
-def bit(n: int) -> int:
-    return 1 << n
+# The neutral names (vmmiod/transport.py) stay importable from here for the devices and tests
+# that take them from this module.
+__all__ = [
+    "VIRTIO_F_ACCESS_PLATFORM", "VIRTIO_F_EVENT_IDX", "VIRTIO_F_INDIRECT_DESC",
+    "VIRTIO_F_RING_PACKED", "VIRTIO_F_RING_RESET", "VIRTIO_F_VERSION_1", "BackendError",
+    "InterruptLine", "Transport", "VirtioDevice", "bit",
+]
 
 
 class BackendError(Exception):
@@ -42,32 +49,6 @@ class BackendError(Exception):
     """
 
     exit_code = 69  # EX_UNAVAILABLE
-
-
-class InterruptLine(Protocol):
-    """A guest interrupt line, provided by the hypervisor adaptor.
-
-    `raise_()` is called whenever the window sets an InterruptStatus bit; a level line asserts
-    (idempotently), an edge line (Xen on Arm) sends one edge. `lower()` is called when
-    InterruptStatus returns to 0 after an ACK; edge lines ignore it.
-    """
-
-    def raise_(self) -> None: ...
-
-    def lower(self) -> None: ...
-
-
-class Transport(Protocol):
-    """What a device may ask of its transport. Implemented by the virtio-mmio window."""
-
-    def signal_used(self, queue_index: int) -> None:
-        """Used buffers were published on a queue and the driver must be notified."""
-
-    def signal_config_change(self) -> None:
-        """Config space changed: bump ConfigGeneration and raise a config interrupt."""
-
-    def device_fault(self, reason: str) -> None:
-        """Set DEVICE_NEEDS_RESET and raise a config interrupt (VIRTIO 1.2, 2.1.2)."""
 
 
 class VirtioDevice:

@@ -2,7 +2,8 @@
 
 An adaptor receives IOREQs, turns each into an `IoRequest`, dispatches it on the `MmioBus` and
 completes it; it provides guest memory (attached to the bus, which hands it to each window) and
-one `InterruptLine` per IRQ. It never imports a device module.
+one `InterruptLine` per IRQ. It never imports a device module: what it shares with them is in
+vmmiod/transport.py.
 """
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from vmmiod.devices.base import InterruptLine
+from vmmiod.transport import InterruptLine
 
 
 class PlatformUnavailable(Exception):
