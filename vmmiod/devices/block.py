@@ -98,7 +98,6 @@ class BlockDevice(VirtioDevice):
         self._flush_error_logged = False
         self._executor: ThreadPoolExecutor | None = None
         self._plain_fd = -1
-        self._epoch = 0  # bumped on reset: late worker completions are dropped
         self._deferred: list[list[Deferred]] = []
         self._log_counts: dict[str, int] = {}
         self.counters.update({
@@ -106,6 +105,7 @@ class BlockDevice(VirtioDevice):
             "requests_discard": 0, "requests_write_zeroes": 0, "requests_unsupported": 0,
             "bytes_read": 0, "bytes_written": 0, "errors": 0, "malformed": 0,
             "io_errors": 0, "enospc": 0, "eio": 0, "flushes": 0, "in_flight": 0,
+            "stale_completions": 0,
         })
 
     # -- backend ---------------------------------------------------------------------------------
@@ -182,11 +182,20 @@ class BlockDevice(VirtioDevice):
         self._writethrough = not self.writeback or not self.has_feature(VIRTIO_BLK_F_FLUSH)
 
     def on_reset(self) -> None:
-        self._epoch += 1  # completions of work already on the worker thread are dropped
+        # Work already on the worker thread comes back with an older queue generation (the
+        # window resets every queue) and is dropped there; work not yet submitted goes now.
+        self.counters["in_flight"] -= sum(len(d) for d in self._deferred)
         self._deferred = []
-        self.counters["in_flight"] = 0
         if not self.active:  # a real reset, not a fault: config returns to its initial state
             self.writeback = self.cfg.cache != "writethrough"
+
+    def on_queue_reset(self, index: int) -> None:
+        """QueueReady=0 / QueueReset: requests of that queue still on the worker thread carry
+        the old queue generation and are dropped when they come back; unsubmitted ones go now."""
+        super().on_queue_reset(index)
+        if index < len(self._deferred):
+            self.counters["in_flight"] -= len(self._deferred[index])
+            self._deferred[index] = []
 
     # -- the queue loop -------------------------------------------------------------------------
     def process_queue(self, index: int) -> None:
@@ -372,21 +381,28 @@ class BlockDevice(VirtioDevice):
         self.counters["in_flight"] += 1
 
     def _submit(self, index: int, work: list[Deferred]) -> None:
-        epoch = self._epoch
+        # Every request of a batch was popped from this queue in its present generation
+        # (on_queue_reset empties the list): the batch carries that generation.
+        gen = self.queues[index].generation
         if self._loop is None or self._executor is None:  # no loop (sans-IO use): inline
-            self._finish_deferred(index, epoch, work, self._worker.run(work, self._writethrough))
+            self._finish_deferred(index, gen, work, self._worker.run(work, self._writethrough))
             return
         fut = self._loop.run_in_executor(self._executor, self._worker.run, work,
                                          self._writethrough)
         fut.add_done_callback(
-            lambda f: self._finish_deferred(index, epoch, work, f.result()))
+            lambda f: self._finish_deferred(index, gen, work, f.result()))
 
-    def _finish_deferred(self, index: int, epoch: int, work: list[Deferred],
+    def _finish_deferred(self, index: int, generation: int, work: list[Deferred],
                          results: list[tuple[int, OSError | None]]) -> None:
         """Back on the loop: write statuses, return the chains, interrupt once."""
-        if epoch != self._epoch or not self.active or self.failed:
-            return  # the device was reset meanwhile: these chains belong to nobody now
         self.counters["in_flight"] -= len(work)
+        if (not self.active or self.failed or index >= len(self.queues)
+                or not self.queues[index].is_current(generation)):
+            # The queue or the device was reset (or the memory detached) meanwhile: the driver
+            # reclaimed these buffers, and a re-enabled queue may reuse the heads. Nothing is
+            # written to guest memory.
+            self.counters["stale_completions"] += len(work)
+            return
         mem = self.memory
         assert mem is not None
         q = self.queues[index]

@@ -204,6 +204,14 @@ class ConsoleDevice(VirtioDevice):
         for port in self.ports:
             port.forget_guest()
 
+    def on_queue_reset(self, index: int) -> None:
+        """One queue disabled or reset: a transmit chain held from it is forgotten (its bytes
+        are not sent, it never reaches the new ring)."""
+        super().on_queue_reset(index)
+        for port in self.ports:
+            if port.txq == index:
+                port.tx_pending = None
+
     def schedule(self, index: int) -> None:
         """Run queue work soon (outside backend callbacks), like a notification would."""
         if not self.active or self.failed or index >= len(self.queues) or index in self._pending:
@@ -290,6 +298,9 @@ class ConsoleDevice(VirtioDevice):
                     break
                 port.tx_pending = (chain, 0)
             chain, done = port.tx_pending
+            if not q.is_current(chain):  # popped before a queue reset: the driver took it back
+                port.tx_pending = None
+                continue
             blocked = False
             for view in chain.readable_views(done):
                 n = port.backend.write(view)

@@ -71,7 +71,7 @@ def _generate(k: int, r: int) -> Reader:
         "    self.readable_len = rlen\n"
         "    self.writable_len = wlen\n"
     )
-    from vmmiod.virtqueue.split import DescriptorChain  # split imports this module
+    from vmmiod.virtqueue.chain import DescriptorChain
 
     namespace: dict[str, Any] = {"LEN_LIMIT": LEN_LIMIT, "NotThisShape": NotThisShape}
     # The source is built from two small integers of this module, never from guest data.

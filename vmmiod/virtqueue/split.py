@@ -7,10 +7,12 @@ reads from the guest is untrusted; every rule it enforces raises a named Virtque
 
 from __future__ import annotations
 
+import itertools
 import struct
 
 from vmmiod import barrier
 from vmmiod.memory import GuestMemory, GuestMemoryError, store_u16
+from vmmiod.virtqueue.chain import DescriptorChain
 from vmmiod.virtqueue.errors import (
     AvailIndexJump,
     ChainLengthOverflow,
@@ -55,6 +57,10 @@ LEN_LIMIT = 1 << 32
 
 DESC_ALIGN, AVAIL_ALIGN, USED_ALIGN = 16, 2, 4
 
+# Generations are unique across every queue of the process, so a chain can never pass for one
+# of another SplitQueue object either.
+_generations = itertools.count(1)
+
 
 def desc_table_size(size: int) -> int:
     return DESC_SIZE * size
@@ -73,73 +79,6 @@ def vring_need_event(event: int, new: int, old: int) -> bool:
     return ((new - event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
 
 
-class DescriptorChain:
-    """One available chain, already walked and checked; buffers resolved on access.
-
-    `readable` and `writable` hold (gpa, length) pairs in chain order. Views into guest memory
-    are looked up only when asked for, so a guest that remaps memory between pop and use is
-    caught by the memory layer's bounds checks at that moment.
-    """
-
-    __slots__ = ("head", "memory", "readable", "readable_len", "writable", "writable_len")
-
-    def __init__(self, memory: GuestMemory, head: int, readable: list[tuple[int, int]],
-                 writable: list[tuple[int, int]], readable_len: int, writable_len: int) -> None:
-        self.memory = memory
-        self.head = head
-        self.readable = readable
-        self.writable = writable
-        self.readable_len = readable_len
-        self.writable_len = writable_len
-
-    def __repr__(self) -> str:
-        return (f"DescriptorChain(head={self.head}, readable={self.readable}, "
-                f"writable={self.writable})")
-
-    def _views(self, bufs: list[tuple[int, int]], offset: int, length: int | None,
-               writable: bool) -> list[memoryview]:
-        out: list[memoryview] = []
-        remaining = -1 if length is None else length
-        mem = self.memory
-        for gpa, blen in bufs:
-            if remaining == 0:
-                break
-            if offset >= blen:
-                offset -= blen
-                continue
-            take = blen - offset
-            if 0 < remaining < take:
-                take = remaining
-            if take:
-                out.extend(mem.views(gpa + offset, take, writable))
-            if remaining > 0:
-                remaining -= take
-            offset = 0
-        return out
-
-    def readable_views(self, offset: int = 0, length: int | None = None) -> list[memoryview]:
-        """Views of the driver-written bytes [offset, offset+length) in chain order."""
-        return self._views(self.readable, offset, length, False)
-
-    def writable_views(self, offset: int = 0, length: int | None = None) -> list[memoryview]:
-        """Views of the device-writable space [offset, offset+length) in chain order."""
-        return self._views(self.writable, offset, length, True)
-
-    def read(self, offset: int = 0, length: int | None = None) -> bytes:
-        """A copy of the readable bytes (for small headers and control messages)."""
-        return b"".join(self.readable_views(offset, length))
-
-    def write(self, data: bytes | bytearray | memoryview, offset: int = 0) -> int:
-        """Copy `data` into the writable space from `offset`; returns bytes written."""
-        pos = 0
-        n = len(data)
-        for v in self.writable_views(offset, n):
-            k = len(v)
-            v[:] = data[pos:pos + k]
-            pos += k
-        return pos
-
-
 class SplitQueue:
     """Device side of one split virtqueue."""
 
@@ -148,10 +87,14 @@ class SplitQueue:
             raise ValueError(f"queue max size {max_size} is not a power of two in 1..32768")
         self.index = index
         self.max_size = max_size
+        self.generation = 0  # set by reset(): never 0 afterwards
+        self.stale_dropped = 0  # completions of an older generation dropped by add_used
         self.reset()
 
     # -- configuration --------------------------------------------------------------------------
     def reset(self) -> None:
+        """Back to the initial state; a new generation (chains popped before are stale)."""
+        self.generation = next(_generations)
         self.size = self.max_size
         self.desc_addr = 0
         self.avail_addr = 0
@@ -292,6 +235,7 @@ class SplitQueue:
             raise HeadInFlight(f"queue {self.index}: head {head} is already in flight")
         self.next_avail = (nxt_avail + 1) & 0xFFFF
         self._in_flight[head] = 1
+        chain.generation = self.generation
         return chain
 
     def _walk(self, head: int) -> DescriptorChain:
@@ -362,9 +306,26 @@ class SplitQueue:
         if head < self.size:
             self._in_flight[head] = 0
 
+    # -- generations ----------------------------------------------------------------------------
+    def is_current(self, chain: DescriptorChain | int) -> bool:
+        """True if `chain` (or a generation taken from one) belongs to this queue as it is now.
+
+        False after a queue reset, device reset or disconnect since the pop: the driver has
+        reclaimed the chain's buffers, so its completion must not touch guest memory.
+        """
+        gen = chain if isinstance(chain, int) else chain.generation
+        return gen == self.generation
+
     # -- used ring ------------------------------------------------------------------------------
-    def add_used(self, head: int, length: int) -> None:
-        """Write a used element (not yet visible to the driver until publish_used)."""
+    def add_used(self, head: int, length: int, generation: int | None = None) -> bool:
+        """Write a used element (not yet visible to the driver until publish_used).
+
+        With `generation` (the popped chain's), a completion of an older generation is
+        dropped without writing anything (counted in `stale_dropped`) and False is returned.
+        """
+        if generation is not None and generation != self.generation:
+            self.stale_dropped += 1
+            return False
         in_flight = self._in_flight
         if not 0 <= head < len(in_flight) or not in_flight[head]:
             raise UsedIdNotInFlight(f"queue {self.index}: head {head} is not in flight")
@@ -373,6 +334,11 @@ class SplitQueue:
         USED_ELEM.pack_into(self._used_buf, self._used_off + 4 + 8 * (nxt_used & (self.size - 1)),
                             head, length)
         self.next_used = (nxt_used + 1) & 0xFFFF
+        return True
+
+    def complete(self, chain: DescriptorChain, length: int) -> bool:
+        """`add_used` for a popped chain: a stale one (older generation) is dropped, False."""
+        return self.add_used(chain.head, length, chain.generation)
 
     def publish_used(self) -> bool:
         """Make added elements visible (element before idx); True if the driver wants an interrupt."""
