@@ -112,9 +112,13 @@ def test_run_serves_notifies_and_stops_cleanly_on_sigterm(tmp_path: Path,
     events = d.events()
     names = [e["event"] for e in events]
     assert names[0] == "event_loop_selected" and events[0]["loop"] == "uvloop"
-    for name in ("daemon_starting", "daemon_ready", "vmm_connected", "vmm_disconnected",
-                 "stop_requested", "daemon_stopped"):
+    for name in ("daemon_starting", "barriers_installed", "daemon_ready", "vmm_connected",
+                 "vmm_disconnected", "stop_requested", "daemon_stopped"):
         assert name in names, name
+    # The host CPU's fences, installed for the generic adaptor too, before the adaptor starts.
+    fenced = next(e for e in events if e["event"] == "barriers_installed")
+    assert fenced["method"] in ("code_page", "libatomic")
+    assert names.index("barriers_installed") < names.index("vmm_connected")
     assert all(e["guest"] == "g1" and e["timestamp"].endswith("Z") for e in events)
     assert not [e for e in events if e["level"] == "error"]
     stats = [e for e in events if e["event"] == "device_stats"]

@@ -5,8 +5,9 @@ This is the only module that knows both the hypervisor adaptors and the devices.
 imported by its kind only when a config uses it, so a missing optional part (the Xen bindings
 on a machine without Xen) matters only to the configs that need it.
 
-Start: adaptor.prepare() -> devices built and opened -> one VirtioMmio window per device on the
-bus -> adaptor.start() -> READY=1. Stop (SIGTERM/SIGINT, or the guest gone): STOPPING=1 ->
+Start: the host CPU's memory fences installed (vmmiod/fences.py) -> adaptor.prepare() ->
+devices built and opened -> one VirtioMmio window per device on the bus -> adaptor.start() ->
+READY=1. Stop (SIGTERM/SIGINT, or the guest gone): STOPPING=1 ->
 bus.detach_memory() (every device resets: no new queue work, no view of guest memory kept) ->
 each device's close() (backends flushed and closed, worker threads joined) -> adaptor.stop()
 (guest memory unmapped last, once nothing can touch it). The whole stop is bounded.
@@ -22,7 +23,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from vmmiod import __version__
+from vmmiod import __version__, fences
 from vmmiod import log as logsetup
 from vmmiod.config import MMIO_WINDOW_SIZE, Config, ConfigError, DeviceConfig, MmioConfig, load
 from vmmiod.systemd import Notifier
@@ -154,6 +155,10 @@ class Daemon:
         self.bus = bus_cls(log=self.log)
         kind = cfg.hypervisor.kind
         adaptor_cls = _load_class(f"the {kind} adaptor", *ADAPTORS[kind])
+        try:  # a property of the host CPU: before any ring is shared, whatever the adaptor
+            fences.install(self.log)
+        except OSError as exc:
+            raise StartupError(str(exc), EX_UNAVAILABLE) from exc
         try:
             self.adaptor = adaptor_cls(cfg, self.bus, self.log.bind(adaptor=cfg.hypervisor.kind))
             await self.adaptor.prepare()

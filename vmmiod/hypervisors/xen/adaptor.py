@@ -18,8 +18,9 @@ import time
 from typing import Any
 
 from vmmiod.config import MMIO_WINDOW_SIZE, Config, XenConfig
+from vmmiod.fences import is_arm64
 from vmmiod.hypervisors.base import Adaptor, PlatformUnavailable
-from vmmiod.hypervisors.xen import backends, fences, record
+from vmmiod.hypervisors.xen import backends, record
 from vmmiod.hypervisors.xen.guestmem import XenGuestMemory, XenMapper
 from vmmiod.hypervisors.xen.handles import DeviceModel, EventChannels, ForeignMemory, GrantTable
 from vmmiod.hypervisors.xen.irq import IrqRangeError, Privcmd, XenInterruptLine, check_irq
@@ -98,10 +99,6 @@ class XenAdaptor(Adaptor):
         self.log = self.log.bind(domid=self.domid)
         self._open_handles()
         self._probe_dm_op()
-        try:
-            fences.install_fences(self.log, self.machine)
-        except OSError as exc:
-            raise PlatformUnavailable(str(exc)) from None
         self.backends = backends.Backends(self.xs, self.xen.backend_domid, self.domid,
                                           self.config.devices, self.log)
         await self._discover()
@@ -217,7 +214,7 @@ class XenAdaptor(Adaptor):
     def _choose_irq_method(self) -> str:
         if self.xen.interrupts != "auto":
             return self.xen.interrupts
-        return "spi" if fences.needs_fences(self.machine) else "isa"
+        return "spi" if is_arm64(self.machine) else "isa"
 
     # -- what the daemon asks ---------------------------------------------------------------------
     @property
