@@ -37,7 +37,6 @@ KNOWN: frozenset[tuple[str, str]] = frozenset({
     # (rule, subject): subject is "importer -> imported", a cycle "a <-> b <-> ...", or a module.
     # sim/hostile.py instruments the device's descriptor codec (a test tool; goes to tests/).
     ("guest-model-own-constants", "vmmiod.sim.hostile -> vmmiod.virtqueue.split"),
-    ("guest-model-own-constants", "vmmiod.sim.vring -> vmmiod.virtqueue.split"),
     ("size", "vmmiod.bench.block"),
     ("size", "vmmiod.configschema"),
     ("size", "vmmiod.devices.block"),
