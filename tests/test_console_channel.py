@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from tests.inproc import ThreadedDaemon
 from vmmiod.config import ConsoleConfig, ConsolePortConfig, GuestConfig, MmioConfig, SocketBackend
 from vmmiod.devices.console import CONFIG_EMERG_WR, ConsoleDevice
 from vmmiod.sim.console import ConsoleDriver, connect_console, run_console_workload
-from vmmiod.sim.inproc import ThreadedDaemon
 from vmmiod.sim.vmm import SimVmm
 
 BASE, IRQ = 0x0200_0000, 34

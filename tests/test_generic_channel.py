@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
+from tests.inproc import ThreadedDaemon
 from vmmiod.config import BlockConfig, GuestConfig, MmioConfig
 from vmmiod.devices.block import BlockDevice
 from vmmiod.hypervisors.generic import protocol as proto
 from vmmiod.sim.block import VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, BlockDriver, run_block_workload
-from vmmiod.sim.inproc import ThreadedDaemon
 from vmmiod.sim.virtio_mmio import MAGIC, STATUS
 from vmmiod.sim.vmm import SimError, SimVmm
 

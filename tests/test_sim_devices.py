@@ -7,6 +7,7 @@ import socket
 from pathlib import Path
 from typing import Any
 
+from tests.inproc import ThreadedDaemon
 from vmmiod.config import (
     BlockConfig,
     ConsoleConfig,
@@ -25,7 +26,6 @@ from vmmiod.sim import virtio_mmio as r
 from vmmiod.sim.block import BlockDriver
 from vmmiod.sim.console import ConsoleDriver, connect_console, run_console_workload
 from vmmiod.sim.guest import run_guest
-from vmmiod.sim.inproc import ThreadedDaemon
 from vmmiod.sim.net import NetDriver, make_frame, run_net_workload, udp_peer
 from vmmiod.sim.vmm import SimVmm
 

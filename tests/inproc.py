@@ -1,4 +1,4 @@
-"""The daemon's serving half in a background thread of this process: for tests and benchmarks.
+"""The daemon's serving half in a background thread of the test process (tests only).
 
 `ThreadedDaemon` wires what vmmiod/daemon.py wires for one guest (an MmioBus, one VirtioMmio
 window per device, a GenericAdaptor) on its own event loop in a thread, so a test can drive the
