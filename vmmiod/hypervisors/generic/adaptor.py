@@ -71,7 +71,8 @@ class GenericAdaptor(Adaptor):
         self.config = config
         self.hv: GenericConfig = config.hypervisor
         self.counters = {"connections": 0, "refused": 0, "disconnects": 0, "ioreqs": 0,
-                         "ioreqs_unanswered": 0, "interrupts": 0, "interrupts_dropped": 0}
+                         "ioreqs_unanswered": 0, "interrupts": 0, "interrupts_dropped": 0,
+                         "messages_ignored": 0}
         self._lines: dict[int, GenericLine] = {}
         self._listener: socket.socket | None = None
         self._listener_ino: int | None = None
@@ -333,7 +334,7 @@ class GenericAdaptor(Adaptor):
         if msg_type == MSG_BYE:
             self._disconnect("vmm_bye")
             return
-        n = self.counters["messages_ignored"] = self.counters.get("messages_ignored", 0) + 1
+        n = self.counters["messages_ignored"] = self.counters["messages_ignored"] + 1
         if n & (n - 1) == 0:  # 1st, 2nd, 4th, 8th ...: a chatty VMM cannot flood the log
             self.log.warning("vmm_message_ignored", type=msg_type, length=len(data),
                              occurrences=n)
