@@ -4,7 +4,11 @@ Every module under vmmiod/ is parsed with `ast` (nothing is imported), every `im
 wherever it stands (module level, inside a function, under `if TYPE_CHECKING:`): a type-only or
 a late import is still a dependency of the design. Then the rules:
 
+- layers (LAYERS): entry points, wiring, the two sides and the window, shared, core; a module
+  imports its own layer or lower ones;
 - hypervisors/* never import devices/*, devices/* never import hypervisors/*;
+- hypervisors/* never import the window (mmio*): they see windows through vmmiod.bus.Window and
+  vmmiod.transport.VirtioWindow; devices/* import neither the window, the bus nor IOREQs;
 - virtqueue/* and memory.py import neither devices nor hypervisors (nor the window or the bus);
 - the neutral modules (transport.py) import no device, hypervisor, window or bus module;
 - the daemon (vmmiod.daemon) is imported only by the CLI and the demo;
@@ -45,6 +49,18 @@ KNOWN: frozenset[tuple[str, str]] = frozenset({
     ("size", "vmmiod.devices.net_tap"),
     ("size", "vmmiod.hypervisors.xen.adaptor"),
 })
+
+# The layers of docs/architecture.md, top to bottom: a module imports its own layer or lower ones.
+# A module under none of these prefixes is in "shared" (config, bus, ioreq, transport, fences...).
+LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("entry", ("vmmiod.__main__", "vmmiod.cli", "vmmiod.demo", "vmmiod.bench", "vmmiod.sim")),
+    ("wiring", ("vmmiod.daemon", "vmmiod.log", "vmmiod.systemd")),
+    ("sides", ("vmmiod.hypervisors", "vmmiod.mmio", "vmmiod.mmio_queues", "vmmiod.mmio_regs",
+               "vmmiod.devices")),
+    ("shared", ()),
+    ("core", ("vmmiod.virtqueue", "vmmiod.memory", "vmmiod.barrier")),
+)
+WINDOW = ("vmmiod.mmio", "vmmiod.mmio_queues", "vmmiod.mmio_regs")
 
 # Modules that run in the daemon: everything but the guest side, the figures and the entry points
 # that start them.
@@ -145,6 +161,15 @@ def cycles(edges: dict[str, set[str]]) -> list[list[str]]:
     return found
 
 
+def layer_of(name: str) -> int:
+    if name == "vmmiod":  # the package itself: __version__
+        return len(LAYERS) - 1
+    for index, (_layer, prefixes) in enumerate(LAYERS):
+        if within(name, *prefixes):
+            return index
+    return [layer for layer, _ in LAYERS].index("shared")
+
+
 def takes_layout(imp: Import) -> bool:
     """True unless a class is imported: classes the simulation drives (SplitQueue, the errors)
     are fine, the ring layout (constants, structs, vring_need_event, ring sizes) must be the
@@ -167,6 +192,12 @@ def violations() -> dict[tuple[str, str], str]:
         if (within(a, "vmmiod.hypervisors") and within(b, "vmmiod.devices")) or (
                 within(a, "vmmiod.devices") and within(b, "vmmiod.hypervisors")):
             add("hypervisors-devices", imp)
+        if layer_of(a) > layer_of(b):
+            add("layers", imp)
+        if within(a, "vmmiod.hypervisors") and within(b, *WINDOW):
+            add("hypervisors-see-no-window", imp)
+        if within(a, "vmmiod.devices") and within(b, *WINDOW, "vmmiod.bus", "vmmiod.ioreq"):
+            add("devices-see-no-registers", imp)
         if within(a, "vmmiod.virtqueue", "vmmiod.memory") and within(
                 b, "vmmiod.devices", "vmmiod.hypervisors", "vmmiod.mmio", "vmmiod.mmio_queues",
                 "vmmiod.bus"):
@@ -233,3 +264,14 @@ def test_imports_are_resolved(tmp_path: Path, source: str,
     known = {name: PACKAGE / "x.py" for name in ("vmmiod.virtqueue.split", "vmmiod.memory")}
     found = list(imports_of("vmmiod.hypervisors.mod", path, known))
     assert [(imp.module, imp.name) for imp in found] == [expected]
+
+
+@pytest.mark.parametrize("name, layer", [
+    ("vmmiod.cli", "entry"), ("vmmiod.sim.vring", "entry"), ("vmmiod.daemon", "wiring"),
+    ("vmmiod.hypervisors.xen.adaptor", "sides"), ("vmmiod.mmio", "sides"),
+    ("vmmiod.devices.net", "sides"), ("vmmiod.transport", "shared"), ("vmmiod.config", "shared"),
+    ("vmmiod.a_new_module", "shared"), ("vmmiod.memory", "core"), ("vmmiod", "core"),
+    ("vmmiod.virtqueue.split", "core"), ("vmmiod.mmio_regs", "sides"),
+])
+def test_layers(name: str, layer: str) -> None:
+    assert LAYERS[layer_of(name)][0] == layer
