@@ -15,12 +15,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.inproc import ThreadedDaemon
 from tests.test_generic_badpeer import BASE, IRQ, exchange
 from vmmiod.config import BlockConfig, GuestConfig, MmioConfig
 from vmmiod.devices.block import BlockDevice
 from vmmiod.hypervisors.generic import protocol as proto
 from vmmiod.sim.block import VIRTIO_BLK_T_IN, BlockDriver
-from vmmiod.sim.inproc import ThreadedDaemon
 from vmmiod.sim.virtio_mmio import MAGIC
 from vmmiod.sim.vmm import SimVmm
 
