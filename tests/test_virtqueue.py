@@ -153,9 +153,43 @@ def test_undo_pop_returns_the_chain() -> None:
     rig.driver.add([buffer(rig, b"x")], [], token=1)
     c = rig.queue.pop()
     assert c is not None
-    rig.queue.undo_pop()
+    rig.queue.undo_pop(c)
     again = rig.queue.pop()
     assert again is not None and again.head == c.head
+
+
+def test_undo_pop_steps_back_with_the_chain_not_the_slot() -> None:
+    """Issue 15 item 5. The driver rewrites the avail slot of a chain the device is about to
+    give back, naming a head that is still in flight. undo_pop re-read the slot and cleared
+    that other head's in-flight mark, so the next pop took it a second time (and the given
+    back head stayed marked forever). It must clear the given-back chain's own head."""
+    rig = make_rig()
+    rig.driver.add([buffer(rig, b"a")], [], token="a")
+    rig.driver.add([buffer(rig, b"b")], [], token="b")
+    a = rig.queue.pop()
+    b = rig.queue.pop()
+    assert a is not None and b is not None and a.head != b.head
+    rig.driver.raw_avail(1, a.head)  # slot 1 held b; now it names a, still in flight
+    rig.queue.undo_pop(b)
+    with pytest.raises(E.HeadInFlight):  # a is in flight: popping it again is refused
+        rig.queue.pop()
+    rig.queue.add_used(a.head, 0)  # a is still in flight, b is not
+    with pytest.raises(E.UsedIdNotInFlight):
+        rig.queue.add_used(b.head, 0)
+
+
+def test_undo_pop_of_a_stale_chain_does_nothing() -> None:
+    rig = make_rig()
+    rig.driver.add([buffer(rig, b"a")], [], token="a")
+    a = rig.queue.pop()
+    assert a is not None
+    q = rig.queue
+    q.reset()
+    q.size, q.desc_addr, q.avail_addr, q.used_addr = (
+        16, rig.driver.desc_addr, rig.driver.avail_addr, rig.driver.used_addr)
+    q.activate(rig.memory)
+    q.undo_pop(a)
+    assert q.next_avail == 0 and q.in_flight() == 0
 
 
 def test_reset_forgets_everything() -> None:

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from vmmiod.devices.base import (
+    VIRTIO_F_ACCESS_PLATFORM,
     VIRTIO_F_EVENT_IDX,
     VIRTIO_F_INDIRECT_DESC,
     VIRTIO_F_VERSION_1,
@@ -79,6 +80,7 @@ from vmmiod.virtqueue import SplitQueue
 U32_MASK = 0xFFFF_FFFF
 _CONFIG_SIZES = {1: 0xFF, 2: 0xFFFF, 4: 0xFFFF_FFFF, 8: 0xFFFF_FFFF_FFFF_FFFF}
 _VERSION_1 = 1 << VIRTIO_F_VERSION_1
+_ACCESS_PLATFORM = 1 << VIRTIO_F_ACCESS_PLATFORM
 
 
 def _set_low(old: int, value: int) -> int:
@@ -314,6 +316,10 @@ class VirtioMmio(QueueRegisters):
         f = self.driver_features
         if not self.legacy and not f & _VERSION_1:
             reason = "VERSION_1 not accepted on a version 2 window"
+        elif self.device.access_platform and not f & _ACCESS_PLATFORM:
+            # Grant mode: every address the driver gives is a grant reference; a driver that
+            # would hand out guest-physical addresses instead would fault on every access.
+            reason = "ACCESS_PLATFORM (grant addresses) not accepted"
         elif not self.device.validate_features(f):
             reason = "device refused the feature set"
         else:

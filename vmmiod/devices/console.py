@@ -275,7 +275,7 @@ class ConsoleDevice(VirtioDevice):
                 continue
             n = port.backend.read_into(chain.writable_views())
             if n <= 0:
-                q.undo_pop()
+                q.undo_pop(chain)
                 break
             q.add_used(chain.head, n)
             used += 1

@@ -402,7 +402,7 @@ class NetDevice(VirtioDevice):
                 if not self.backend.send(views, hdr_len):
                     reason = TxDrop.NO_PEER
             except BlockingIOError:
-                q.undo_pop()
+                q.undo_pop(chain)
                 self._tx_wait()
                 return False
             except OSError as exc:

@@ -298,13 +298,17 @@ class SplitQueue:
             addr, length, flags, nxt = unpack(buf, base + DESC_SIZE * nxt)
         return DescriptorChain(mem, head, readable, writable, rlen, wlen)
 
-    def undo_pop(self) -> None:
-        """Give the last popped chain back (e.g. a receive buffer that turned out too small)."""
+    def undo_pop(self, chain: DescriptorChain) -> None:
+        """Give back `chain`, the last one popped (a buffer the backend could not take now).
+
+        Steps back with the chain itself, never by re-reading the avail slot: the driver may
+        have rewritten that slot since, and its head would be some other chain's. A chain of
+        an older generation (the queue was reset since) is ignored.
+        """
+        if chain.generation != self.generation:
+            return
         self.next_avail = (self.next_avail - 1) & 0xFFFF
-        slot = self.next_avail % self.size
-        head: int = U16.unpack_from(self._avail_buf, self._avail_off + 4 + 2 * slot)[0]
-        if head < self.size:
-            self._in_flight[head] = 0
+        self._in_flight[chain.head] = 0
 
     # -- generations ----------------------------------------------------------------------------
     def is_current(self, chain: DescriptorChain | int) -> bool:
