@@ -183,6 +183,8 @@ async def test_pty_resize_reaches_a_multiport_guest_as_resize_message(tmp_path: 
         fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 60, 200, 0, 0))
         await guest.until(lambda: guest.ports[0].size == (200, 60), what="RESIZE message")
         assert (dev.read_config(0, 2), dev.read_config(2, 2)) == (200, 60)
+        # Config space changed too: the transport bumps ConfigGeneration (issue 15 item 7).
+        assert guest.transport.config_changes >= 1
     finally:
         os.close(slave)
         guest.close()

@@ -48,6 +48,8 @@ from vmmiod.mmio_regs import (
     MAGIC_VALUE_VIRT,
     QUEUE_ALIGN,
     QUEUE_DESC_LOW,
+    QUEUE_DEVICE_LOW,
+    QUEUE_DRIVER_LOW,
     QUEUE_NOTIFY,
     QUEUE_NUM,
     QUEUE_NUM_MAX,
@@ -321,7 +323,13 @@ def test_device_fault_from_hostile_ring_needs_reset_then_recovers() -> None:
     status = rig.r(STATUS)
     assert status & DEVICE_NEEDS_RESET and status & DRIVER_OK
     assert rig.r(INTERRUPT_STATUS) & VIRTIO_MMIO_INT_CONFIG
-    assert events(logs, "guest_protocol_violation")[0]["error"] == "HeadOutOfRange"
+    violation = events(logs, "guest_protocol_violation")[0]
+    assert violation["error"] == "HeadOutOfRange"
+    # The reason names its queue once (issue 15 item 7: it read "queue 0: queue 0: head ...").
+    assert violation["reason"].startswith("queue 0: head 200") and \
+        violation["reason"].count("queue 0:") == 1
+    needs_reset = events(logs, "device_needs_reset")[0]
+    assert needs_reset["reason"].count("queue 0:") == 1
     # Linux's read-modify-write of Status carries the device's bit back: still no change.
     rig.w(STATUS, status)
     assert rig.r(STATUS) == status
@@ -478,3 +486,24 @@ def test_magic_survives_everything_above() -> None:
     bring_up(rig)
     rig.window.device_fault("test")
     assert rig.r(MAGIC_VALUE) == MAGIC_VALUE_VIRT
+
+
+@pytest.mark.parametrize("where", ["desc", "misaligned"])
+def test_queue_config_fault_names_its_queue_once(where: str) -> None:
+    """Issue 15 item 7: the window's queue faults read "queue 1: queue 1: ...". """
+    with structlog.testing.capture_logs() as logs:
+        rig = make_rig(2)
+        negotiate(rig)
+        rig.w(QUEUE_SEL, 1)
+        rig.w(QUEUE_NUM, 4)
+        if where == "desc":
+            rig.w(QUEUE_DESC_LOW, 0)  # far below guest RAM
+            rig.w(QUEUE_DRIVER_LOW, RAM_BASE)
+            rig.w(QUEUE_DEVICE_LOW, RAM_BASE + PAGE)
+        else:
+            rig.w(QUEUE_DESC_LOW, RAM_BASE + 8)  # not 16-byte aligned
+        rig.w(QUEUE_READY, 1)
+    assert rig.r(STATUS) & DEVICE_NEEDS_RESET
+    for name in ("guest_protocol_violation", "device_needs_reset"):
+        reason = events(logs, name)[0]["reason"]
+        assert reason.startswith("queue 1: ") and reason.count("queue 1:") == 1, reason

@@ -238,3 +238,21 @@ def test_ring_books_balance_check() -> None:
     assert ring_unbalanced(q, 0) == 2
     q.next_avail, q.next_used = 1, 0xFFFF  # across the 16-bit wrap
     assert ring_unbalanced(q, 2) == 0
+
+
+def test_rx_held_chain_added_to_a_full_iovec_adds_no_capacity() -> None:
+    """Issue 15 item 7: a chain held once the iovec is full can take no bytes, but RxHeld
+    counted its whole length, so the device believed it had room for a frame it had not."""
+    from tests.vq_helpers import buffer, make_rig
+    from vmmiod.devices.net_rx import IOV_MAX, RxHeld
+    from vmmiod.virtqueue import DescriptorChain
+
+    rig = make_rig(ram=0x100000)
+    held = RxHeld()
+    for head in range(IOV_MAX - 1):
+        gpa, n = buffer(rig, 64)
+        held.add(DescriptorChain(rig.memory, head % 256, [], [(gpa, n)], 0, n))
+    assert held.full() and held.cap == 64 * (IOV_MAX - 1)
+    gpa, n = buffer(rig, 4096)
+    held.add(DescriptorChain(rig.memory, 0, [], [(gpa, n)], 0, n))
+    assert len(held) == IOV_MAX and held.cap == 64 * (IOV_MAX - 1)

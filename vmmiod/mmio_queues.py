@@ -94,7 +94,7 @@ class QueueRegisters:
                        indirect=bool(features >> VIRTIO_F_INDIRECT_DESC & 1))
         except VirtqueueError as exc:
             q.ready = False
-            self._fault(f"queue {q.index}: {exc}", queue=q.index, rule=exc.rule)
+            self._fault(str(exc), queue=q.index, rule=exc.rule)  # names its queue
             return False
         self.log.info("queue_ready", queue=q.index, size=q.size, desc=q.desc_addr,
                       avail=q.avail_addr, used=q.used_addr)

@@ -41,6 +41,12 @@ __all__ = [
 ]
 
 
+def queue_fault_reason(index: int, exc: Exception) -> str:
+    """`exc` as a fault reason that names its queue once: virtqueue errors already start with
+    "queue N:", guest-memory errors do not."""
+    return str(exc) if isinstance(exc, VirtqueueError) else f"queue {index}: {exc}"
+
+
 class BackendError(Exception):
     """A backend could not be opened (image missing or locked, TAP refused, socket in use).
 
@@ -176,7 +182,7 @@ class VirtioDevice:
         try:
             self.process_queue(index)
         except (VirtqueueError, GuestMemoryError) as exc:
-            self.fault(f"queue {index}: {exc}", queue=index, error=type(exc).__name__)
+            self.fault(queue_fault_reason(index, exc), queue=index, error=type(exc).__name__)
 
     def process_queue(self, index: int) -> None:
         """Subclass hook: drain queue `index` (pop chains, do I/O, add used, notify)."""

@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from vmmiod.config import BlockConfig, GuestConfig
-from vmmiod.devices.base import BackendError, VirtioDevice
+from vmmiod.devices.base import BackendError, VirtioDevice, queue_fault_reason
 from vmmiod.devices.block_backend import IOV_MAX, Backing, ImageLocked
 from vmmiod.devices.block_config import (  # noqa: F401  (feature names re-exported for users)
     BLK_CONFIG,
@@ -417,7 +417,7 @@ class BlockDevice(VirtioDevice):
                 self._complete(q, mem, req.head, req.status_gpa, status, used)
             self.notify_used(index)
         except (VirtqueueError, GuestMemoryError) as exc:
-            self.fault(f"queue {index}: {exc}", queue=index, error=type(exc).__name__)
+            self.fault(queue_fault_reason(index, exc), queue=index, error=type(exc).__name__)
 
     def stats(self) -> dict[str, int]:
         return dict(self.counters)

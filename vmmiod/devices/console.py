@@ -420,5 +420,9 @@ class ConsoleDevice(VirtioDevice):
         if self.multiport:
             if self.ports[0].guest_ready:
                 self._send_control(ctl.encode_resize(0, self.cols, self.rows))
+            # cols/rows in config space changed all the same: ConfigGeneration must change
+            # (Linux ignores the config interrupt that comes with it under MULTIPORT).
+            if self.transport is not None:
+                self.transport.signal_config_change()
         elif self.has_feature(VIRTIO_CONSOLE_F_SIZE) and self.transport is not None:
             self.transport.signal_config_change()

@@ -21,7 +21,7 @@ from typing import Any
 import structlog
 
 from vmmiod.config import GuestConfig, NetConfig, TapBackend
-from vmmiod.devices.base import VIRTIO_F_VERSION_1, BackendError, VirtioDevice
+from vmmiod.devices.base import VIRTIO_F_VERSION_1, BackendError, VirtioDevice, queue_fault_reason
 from vmmiod.devices.net_ctrl import CtrlResult, RxFilter, serve_controlq
 from vmmiod.devices.net_dgram import RECV_FOREIGN, DgramSocket
 from vmmiod.devices.net_proto import (
@@ -245,7 +245,7 @@ class NetDevice(VirtioDevice):
         try:
             fn()
         except (VirtqueueError, GuestMemoryError) as exc:
-            self.fault(f"queue {index}: {exc}", queue=index, error=type(exc).__name__)
+            self.fault(queue_fault_reason(index, exc), queue=index, error=type(exc).__name__)
 
     def _reschedule(self, index: int) -> None:
         if self._loop is not None and index not in self._pending:

@@ -42,8 +42,9 @@ class RxHeld:
         room = IOV_MAX - 1 - len(self.iov)
         cap = chain.writable_len
         writable = chain.writable
-        if room <= 0:
+        if room <= 0:  # the iovec is full: the chain is held but can take nothing
             views = []
+            cap = 0
         elif len(writable) == 1 and cap:  # the usual receive buffer: one descriptor
             views = chain.memory.views(writable[0][0], cap, True)
         else:

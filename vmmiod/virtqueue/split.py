@@ -118,13 +118,17 @@ class SplitQueue:
         """Size and alignment rules that need no memory (2.7: sizes, 2.7.5-2.7.8 alignment)."""
         n = self.size
         if not 1 <= n <= self.max_size or n & (n - 1):
-            raise InvalidQueueSize(f"queue size {n} is not a power of two in 1..{self.max_size}")
+            raise InvalidQueueSize(
+                f"queue {self.index}: size {n} is not a power of two in 1..{self.max_size}")
         if self.desc_addr % DESC_ALIGN:
-            raise MisalignedRing(f"descriptor table {self.desc_addr:#x} not 16-byte aligned")
+            raise MisalignedRing(
+                f"queue {self.index}: descriptor table {self.desc_addr:#x} not 16-byte aligned")
         if self.avail_addr % AVAIL_ALIGN:
-            raise MisalignedRing(f"avail ring {self.avail_addr:#x} not 2-byte aligned")
+            raise MisalignedRing(
+                f"queue {self.index}: avail ring {self.avail_addr:#x} not 2-byte aligned")
         if self.used_addr % USED_ALIGN:
-            raise MisalignedRing(f"used ring {self.used_addr:#x} not 4-byte aligned")
+            raise MisalignedRing(
+                f"queue {self.index}: used ring {self.used_addr:#x} not 4-byte aligned")
 
     def activate(self, memory: GuestMemory, *, event_idx: bool = False,
                  indirect: bool = False) -> None:
@@ -158,7 +162,7 @@ class SplitQueue:
     def _check_generation(self) -> None:
         mem = self.memory
         if mem is None or not self.ready:
-            raise QueueNotReady(f"queue {self.index} is not ready")
+            raise QueueNotReady(f"queue {self.index}: not ready")
         if mem.generation != self._gen:
             self._map_rings()
 
