@@ -136,7 +136,7 @@ def test_run_refuses_bad_config_and_starts_nothing(tmp_path: Path) -> None:
     bad.write_text(GOOD.replace("kind: generic", "kind: generc"))
     run = vmmiod("run", str(bad))
     assert run.returncode == 78
-    assert ("hypervisor.kind: 'generc' is not one of xen, generic (did you mean 'generic'?)"
+    assert ("hypervisor.kind: 'generc' is not one of xen, generic, vhost-user (did you mean 'generic'?)"
             in run.stderr)
     assert f"{bad}: invalid configuration; not starting" in run.stderr
     assert not (tmp_path / "vmm.sock").exists()

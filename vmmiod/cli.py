@@ -99,8 +99,10 @@ def describe(config: Config) -> str:
     if h.kind == "xen":
         hyp = (f"xen (interrupts {h.interrupts}, grants {h.grants}, map cache "
                f"{h.map_cache_pages} pages)")
-    else:
+    elif h.kind == "generic":
         hyp = f"generic (socket {h.socket}, on disconnect {h.on_disconnect})"
+    else:
+        hyp = f"vhost-user (one socket per device, reconnect every {h.reconnect:g} s)"
     log = config.log
     lines = [f"{config.path}: OK",
              f"guest       {g.name} (domid {domid})",
@@ -110,6 +112,12 @@ def describe(config: Config) -> str:
              f"devices     {len(config.devices)}"]
     for dev in config.devices:
         m = dev.mmio
+        if dev.vhost_user is not None:
+            ep = dev.vhost_user
+            how = "connects to" if ep.connect else "listens on"
+            lines.append(f"  {dev.id:<10} {dev.type:<8} vhost-user, {how} {ep.path}")
+            lines.append(f"  {'':<10} {'':<8} {_backend(dev)}")
+            continue
         if m.auto:
             where = "window auto (from xenstore)"
         else:

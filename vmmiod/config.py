@@ -16,6 +16,7 @@ import yaml
 
 from vmmiod.configmodel import (
     MMIO_WINDOW_SIZE,
+    NO_WINDOW,
     BlockConfig,
     Config,
     ConsoleBackend,
@@ -35,6 +36,8 @@ from vmmiod.configmodel import (
     SocketAddress,
     SocketBackend,
     TapBackend,
+    VhostUserConfig,
+    VhostUserSocket,
     XenConfig,
 )
 from vmmiod.configreader import Reader
@@ -43,6 +46,7 @@ from vmmiod.configschema import Schema
 __all__ = [
     "EX_CONFIG",
     "MMIO_WINDOW_SIZE",
+    "NO_WINDOW",
     "BlockConfig",
     "Config",
     "ConfigError",
@@ -63,6 +67,8 @@ __all__ = [
     "SocketAddress",
     "SocketBackend",
     "TapBackend",
+    "VhostUserConfig",
+    "VhostUserSocket",
     "XenConfig",
     "load",
     "load_text",

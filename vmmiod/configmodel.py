@@ -40,7 +40,16 @@ class GenericConfig:
     socket_mode: int = 0o600
 
 
-HypervisorConfig = XenConfig | GenericConfig
+@dataclass(frozen=True)
+class VhostUserConfig:
+    """vhost-user back-end: each device has its own socket (`vhost_user` in its section)."""
+
+    kind: Literal["vhost-user"] = "vhost-user"
+    socket_mode: int = 0o600  # mode of the sockets the daemon listens on
+    reconnect: float = 1.0  # seconds between attempts of `connect: true` endpoints
+
+
+HypervisorConfig = XenConfig | GenericConfig | VhostUserConfig
 
 
 @dataclass(frozen=True)
@@ -59,6 +68,17 @@ class MmioConfig:
     auto: bool = False
 
 
+# vhost-user devices have no virtio-mmio window (the VMM owns the transport): their `mmio` is
+# this placeholder and their `vhost_user` says where the socket is.
+NO_WINDOW = MmioConfig(base=None, irq=None)
+
+
+@dataclass(frozen=True)
+class VhostUserSocket:
+    path: Path
+    connect: bool = False  # False: the daemon listens on `path`; True: it connects to it
+
+
 @dataclass(frozen=True)
 class BlockConfig:
     id: str
@@ -70,6 +90,7 @@ class BlockConfig:
     queues: int = 1
     queue_size: int = 256
     lock: bool = True
+    vhost_user: VhostUserSocket | None = None
     type: Literal["block"] = "block"
 
 
@@ -109,6 +130,7 @@ class NetConfig:
     mac: str | None = None  # "52:54:00:..."; None: stable locally administered default
     mtu: int = 1500
     queue_size: int = 256
+    vhost_user: VhostUserSocket | None = None
     type: Literal["net"] = "net"
 
 
@@ -150,6 +172,7 @@ class ConsoleConfig:
     cols: int = 80
     rows: int = 25
     queue_size: int = 64
+    vhost_user: VhostUserSocket | None = None
     type: Literal["console"] = "console"
 
 

@@ -6,6 +6,7 @@ Every key is documented in docs/configuration.md; keep the two in step.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import stat
 from collections.abc import Callable, Mapping
@@ -15,6 +16,7 @@ from typing import Any
 from yaml.nodes import MappingNode, Node, ScalarNode
 
 from vmmiod import configmodel as c
+from vmmiod import configschema_vhost as vhost
 from vmmiod.configreader import TAG_STR, Reader, child, line_of
 
 Read = Callable[[Node, str], Any]
@@ -22,7 +24,7 @@ Read = Callable[[Node, str], Any]
 TOP_KEYS = ("guest", "hypervisor", "log", "devices")
 XEN_KEYS = ("interrupts", "grants", "map_cache_pages", "domain_wait", "backend_domid")
 GENERIC_KEYS = ("socket", "on_disconnect", "socket_mode")
-DEVICE_COMMON = ("id", "mmio")
+DEVICE_COMMON = ("id", "mmio", "vhost_user")
 BLOCK_KEYS = ("path", "readonly", "cache", "serial", "queues", "queue_size", "lock")
 NET_KEYS = ("backend", "mac", "mtu", "queue_size")
 CONSOLE_KEYS = ("ports", "backend", "multiport", "cols", "rows", "queue_size")
@@ -95,12 +97,15 @@ class Schema:
 
     def hypervisor(self, node: Node) -> c.HypervisorConfig | None:
         r = self.r
-        variants = {"xen": (XEN_KEYS, ()), "generic": (GENERIC_KEYS, ())}
+        variants = {"xen": (XEN_KEYS, ()), "generic": (GENERIC_KEYS, ()),
+                    vhost.KIND: (vhost.HYPERVISOR_KEYS, ())}
         kind, m = self.variant(node, "hypervisor", "kind", variants)
         if kind is None or m is None:
             return None
         self.kind = kind
         p = "hypervisor"
+        if kind == vhost.KIND:
+            return vhost.hypervisor(self, m)
         if kind == "xen":
             kw = self.fields(m, p, {
                 "interrupts": lambda n, q: r.choice(n, q, ("auto", "spi", "isa", "msi")),
@@ -141,10 +146,10 @@ class Schema:
             return ()
         if not items:
             r.problem(node, "devices", "the list is empty; a guest needs at least one device")
-        variants = {
-            "block": ((*DEVICE_COMMON, *BLOCK_KEYS), ("id", "mmio", "path")),
-            "net": ((*DEVICE_COMMON, *NET_KEYS), ("id", "mmio", "backend")),
-            "console": ((*DEVICE_COMMON, *CONSOLE_KEYS), ("id", "mmio")),
+        variants = {  # mmio or vhost_user, by hypervisor kind: checked in device_transport
+            "block": ((*DEVICE_COMMON, *BLOCK_KEYS), ("id", "path")),
+            "net": ((*DEVICE_COMMON, *NET_KEYS), ("id", "backend")),
+            "console": ((*DEVICE_COMMON, *CONSOLE_KEYS), ("id",)),
         }
         out: list[c.DeviceConfig] = []
         ids: dict[str, int] = {}
@@ -160,8 +165,13 @@ class Schema:
                               f"duplicate device id {dev_id!r} (first at line {ids[dev_id]})")
                 else:
                     ids[dev_id] = line_of(m["id"])
+            transport_ok, endpoint = vhost.device_transport(self, m, item, path)
             mmio = self.mmio(m["mmio"], child(path, "mmio"), dev_id or "?") \
-                if "mmio" in m else None
+                if "mmio" in m and self.kind != vhost.KIND else None
+            if endpoint is not None:
+                mmio = c.NO_WINDOW
+            if not transport_ok:
+                mmio = None
             dev: c.DeviceConfig | None = None
             if kind == "block":
                 dev = self.block(m, path, dev_id, mmio)
@@ -170,7 +180,7 @@ class Schema:
             else:
                 dev = self.console(item, m, path, dev_id, mmio)
             if dev is not None:
-                out.append(dev)
+                out.append(dataclasses.replace(dev, vhost_user=endpoint) if endpoint else dev)
         return tuple(out)
 
     def mmio(self, node: Node, path: str, dev_id: str) -> c.MmioConfig | None:

@@ -35,7 +35,8 @@ EX_CONFIG = 78
 STOP_TIMEOUT = 10.0  # seconds for the whole orderly stop; the unit's TimeoutStopSec is larger
 
 ADAPTORS = {"generic": ("vmmiod.hypervisors.generic", "GenericAdaptor"),
-            "xen": ("vmmiod.hypervisors.xen", "XenAdaptor")}
+            "xen": ("vmmiod.hypervisors.xen", "XenAdaptor"),
+            "vhost-user": ("vmmiod.hypervisors.vhost_user", "VhostUserAdaptor")}
 DEVICES = {"block": ("vmmiod.devices.block", "BlockDevice"),
            "net": ("vmmiod.devices.net", "NetDevice"),
            "console": ("vmmiod.devices.console", "ConsoleDevice")}
@@ -169,7 +170,8 @@ class Daemon:
         from vmmiod.devices.base import BackendError
 
         for dcfg in cfg.devices:
-            base, irq = self._window_of(dcfg.id, dcfg.mmio, discovered)
+            base, irq = self._window_of(dcfg.id, dcfg.mmio, discovered) \
+                if dcfg.vhost_user is None else (0, 0)
             cls = _load_class(f"the {dcfg.type} device", *DEVICES[dcfg.type])
             dlog = self.log.bind(device=dcfg.id)
             device = cls(dcfg, guest=cfg.guest, access_platform=self.adaptor.access_platform,
@@ -179,6 +181,10 @@ class Daemon:
             except BackendError as exc:
                 raise StartupError(str(exc), exc.exit_code) from exc
             self.devices.append((dcfg, device))
+            if dcfg.vhost_user is not None:  # below the window: the adaptor drives the device
+                self.adaptor.add_device(dcfg.id, device, dcfg.vhost_user.path,
+                                        dcfg.vhost_user.connect)
+                continue
             window = window_cls(device, self.adaptor.interrupt_line(irq),
                                 version=dcfg.mmio.version, log=dlog)
             try:
@@ -213,6 +219,9 @@ class Daemon:
         ok = True
         if self.bus is not None:
             self.bus.detach_memory()
+        quiesce = getattr(self.adaptor, "quiesce", None)
+        if quiesce is not None:  # vhost-user: connections closed, devices reset, memory unmapped
+            quiesce()
         for dcfg, device in reversed(self.devices):
             ok &= await self._bounded(device.close(), deadline, "device_close", device=dcfg.id)
         if self.adaptor is not None:

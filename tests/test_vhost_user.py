@@ -1,0 +1,141 @@
+"""vhost-user adaptor: block, net (dgram) and console served to a Python front-end over a real
+Unix socket, through the real adaptor and the same device objects the other adaptors use."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.vhost_user_peer import (
+    BLK_T_GET_ID,
+    BLK_T_IN,
+    BLK_T_OUT,
+    FrontEnd,
+    ThreadedVhost,
+    blk_request,
+    connect,
+)
+from vmmiod.config import NO_WINDOW, BlockConfig, GuestConfig, VhostUserSocket
+from vmmiod.devices.block import BlockDevice
+from vmmiod.hypervisors.vhost_user import wire as w
+
+GUEST = GuestConfig("vu")
+
+
+def block_device(tmp_path: Path, name: str = "disk0", size: int = 4 << 20) -> BlockDevice:
+    img = tmp_path / f"{name}.img"
+    with open(img, "wb") as f:
+        f.truncate(size)
+    cfg = BlockConfig(id=name, mmio=NO_WINDOW, path=img,
+                      vhost_user=VhostUserSocket(tmp_path / f"{name}.sock"))
+    return BlockDevice(cfg, GUEST)
+
+
+@pytest.fixture
+def blk(tmp_path: Path) -> Iterator[tuple[ThreadedVhost, BlockDevice, str]]:
+    dev = block_device(tmp_path)
+    sock = str(tmp_path / "disk0.sock")
+    with ThreadedVhost([("disk0", dev, sock)]) as d:
+        yield d, dev, sock
+
+
+def test_block_write_read_round_trip(blk: tuple[ThreadedVhost, BlockDevice, str]) -> None:
+    _, dev, sock = blk
+    fe = FrontEnd(connect(sock))
+    try:
+        fe.negotiate()
+        fe.add_mem_reg()
+        fe.start_ring(0, size=64)
+        payload = os.urandom(8192)
+        _, _, st = blk_request(fe, 0, BLK_T_OUT, 8, payload, token="w")
+        fe.kick(0)
+        assert fe.wait_used(0) == [("w", 1)]
+        assert fe.memory.read(st, 1) == b"\0"
+        _, buf, st = blk_request(fe, 0, BLK_T_IN, 8, read_len=8192, token="r")
+        fe.kick(0)
+        assert fe.wait_used(0) == [("r", 8193)]
+        assert fe.memory.read(st, 1) == b"\0"
+        assert fe.memory.read(buf, 8192) == payload
+        assert (dev.cfg.path.read_bytes()[8 * 512:8 * 512 + 8192]) == payload
+    finally:
+        fe.close()
+
+
+def test_negotiation_answers(blk: tuple[ThreadedVhost, BlockDevice, str]) -> None:
+    _, dev, sock = blk
+    fe = FrontEnd(connect(sock))
+    try:
+        offered = fe.negotiate()
+        assert offered == dev.device_features() | 1 << w.F_PROTOCOL_FEATURES
+        assert fe.protocol == w.PROTOCOL_FEATURES
+        assert fe.call_u64(w.GET_QUEUE_NUM) == 1
+        assert fe.call_u64(w.GET_MAX_MEM_SLOTS) == 32
+        fe.send(w.GET_CONFIG, w.pack_config(0, 60))
+        cfg = fe.recv_reply(w.GET_CONFIG)
+        offset, size, _ = w.CONFIG_HEAD.unpack_from(cfg)
+        assert (offset, size) == (0, 60)
+        assert cfg[12:20] == (dev.cfg.path.stat().st_size // 512).to_bytes(8, "little")
+        assert cfg[12:12 + len(dev.config_bytes())] == dev.config_bytes()
+    finally:
+        fe.close()
+
+
+def test_get_vring_base_stops_and_ring_restarts_there(
+        blk: tuple[ThreadedVhost, BlockDevice, str]) -> None:
+    d, dev, sock = blk
+    fe = FrontEnd(connect(sock))
+    try:
+        fe.negotiate()
+        fe.set_mem_table()
+        ring = fe.start_ring(0, size=16)
+        for i in range(20):  # past the ring size: indexes wrap the slots
+            blk_request(fe, 0, BLK_T_OUT, i, bytes([i]) * 512, token=i)
+            fe.kick(0)
+            assert fe.wait_used(0) == [(i, 1)]
+        assert d.call(lambda: dev.active) is True
+        assert fe.stop_ring(0) == 20
+        assert d.call(lambda: dev.active) is False  # its last ring stopped: device reset
+        fe.start_ring(0, base=20, q=ring.q)  # same ring memory, resumed at the base
+        blk_request(fe, 0, BLK_T_GET_ID, 0, read_len=20, token="id")
+        fe.kick(0)
+        assert fe.wait_used(0) == [("id", 21)]
+    finally:
+        fe.close()
+
+
+def test_next_front_end_is_served_after_a_disconnect(
+        blk: tuple[ThreadedVhost, BlockDevice, str]) -> None:
+    d, _, sock = blk
+    for round_ in range(3):
+        fe = FrontEnd(connect(sock))
+        try:
+            fe.negotiate()
+            fe.add_mem_reg()
+            fe.start_ring(0)
+            blk_request(fe, 0, BLK_T_OUT, round_, b"x" * 512, token=round_)
+            fe.kick(0)
+            assert fe.wait_used(0) == [(round_, 1)]
+        finally:
+            fe.close()
+        assert fe.memfd  # closed by close(); the daemon must have let go of the mapping too
+    stats = d.call(lambda: d.adaptor.stats())  # type: ignore[attr-defined]
+    assert stats["connections"] == 3
+
+
+def test_second_front_end_is_refused_while_one_is_connected(
+        blk: tuple[ThreadedVhost, BlockDevice, str]) -> None:
+    _, _, sock = blk
+    first = FrontEnd(connect(sock))
+    try:
+        first.negotiate()
+        second = FrontEnd(connect(sock))
+        try:
+            assert second.closed_by_peer()
+        finally:
+            second.close()
+        assert first.call_u64(w.GET_QUEUE_NUM) == 1  # the first one is untouched
+    finally:
+        first.close()

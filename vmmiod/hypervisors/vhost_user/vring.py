@@ -1,0 +1,120 @@
+"""One vhost-user vring: what the front-end set (size, addresses, base, eventfds, enable), the
+SplitQueue the device drains, and the inflight bookkeeping around it.
+
+`VhostQueue` is a SplitQueue that also writes the inflight record (inflight.py) as chains are
+popped, returned and published, and that hands out the chains a killed predecessor left in
+flight before any new one. Everything else about the ring (every rule of VIRTIO 2.7) is the
+SplitQueue's.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+from vmmiod.hypervisors.vhost_user.inflight import QueueInflight
+from vmmiod.virtqueue import DescriptorChain, SplitQueue
+
+EVENTFD_ONE = (1).to_bytes(8, "little")
+
+
+class VhostQueue(SplitQueue):
+    """A SplitQueue with the inflight record kept up to date (when the front-end gave one)."""
+
+    def __init__(self, max_size: int, index: int = 0) -> None:
+        self.inflight: QueueInflight | None = None
+        self.resubmit: list[int] = []
+        self._last_head = -1
+        super().__init__(max_size, index)
+
+    def reset(self) -> None:
+        super().reset()
+        self.inflight = None
+        self.resubmit = []
+        self._last_head = -1
+
+    def pop(self) -> DescriptorChain | None:
+        chain = self._pop_resubmit() if self.resubmit else super().pop()
+        if chain is not None:
+            self._last_head = chain.head
+            if self.inflight is not None:
+                self.inflight.popped(chain.head)
+        return chain
+
+    def _pop_resubmit(self) -> DescriptorChain:
+        """A chain the previous back-end had popped and not returned (inflight record)."""
+        self._check_generation()
+        head = self.resubmit.pop(0)
+        chain = self._walk(head)
+        self._in_flight[head] = 1
+        if hasattr(chain, "generation") and hasattr(self, "generation"):
+            chain.generation = self.generation
+        return chain
+
+    def undo_pop(self, *args: Any) -> None:
+        super().undo_pop(*args)
+        if self.inflight is not None and 0 <= self._last_head < self.size:
+            self.inflight.unpopped(self._last_head)
+
+    def add_used(self, head: int, length: int, *args: Any) -> Any:
+        done = super().add_used(head, length, *args)
+        if self.inflight is not None and done is not False:
+            self.inflight.used(head)
+        return done
+
+    def publish_used(self) -> bool:
+        ready = self.ready
+        notify = super().publish_used()
+        if ready and self.inflight is not None:
+            self.inflight.published(self.next_used)
+        return notify
+
+
+@dataclass
+class Vring:
+    """The front-end's settings for one ring, and its state (stopped/started, enabled)."""
+
+    queue: VhostQueue
+    num: int = 0
+    desc_uva: int = 0
+    used_uva: int = 0
+    avail_uva: int = 0
+    base: int = 0  # SET_VRING_BASE: next avail index to process
+    kick_fd: int | None = None
+    call_fd: int | None = None
+    err_fd: int | None = None
+    kick_polling: bool = False  # SET_VRING_KICK with the no-fd flag
+    addr_set: bool = False
+    started: bool = False
+    enabled: bool = False
+    kicks_waiting: bool = False  # a kick while disabled: delivered on enable
+    counters: dict[str, int] = field(default_factory=lambda: {"kicks": 0, "calls": 0,
+                                                              "calls_dropped": 0})
+
+    def set_fd(self, which: str, fd: int | None) -> None:
+        old = getattr(self, which)
+        if old is not None and old != fd:
+            close_quietly(old)
+        setattr(self, which, fd)
+
+    def signal(self, which: str) -> bool:
+        fd = getattr(self, which)
+        if fd is None:
+            return False
+        try:
+            os.write(fd, EVENTFD_ONE)
+            return True
+        except OSError:  # counter full (the front-end does not read it) or a closed fd
+            return False
+
+    def close_fds(self) -> None:
+        for which in ("kick_fd", "call_fd", "err_fd"):
+            self.set_fd(which, None)
+
+
+def close_quietly(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:
+        pass
