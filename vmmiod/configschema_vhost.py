@@ -3,15 +3,16 @@ the `hypervisor: {kind: vhost-user}` section and each device's `vhost_user` endp
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from yaml.nodes import MappingNode, Node, ScalarNode
 
 from vmmiod import configmodel as c
 from vmmiod.configreader import TAG_STR, child
 
-if TYPE_CHECKING:
-    from vmmiod.configschema import Schema
+# `schema` below is the configschema.Schema calling (its reader `r`, `fields()`, `claim()`,
+# `kind`); not imported, so the two modules are no cycle.
+Schema = Any
 
 KIND = "vhost-user"
 HYPERVISOR_KEYS = ("socket_mode", "reconnect")

@@ -4,9 +4,10 @@ Regions arrive with SET_MEM_TABLE (all at once) or ADD_MEM_REG / REM_MEM_REG (on
 each with a guest-physical address, a size, the front-end's own user address and an offset into
 the fd. Buffers in descriptors are guest-physical; ring addresses (SET_VRING_ADDR) are the
 front-end's user addresses and are translated here. Every region is checked before it is
-mapped: the fd must be a regular file (memfd, hugetlbfs, tmpfs or plain file) holding the whole
-range (touching a mapping past a file's end kills the daemon with SIGBUS), a memfd must be
-sealed against shrinking, and no region may overlap another in guest-physical or user space.
+mapped, by the rules of the generic channel (docs/generic-ioreq.md, "Memory fds"): touching a
+mapping the file cannot back kills the daemon with SIGBUS, so only a memfd sealed against
+shrinking (QEMU's memory-backend-memfd, whose default is seal=on), not on hugetlbfs, holding
+the whole range, is mapped; and no region may overlap another in guest-physical or user space.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import os
 import stat
 from dataclasses import dataclass
 
+from vmmiod.hypervisors.generic.fds import HUGETLBFS_MAGIC, fs_type
 from vmmiod.hypervisors.vhost_user.wire import MemRegion, MessageError
 from vmmiod.memory import ADDR_LIMIT, GuestMemoryError, MappedMemory, Region
 
@@ -31,26 +33,30 @@ class Slot:
 
 
 def check_memory_fd(fd: int, need: int, what: str) -> None:
-    """A regular file holding at least `need` bytes; a memfd sealed against shrinking."""
+    """A memfd sealed against shrinking, not on hugetlbfs, holding at least `need` bytes."""
     try:
         st = os.fstat(fd)
     except OSError as exc:
         raise MessageError("bad_memory_fd", f"{what}: fstat failed: {exc.strerror}") from exc
     if not stat.S_ISREG(st.st_mode):
-        raise MessageError("bad_memory_fd", f"{what}: the fd is not a memfd or regular file")
-    if st.st_size < need:
-        raise MessageError("bad_memory_fd", f"{what}: the file holds {st.st_size} bytes, "
-                                            f"{need} needed")
+        raise MessageError("bad_memory_fd", f"{what}: the fd is not a memfd")
     try:
-        is_memfd = os.readlink(f"/proc/self/fd/{fd}").startswith("/memfd:")
-    except OSError:
-        is_memfd = False
-    if is_memfd:
         seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
-        if not seals & fcntl.F_SEAL_SHRINK:
-            raise MessageError("bad_memory_fd", f"{what}: memfd not sealed against shrinking "
-                                                "(QEMU: memory-backend-memfd keeps its default "
-                                                "seal=on)")
+    except OSError:
+        raise MessageError("bad_memory_fd", f"{what}: not a memfd (a file cannot be sealed, "
+                                            "so its owner could truncate it under the daemon; "
+                                            "QEMU: use memory-backend-memfd)") from None
+    if fs_type(fd) == HUGETLBFS_MAGIC:
+        raise MessageError("bad_memory_fd", f"{what}: hugetlbfs memfds are refused (a punched "
+                                            "hole faulted back with the huge page pool empty "
+                                            "is SIGBUS)")
+    if not seals & fcntl.F_SEAL_SHRINK:
+        raise MessageError("bad_memory_fd", f"{what}: memfd not sealed against shrinking "
+                                            "(QEMU: keep memory-backend-memfd's default "
+                                            "seal=on)")
+    if st.st_size < need:
+        raise MessageError("bad_memory_fd", f"{what}: the memfd holds {st.st_size} bytes, "
+                                            f"{need} needed")
 
 
 class VhostMemory(MappedMemory):

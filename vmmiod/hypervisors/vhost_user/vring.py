@@ -48,8 +48,7 @@ class VhostQueue(SplitQueue):
         head = self.resubmit.pop(0)
         chain = self._walk(head)
         self._in_flight[head] = 1
-        if hasattr(chain, "generation") and hasattr(self, "generation"):
-            chain.generation = self.generation
+        chain.generation = self.generation
         return chain
 
     def undo_pop(self, *args: Any) -> None:
