@@ -1,0 +1,312 @@
+"""The host side of a vhost-user e2e run: network namespace and TAP, iperf3 server, the backends
+(qemu-storage-daemon, vmmiod) with their CPU accounting, the kill-and-restart, and the figures.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any, Self
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+START_WAIT = 120  # seconds for a backend's sockets to appear (Python under a loaded host)
+STOP_WAIT = 15
+
+
+def cpu_ticks(pid: int) -> int | None:
+    """utime + stime of the whole process (every thread), in clock ticks; None once it is gone."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2:].split()
+    return int(fields[11]) + int(fields[12])  # fields 14 and 15 of proc(5), counted from 1
+
+
+class Proc:
+    """One backend process, started in the run's network namespace, logging to a file."""
+
+    def __init__(self, name: str, cmd: list[str], log: Path, sockets: list[Path],
+                 cwd: Path | None = None) -> None:
+        self.name, self.cmd, self.log, self.sockets, self.cwd = name, cmd, log, sockets, cwd
+        self.popen: subprocess.Popen[bytes] | None = None
+        self.expected_exit = False
+        self.history: list[dict[str, Any]] = []
+
+    def start(self, log: Path | None = None, wait_sockets: bool = True) -> None:
+        self.log = log or self.log
+        if wait_sockets:
+            for s in self.sockets:
+                s.unlink(missing_ok=True)
+        with open(self.log, "ab") as f:
+            self.popen = subprocess.Popen(self.cmd, stdin=subprocess.DEVNULL, stdout=f, stderr=f,
+                                          cwd=self.cwd, start_new_session=True)
+        self.expected_exit = False
+        self.history.append({"pid": self.popen.pid, "log": self.log.name,
+                             "started": time.monotonic()})
+        if not wait_sockets:
+            return
+        deadline = time.monotonic() + START_WAIT
+        while not all(s.exists() for s in self.sockets):
+            if self.popen.poll() is not None:
+                raise SystemExit(f"vu-e2e: {self.name} exited ({self.popen.returncode}) before "
+                                 f"serving; see {self.log}")
+            if time.monotonic() > deadline:
+                raise SystemExit(f"vu-e2e: {self.name} made no socket in {START_WAIT}s")
+            time.sleep(0.2)
+
+    @property
+    def pid(self) -> int | None:
+        return self.popen.pid if self.popen else None
+
+    def died(self) -> int | None:
+        """Exit status when the process ended without being asked to."""
+        if self.popen is None or self.expected_exit:
+            return None
+        return self.popen.poll()
+
+    def kill9(self) -> None:
+        assert self.popen is not None
+        self.expected_exit = True
+        self.popen.send_signal(signal.SIGKILL)
+        rc = self.popen.wait(timeout=STOP_WAIT)
+        self.history[-1].update(ended=time.monotonic(), rc=rc, how="SIGKILL")
+
+    def stop(self) -> None:
+        if self.popen is None or "rc" in self.history[-1]:
+            return
+        self.expected_exit = True
+        unasked = self.popen.poll()
+        if unasked is None:
+            self.popen.send_signal(signal.SIGTERM)
+        try:
+            rc = self.popen.wait(timeout=STOP_WAIT)
+            how = "exited by itself" if unasked is not None else "SIGTERM"
+        except subprocess.TimeoutExpired:
+            os.killpg(self.popen.pid, signal.SIGKILL)
+            rc = self.popen.wait()
+            how = f"SIGKILL after SIGTERM was ignored for {STOP_WAIT}s"
+        self.history[-1].update(ended=time.monotonic(), rc=rc, how=how)
+
+
+def qsd_command(exports: list[tuple[str, Path, Path]]) -> list[str]:
+    """qemu-storage-daemon serving (id, image, socket) as vhost-user-blk exports."""
+    cmd = ["qemu-storage-daemon"]
+    for ident, image, sock in exports:
+        # locking=off: vmmiod serves the same benchmark image at the same time.
+        cmd += ["--blockdev", (f"driver=file,node-name=f-{ident},filename={image},"
+                               "cache.direct=on,aio=io_uring,locking=off"),
+                "--blockdev", f"driver=raw,node-name={ident},file=f-{ident}",
+                "--export", (f"type=vhost-user-blk,id=e-{ident},addr.type=unix,"
+                             f"addr.path={sock},node-name={ident},writable=on,num-queues=1")]
+    return cmd
+
+
+def vmmiod_config(results: Path, socks: dict[str, Path], params: dict[str, Any], net: bool) -> str:
+    """vmmiod's YAML for the devices it serves (docs/vhost-user.md)."""
+    lines = [
+        "# Written by tests/e2e/vhost_user/run for one run.",
+        "guest: {name: vu-e2e}",
+        "hypervisor: {kind: vhost-user}",
+        "log: {level: info, format: json, stats_interval: 0}",
+        "devices:",
+    ]
+    for ident, image, lock in (("ext4", "ext4.img", True), ("verify", "verify.img", True),
+                               ("bench", "bench.img", False)):
+        lines += ["  - type: block", f"    id: {ident}", f"    path: {results / image}",
+                  "    cache: none", f"    socket: {socks[ident]}"]
+        if not lock:  # qemu-storage-daemon serves the same image in the side-by-side benchmark
+            lines.append("    lock: false")
+    if net:
+        lines += ["  - type: net", "    id: net0", f"    mac: \"{params['NET_MAC']}\"",
+                  f"    backend: {{kind: tap, ifname: {params['TAP_IF']}, create: false}}",
+                  f"    socket: {socks['net']}"]
+    return "\n".join(lines) + "\n"
+
+
+class Stack:
+    """Everything the guest talks to, started before QEMU and torn down after it."""
+
+    def __init__(self, results: Path, params: dict[str, Any], *, dut: str, bench: list[str],
+                 net: bool, repo: Path) -> None:
+        self.results, self.params, self.dut_kind, self.net = results, params, dut, net
+        self.repo = repo
+        self.sockdir = Path(tempfile.mkdtemp(prefix="vu-e2e-"))  # short: sun_path has 108 bytes
+        self.netns = f"vmmiod-vu-{os.getpid()}" if net else None
+        self.procs: dict[str, Proc] = {}
+        self.iperf: subprocess.Popen[bytes] | None = None
+        self.samples: dict[str, dict[str, Any]] = {}
+        self.events: list[dict[str, Any]] = []
+        self.lock = threading.Lock()
+        self.bench = bench
+
+    def sock(self, name: str) -> Path:
+        return self.sockdir / f"{name}.sock"
+
+    def in_ns(self, cmd: list[str]) -> list[str]:
+        return ["ip", "netns", "exec", self.netns, *cmd] if self.netns else cmd
+
+    def __enter__(self) -> Self:
+        try:
+            self._start()
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def _start(self) -> None:
+        if self.netns:
+            tap, host_ip = self.params["TAP_IF"], self.params["HOST_IP"]
+            for cmd in (["ip", "netns", "add", self.netns],
+                        ["ip", "-n", self.netns, "link", "set", "lo", "up"],
+                        ["ip", "-n", self.netns, "tuntap", "add", "dev", tap, "mode", "tap"],
+                        ["ip", "-n", self.netns, "addr", "add", f"{host_ip}/24", "dev", tap],
+                        ["ip", "-n", self.netns, "link", "set", tap, "up"]):
+                subprocess.run(cmd, check=True, timeout=30)
+            with open(self.results / "iperf3-server.log", "wb") as f:
+                self.iperf = subprocess.Popen(
+                    self.in_ns(["iperf3", "-s", "-B", str(host_ip), "--forceflush"]),
+                    stdin=subprocess.DEVNULL, stdout=f, stderr=f, start_new_session=True)
+        r = self.results
+        self.procs["qsd"] = Proc("qemu-storage-daemon (benchmark)",
+                                 qsd_command([("bench", r / "bench.img", self.sock("qsd-bench"))]),
+                                 r / "qsd-bench.log", [self.sock("qsd-bench")])
+        if self.dut_kind == "vmmiod":
+            socks = {n: self.sock(f"dut-{n}") for n in ("ext4", "verify", "bench", "net")}
+            cfg = r / "vmmiod.yaml"
+            cfg.write_text(vmmiod_config(r, socks, self.params, self.net))
+            py = self.repo / ".venv/bin/python"
+            cmd = self.in_ns([str(py if py.exists() else "python3"), "-m", "vmmiod", "run",
+                              str(cfg)])
+            wanted = [socks["ext4"], socks["verify"], socks["bench"]]
+            self.procs["dut"] = Proc("vmmiod", cmd, r / "dut-1.log",
+                                     wanted + ([socks["net"]] if self.net else []),
+                                     cwd=self.repo)  # `python -m vmmiod` from the checkout
+        else:
+            exports = [("ext4", r / "ext4.img", self.sock("dut-ext4")),
+                       ("verify", r / "verify.img", self.sock("dut-verify"))]
+            self.procs["dut"] = Proc("qemu-storage-daemon (under test)", qsd_command(exports),
+                                     r / "dut-1.log", [s for _, _, s in exports])
+        for p in self.procs.values():
+            p.start()
+
+    def bench_proc(self, be: str) -> Proc:
+        return self.procs["qsd"] if be == "qsd" else self.procs["dut"]
+
+    # -- called from the console reader ---------------------------------------------------------
+    def bench_mark(self, edge: str, job: str, be: str) -> None:
+        p = self.bench_proc(be)
+        ticks = cpu_ticks(p.pid) if p.pid else None
+        with self.lock:
+            s = self.samples.setdefault(f"{be}/{job}", {"pid": p.pid})
+            s[edge] = ticks
+            s[f"t_{edge}"] = time.monotonic()
+
+    def kill_and_restart(self) -> None:
+        dut = self.procs["dut"]
+        t = time.monotonic()
+        dut.kill9()
+        self.event("killed", pid=dut.history[-1]["pid"])
+        time.sleep(float(self.params["KILL_DOWN"]))
+        # QEMU reconnects by itself (reconnect=1); the sockets are not awaited here.
+        dut.start(self.results / "dut-2.log", wait_sockets=False)
+        self.event("restarted", pid=dut.pid, down_seconds=round(time.monotonic() - t, 2))
+
+    def event(self, what: str, **kw: Any) -> None:
+        with self.lock:
+            self.events.append({"event": what, "t": time.monotonic(), **kw})
+
+    def died(self) -> str | None:
+        for p in self.procs.values():
+            rc = p.died()
+            if rc is not None:
+                return f"{p.name} exited unexpectedly ({rc})"
+        return None
+
+    def summary(self) -> dict[str, Any]:
+        return {name: {"cmd": p.cmd, "history": p.history} for name, p in self.procs.items()}
+
+    def __exit__(self, *exc: object) -> None:
+        for p in self.procs.values():
+            p.stop()
+        if self.iperf is not None:
+            self.iperf.terminate()
+            try:
+                self.iperf.wait(timeout=STOP_WAIT)
+            except subprocess.TimeoutExpired:
+                self.iperf.kill()
+                self.iperf.wait()
+        if self.netns:
+            subprocess.run(["ip", "netns", "del", self.netns], check=False, timeout=30)
+        shutil.rmtree(self.sockdir, ignore_errors=True)
+        cpu = {"clk_tck": CLK_TCK, "samples": self.samples, "events": self.events}
+        (self.results / "cpu.json").write_text(json.dumps(cpu, indent=1))
+        (self.results / "backends.json").write_text(json.dumps(self.summary(), indent=1))
+
+
+# -- figures ------------------------------------------------------------------------------------
+JOBS = ["randread-qd1", "randread-qd32", "randwrite-qd1", "randwrite-qd32", "seqread-1m",
+        "seqwrite-1m"]
+
+
+def _fio(path: Path) -> tuple[float, int] | None:
+    try:
+        job = json.loads(path.read_text())["jobs"][0]
+    except (OSError, ValueError, KeyError, IndexError):
+        return None
+    if job.get("error"):
+        return None
+    return (job["read"]["iops"] + job["write"]["iops"],
+            int(job["read"]["total_ios"]) + int(job["write"]["total_ios"]))
+
+
+def bench_figures(results: Path, bench: list[str]) -> dict[str, Any]:
+    """Per job and backend: the guest's IOPS and the backend's CPU per request; the ratios."""
+    try:
+        cpu = json.loads((results / "cpu.json").read_text())
+    except (OSError, ValueError):
+        cpu = {"samples": {}, "clk_tck": CLK_TCK}
+    figures: dict[str, Any] = {}
+    for job in JOBS:
+        row: dict[str, Any] = {}
+        for be in bench:
+            fio = _fio(results / f"bench-{be}-{job}.json")
+            s = cpu["samples"].get(f"{be}/{job}", {})
+            if fio is None or s.get("start") is None or s.get("end") is None:
+                row[be] = None
+                continue
+            iops, ios = fio
+            cpu_s = (s["end"] - s["start"]) / cpu["clk_tck"]
+            row[be] = {"iops": round(iops), "ios": ios, "cpu_seconds": cpu_s,
+                       "wall_seconds": round(s["t_end"] - s["t_start"], 2),
+                       "cpu_us_per_request": round(cpu_s * 1e6 / ios, 1) if ios else None}
+        q, v = row.get("qsd"), row.get("vmmiod")
+        if q and v:
+            row["iops_ratio"] = round(v["iops"] / q["iops"], 3) if q["iops"] else None
+            qc, vc = q["cpu_us_per_request"], v["cpu_us_per_request"]
+            row["cpu_ratio"] = round(vc / qc, 2) if qc else None
+        figures[job] = row
+    return figures
+
+
+def bench_table(figures: dict[str, Any]) -> str:
+    head = (f"{'job':<15} {'qsd IOPS':>9} {'qsd us/req':>10} {'vmmiod IOPS':>11} "
+            f"{'vmmiod us/req':>13} {'IOPS ratio':>10} {'CPU ratio':>9}")
+    lines = ["side-by-side (guest IOPS; backend CPU utime+stime per request)", head]
+
+    def f(x: Any, key: str) -> str:
+        return "-" if not x or x.get(key) is None else f"{x[key]:,}"
+
+    for job, row in figures.items():
+        q, v = row.get("qsd"), row.get("vmmiod")
+        lines.append(f"{job:<15} {f(q, 'iops'):>9} {f(q, 'cpu_us_per_request'):>10} "
+                     f"{f(v, 'iops'):>11} {f(v, 'cpu_us_per_request'):>13} "
+                     f"{row.get('iops_ratio', '-')!s:>10} {row.get('cpu_ratio', '-')!s:>9}")
+    return "\n".join(lines)

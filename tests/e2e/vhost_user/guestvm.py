@@ -1,0 +1,137 @@
+"""The QEMU guest of a vhost-user e2e run: its command line, its console, and the watchdogs.
+
+A backend that dies is silent to QEMU: QEMU keeps running and the guest's I/O never completes.
+So the run watches for itself: a deadline, a silence limit on the console, and the backends'
+liveness (a backend that exits unasked stops the run).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from backends import Stack
+
+# PCI slots (QEMU addr=) of the guest's devices; guest.sh finds its disks by slot.
+SLOTS = {"ext4": 0x04, "verify": 0x05, "bench-qsd": 0x06, "bench-vmmiod": 0x07, "net": 0x08,
+         "share": 0x09}
+GRACE = 5  # seconds the console keeps being read after a backend died
+
+
+def qemu_command(out: Path, results: Path, params: dict[str, Any], stack: Stack,
+                 net: bool) -> list[str]:
+    cmd = [
+        "qemu-system-x86_64", "-machine", "q35,memory-backend=mem", "-accel", "tcg",
+        "-smp", "1", "-m", "512M",
+        # vhost-user backends map guest RAM: it must be a shareable fd.
+        "-object", "memory-backend-memfd,id=mem,size=512M,share=on",
+        "-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio",
+        "-monitor", "none", "-no-reboot",
+        "-kernel", str(out / "vmlinuz"), "-initrd", str(out / "initramfs.cpio"),
+        "-append", "console=ttyS0 rdinit=/init panic=-1 quiet loglevel=4",
+    ]
+
+    def blk(ident: str, sock: Path, slot: int) -> list[str]:
+        return ["-chardev", f"socket,id=c-{ident},path={sock},reconnect=1",
+                "-device", f"vhost-user-blk-pci,chardev=c-{ident},num-queues=1,addr={slot:#x}"]
+
+    cmd += blk("ext4", stack.sock("dut-ext4"), SLOTS["ext4"])
+    cmd += blk("verify", stack.sock("dut-verify"), SLOTS["verify"])
+    cmd += blk("bench-qsd", stack.sock("qsd-bench"), SLOTS["bench-qsd"])
+    if "vmmiod" in stack.bench:
+        cmd += blk("bench-vmmiod", stack.sock("dut-bench"), SLOTS["bench-vmmiod"])
+    if net:
+        mac = params["NET_MAC"]
+        if stack.dut_kind == "vmmiod":
+            # vectors=0 (INTx): QEMU 7.2 segfaults under TCG when a vhost-user netdev starts
+            # with MSI-X (msix_set_vector_notifiers from vhost_net_start).
+            cmd += ["-chardev", f"socket,id=c-net,path={stack.sock('dut-net')},reconnect=1",
+                    "-netdev", "vhost-user,id=n0,chardev=c-net",
+                    "-device", (f"virtio-net-pci,netdev=n0,mac={mac},vectors=0,"
+                                f"addr={SLOTS['net']:#x}")]
+        else:  # the harness's own check: QEMU's TAP netdev on the same TAP
+            cmd += ["-netdev", f"tap,id=n0,ifname={params['TAP_IF']},script=no,downscript=no",
+                    "-device", f"virtio-net-pci,netdev=n0,mac={mac},addr={SLOTS['net']:#x}"]
+    cmd += ["-fsdev", f"local,id=out,path={results},security_model=none",
+            "-device", f"virtio-9p-pci,fsdev=out,mount_tag=out,addr={SLOTS['share']:#x}"]
+    wrapped: list[str] = stack.in_ns(cmd)
+    return wrapped
+
+
+class Guest:
+    def __init__(self, out: Path, results: Path, params: dict[str, Any], stack: Stack,
+                 net: bool) -> None:
+        self.results, self.params, self.stack = results, params, stack
+        self.cmd = qemu_command(out, results, params, stack, net)
+        self.last_line = time.monotonic()
+        self.done = False
+        self.lines: list[dict[str, Any]] = []
+
+    def _on_line(self, line: str, t: float) -> None:
+        if "E2E-" not in line and "Kernel panic" not in line:
+            return
+        text = line[line.find("E2E-"):] if "E2E-" in line else line
+        self.lines.append({"t": round(t, 2), "line": text})
+        print(f"  [{t:6.1f}s] {text}", flush=True)
+        if m := re.match(r"E2E-B (start|end) job=(\S+) be=(\S+)", text):
+            self.stack.bench_mark(m.group(1), m.group(2), m.group(3))
+        elif text.startswith("E2E-K kill"):
+            threading.Thread(target=self.stack.kill_and_restart, daemon=True).start()
+        elif text.startswith("E2E-R done"):
+            self.done = True
+
+    def run(self, timeout: float, silence: float) -> tuple[str, float]:
+        (self.results / "qemu-command.txt").write_text(" ".join(self.cmd) + "\n")
+        start = time.monotonic()
+        with open(self.results / "qemu.log", "wb") as err:
+            proc = subprocess.Popen(self.cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                    stderr=err, start_new_session=True)
+
+        def pump() -> None:
+            assert proc.stdout is not None
+            with open(self.results / "console.log", "wb") as console:
+                for raw in proc.stdout:
+                    console.write(raw)
+                    console.flush()
+                    self.last_line = time.monotonic()
+                    self._on_line(raw.decode(errors="replace").rstrip(), self.last_line - start)
+
+        reader = threading.Thread(target=pump, daemon=True)
+        reader.start()
+        status = "running"
+        died_at: float | None = None
+        while proc.poll() is None:
+            now = time.monotonic()
+            if now - start > timeout:
+                status = f"timeout: the guest did not finish in {timeout:.0f}s"
+            elif now - self.last_line > silence:
+                status = f"stuck: no console output for {silence:.0f}s"
+            elif (why := self.stack.died()) and died_at is None:
+                died_at, status = now, f"backend died: {why}"
+            if status != "running" and (died_at is None or now - died_at > GRACE):
+                break
+            time.sleep(0.5)
+        if proc.poll() is None:
+            print(f"vu-e2e: {status}; stopping QEMU", flush=True)
+            os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        reader.join(timeout=10)
+        elapsed = time.monotonic() - start
+        if status == "running":
+            status = "ok" if self.done else f"guest stopped before finishing (QEMU exit {proc.returncode})"
+        # Host-side times of the result lines and of the kill/restart, on one clock.
+        events = [dict(e, t=round(e["t"] - start, 2)) for e in self.stack.events]
+        (self.results / "timeline.json").write_text(json.dumps(
+            {"qemu_rc": proc.returncode, "lines": self.lines, "host_events": events}, indent=1))
+        return status, elapsed

@@ -1,0 +1,223 @@
+"""Assertions on a vhost-user end-to-end run: Linux's virtio-blk and virtio-net drivers in an
+x86_64 guest under QEMU (TCG), with vmmiod as their vhost-user backend (tests/e2e/vhost_user/run
+boots it; see docs/e2e.md).
+
+These tests read the run's result files; they never boot anything themselves unless asked:
+- VMMIOD_VU_RESULTS=DIR: check the results in DIR (what .ci/e2e-vhost-user does after `run`);
+- VMMIOD_VU_E2E=1: run the harness first (build + boot, minutes), then check.
+Otherwise they are skipped, so the unit-test stage stays fast.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[2]
+# Lines in the guest's kernel log that mean an I/O reached an application or a filesystem as an
+# error (blk_update_request is 5.x, "I/O error, dev" 6.x).
+DMESG_BAD = re.compile(r"I/O error|blk_update_request|Buffer I/O|EXT4-fs error|virtio_blk.*(fail|err)"
+                       r"|Call Trace|BUG:|WARNING:", re.IGNORECASE)
+# vmmiod's log events that say something went wrong (docs/logging.md).
+BAD_EVENTS = {"guest_protocol_violation", "device_needs_reset", "stop_timeout",
+              "stop_step_failed", "startup_failed"}
+
+
+def _results_dir() -> Path | None:
+    if os.environ.get("VMMIOD_VU_RESULTS"):
+        return Path(os.environ["VMMIOD_VU_RESULTS"])
+    if os.environ.get("VMMIOD_VU_E2E") == "1":
+        cache = Path(os.environ.get("VMMIOD_VU_CACHE", Path.home() / ".cache/vmmiod/vhost-user"))
+        results = cache / "results"
+        subprocess.run([sys.executable, str(HERE / "run"), "--results", str(results)],
+                       check=False)
+        return results
+    return None
+
+
+class Run:
+    """One run's result files, parsed."""
+
+    def __init__(self, d: Path) -> None:
+        self.dir = d
+        self.info: dict[str, Any] = json.loads((d / "run.json").read_text())
+        self.params: dict[str, Any] = json.loads((d / "params.json").read_text())
+        timeline = json.loads((d / "timeline.json").read_text())
+        self.events: list[dict[str, Any]] = timeline["host_events"]
+        self.lines: list[tuple[float, str, dict[str, str]]] = []
+        for entry in timeline["lines"]:
+            m = re.match(r"E2E-R (\S+)(.*)", entry["line"])
+            if m:
+                kv = dict(re.findall(r"(\S+?)=(\S*)", m.group(2)))
+                self.lines.append((entry["t"], m.group(1), kv))
+
+    def result(self, phase: str, **match: str) -> dict[str, str]:
+        for _, name, kv in self.lines:
+            if name == phase and all(kv.get(k) == v for k, v in match.items()):
+                return kv
+        pytest.fail(f"the guest reported no '{phase}' {match or ''} line; see "
+                    f"{self.dir / 'console.log'}")
+
+    def when(self, phase: str, **match: str) -> float:
+        for t, name, kv in self.lines:
+            if name == phase and all(kv.get(k) == v for k, v in match.items()):
+                return t
+        pytest.fail(f"no '{phase}' line")
+
+    def fio(self, name: str) -> dict[str, Any]:
+        job: dict[str, Any] = json.loads((self.dir / name).read_text())["jobs"][0]
+        return job
+
+    def json(self, name: str) -> Any:
+        return json.loads((self.dir / name).read_text())
+
+
+@pytest.fixture(scope="module")
+def run() -> Run:
+    d = _results_dir()
+    if d is None:
+        pytest.skip("vhost-user e2e results not requested: set VMMIOD_VU_RESULTS=DIR (after "
+                    "tests/e2e/vhost_user/run) or VMMIOD_VU_E2E=1 (see docs/e2e.md)")
+    if not (d / "run.json").exists():
+        pytest.fail(f"{d} holds no run.json: the harness did not get as far as the guest")
+    return Run(d)
+
+
+def test_guest_finished_its_workload(run: Run) -> None:
+    assert run.info["status"] == "ok", run.info["status"]
+    run.result("done")
+
+
+def test_backend_under_test_is_vmmiod_when_it_has_the_adaptor(run: Run) -> None:
+    if not (REPO / "vmmiod/hypervisors/vhost_user/__init__.py").exists():
+        pytest.skip("vmmiod has no vhost-user adaptor in this checkout: the run checked the "
+                    "harness against qemu-storage-daemon")
+    assert run.info["dut"] == "vmmiod", run.info["dut_reason"]
+
+
+def test_blk_fio_crc32c_write_and_verify(run: Run) -> None:
+    kv = run.result("verify")
+    assert kv == {"rc": "0", "error": "0"}, kv
+    job = run.fio("fio-verify.json")
+    blocks = run.params["VERIFY_MIB"] * 256  # 4 KiB each
+    assert job["error"] == 0
+    assert job["write"]["total_ios"] == blocks
+    assert job["read"]["total_ios"] == blocks  # every block read back and its crc32c checked
+
+
+def test_ext4_made_in_the_guest_checks_clean_on_the_host(run: Run, tmp_path: Path) -> None:
+    assert run.result("ext4")["rc"] == "0"
+    image = run.dir / "ext4.img"
+    fsck = subprocess.run(["e2fsck", "-fn", str(image)], capture_output=True, text=True,
+                          timeout=120, check=False)
+    assert fsck.returncode == 0, fsck.stdout + fsck.stderr
+    sums = (run.dir / "ext4-sums.txt").read_text().splitlines()
+    assert len(sums) == 4
+    for line in sums:
+        digest, name = line.split()
+        dest = tmp_path / name.replace("/", "_")
+        subprocess.run(["debugfs", "-R", f"dump /{name} {dest}", str(image)], capture_output=True,
+                       timeout=60, check=True)
+        assert hashlib.sha256(dest.read_bytes()).hexdigest() == digest, name
+    note = tmp_path / "dir_sub_note.txt"
+    assert note.read_text() == f"vmmiod vhost-user e2e {run.params['TOKEN']}\n"
+
+
+def _net(run: Run) -> None:
+    if run.info["net"] != "on":
+        pytest.skip(run.info["net"])
+
+
+@pytest.mark.parametrize("size", ["56", "1400"])
+def test_net_ping_host_tap(run: Run, size: str) -> None:
+    _net(run)
+    assert run.result("net")["mac"] == run.params["NET_MAC"]
+    assert run.result("ping", size=size)["received"] == "5"
+
+
+@pytest.mark.parametrize("direction", ["up", "down"])
+def test_net_iperf3(run: Run, direction: str) -> None:
+    _net(run)
+    assert run.result("iperf", dir=direction)["rc"] == "0"
+    data = run.json(f"iperf-{direction}.json")
+    assert "error" not in data, data.get("error")
+    received = data["end"]["sum_received"]
+    assert received["bytes"] > 0
+    print(f"iperf3 {direction}: {received['bits_per_second'] / 1e6:.0f} Mbit/s, "
+          f"{received['bytes']} bytes, retransmits {data['end']['sum_sent'].get('retransmits')}")
+
+
+def test_console_over_vhost_user(run: Run) -> None:
+    console = run.info["console"]
+    if console["status"] != "ok":
+        pytest.skip(console["reason"])
+
+
+def test_backend_sigkilled_during_fio_guest_continues(run: Run) -> None:
+    names = [e["event"] for e in run.events]
+    assert names == ["killed", "restarted"], run.events
+    killed, restarted = run.events
+    kv = run.result("kill")
+    assert kv == {"fio_rc": "0", "error": "0"}, kv
+    # fio was still running when the backend died and finished only after it came back.
+    assert run.when("kill") > restarted["t"]
+    job = run.fio("fio-kill.json")
+    blocks = run.params["KILL_MIB"] * 256
+    assert job["write"]["total_ios"] == blocks
+    assert job["read"]["total_ios"] == blocks
+    history = run.info["backends"]["dut"]["history"]
+    assert len(history) == 2, history
+    assert history[0]["rc"] == -9 and history[0]["pid"] == killed["pid"]
+    assert history[1]["pid"] == restarted["pid"]
+    # The second instance served to the end: it was stopped by the harness, not by a crash.
+    assert history[1]["how"] == "SIGTERM", history[1]
+
+
+def test_guest_kernel_log_has_no_io_error(run: Run) -> None:
+    bad = [line for line in (run.dir / "dmesg.txt").read_text(errors="replace").splitlines()
+           if DMESG_BAD.search(line)]
+    assert not bad, bad
+
+
+def test_backends_stop_cleanly(run: Run) -> None:
+    for name, backend in run.info["backends"].items():
+        last = backend["history"][-1]
+        assert last.get("rc") == 0, (name, last)
+
+
+def test_vmmiod_logged_no_problem(run: Run) -> None:
+    if run.info["dut"] != "vmmiod":
+        pytest.skip(f"the backend under test was {run.info['dut']} ({run.info['dut_reason']})")
+    events = []
+    for log in ("dut-1.log", "dut-2.log"):
+        for line in (run.dir / log).read_text(errors="replace").splitlines():
+            try:
+                events.append(json.loads(line))
+            except ValueError:
+                continue
+    seen = {e.get("event") for e in events}
+    assert not (seen & BAD_EVENTS), sorted(seen & BAD_EVENTS)
+    assert events, "vmmiod logged nothing"
+
+
+def test_side_by_side_figures(run: Run) -> None:
+    figures = run.json("bench.json")
+    for be in run.info["bench_backends"]:
+        missing = [job for job, row in figures.items() if not row.get(be)]
+        assert not missing, f"{be}: no figures for {missing}"
+    sys.path.insert(0, str(HERE))
+    import backends
+
+    print("\n" + backends.bench_table(figures))
+    if "vmmiod" not in run.info["bench_backends"]:
+        pytest.skip(f"qemu-storage-daemon's figures only: {run.info['dut_reason']}")
