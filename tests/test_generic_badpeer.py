@@ -147,7 +147,8 @@ def missing_irq(vmm: SimVmm, h: Hello) -> tuple[bytes, list[int]]:
     return proto.pack_client_hello(bad), h[1][:-1]
 
 
-CASES = {
+Make = Callable[[SimVmm, Hello], tuple[bytes, list[int]]]
+CASES: dict[str, tuple[Make, int]] = {
     "garbage": (lambda v, h: (b"\x00" * 40, h[1]), proto.REFUSE_MALFORMED),
     "bad_magic": (lambda v, h: (b"XXXX" + proto.pack_client_hello(h[0])[4:], h[1]),
                   proto.REFUSE_MALFORMED),
@@ -194,7 +195,7 @@ def test_bad_peer_is_refused(daemon: ThreadedDaemon, case: str) -> None:
         fds: list[int] = []
 
         def build(server: proto.ServerHello) -> tuple[bytes, list[int]]:
-            payload, sent = make(vmm, vmm.client_hello(server))  # type: ignore[operator]
+            payload, sent = make(vmm, vmm.client_hello(server))
             fds.extend(f for f in sent if f not in vmm_fds(vmm))
             return payload, sent
 

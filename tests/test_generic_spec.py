@@ -12,6 +12,7 @@ import struct
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -166,7 +167,7 @@ def _hello_with(vmm: SimVmm, server: proto.ServerHello, *, version: int = proto.
     ({"n_vcpus": 0, "drop_fd": True}, proto.REFUSE_VCPUS),
     ({"drop_fd": True, "bad_eventfd": True}, proto.REFUSE_FD_COUNT),
 ])
-def test_first_failed_check_wins(daemon: ThreadedDaemon, faults: dict[str, int],
+def test_first_failed_check_wins(daemon: ThreadedDaemon, faults: dict[str, Any],
                                  winner: int) -> None:
     with SimVmm(ram_size=4 << 20) as vmm:
         msg_type, reason, _ = exchange(daemon.socket_path,

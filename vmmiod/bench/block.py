@@ -8,9 +8,9 @@ does per notification: `queue_notify` -> pop, parse, preadv/pwritev into guest m
 used ring, interrupt decision. The plain loop does the same I/O with os.preadv/os.pwritev on
 page-aligned buffers and nothing else. CPU is time.process_time; IOPS and MB/s use wall time.
 
-A second part measures what decided the threading model (docs/block.md): the per-request cost
-of handing a 4 KiB read to a worker thread versus doing it inline, and how long the event loop
-stalls when an fdatasync runs inline versus on the device's worker thread.
+A second part measures what decided the threading model (docs/architecture.md, virtio-blk):
+the per-request cost of handing a 4 KiB read to a worker thread versus doing it inline, and how
+long the event loop stalls when an fdatasync runs inline versus on the device's worker thread.
 
 A third part runs the same workloads through the full stack: `vmmiod run` as a child process
 and the simulated guest (vmmiod/sim/) over the generic IOREQ channel, with the daemon's CPU per
