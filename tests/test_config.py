@@ -244,7 +244,7 @@ def test_example_passes_check(example: Path, tmp_path: Path) -> None:
     assert run.returncode == 0, run.stderr
     cfg = load(copy)
     for dev in cfg.devices:
-        assert re.search(rf"^  {dev.id}\s+{dev.type}\s", run.stdout, re.M), run.stdout
+        assert re.search(rf"^  {dev.id}\s+{dev.type}\s", run.stdout, re.MULTILINE), run.stdout
 
 
 @pytest.mark.parametrize("example", EXAMPLES, ids=[p.stem for p in EXAMPLES])

@@ -405,7 +405,7 @@ def test_config_space_sizes_and_writes() -> None:
     rig = make_rig(2)
     cfg = int.from_bytes(ECHO_CONFIG, "little")
     for size in (1, 2, 4, 8):
-        for off in range(0, 16 - size + 1):
+        for off in range(16 - size + 1):
             expect = cfg >> (8 * off) & ((1 << (8 * size)) - 1)
             assert rig.r(CONFIG + off, size) == expect
     assert rig.r(CONFIG + 1, 3) == 0  # not an access size

@@ -25,7 +25,6 @@ from vmmiod.devices.net_ctrl import (
     VIRTIO_NET_ERR,
     VIRTIO_NET_OK,
 )
-from vmmiod.sim.net_model import NetDriver, NetHdr, mac_table
 from vmmiod.devices.net_proto import (
     VIRTIO_NET_F_CSUM,
     VIRTIO_NET_F_GUEST_CSUM,
@@ -35,8 +34,9 @@ from vmmiod.devices.net_proto import (
     VIRTIO_NET_HDR_F_NEEDS_CSUM,
     default_mac,
 )
-from vmmiod.sim.net_testkit import ETH_P_IP, ether
 from vmmiod.memory import memfd_memory
+from vmmiod.sim.net_model import NetDriver, NetHdr, mac_table
+from vmmiod.sim.net_testkit import ETH_P_IP, ether
 from vmmiod.sim.vring import Allocator
 
 MEM_SIZE = 16 << 20

@@ -23,13 +23,14 @@ import pytest
 from vmmiod.config import GuestConfig, MmioConfig, NetConfig, TapBackend
 from vmmiod.devices.base import BackendError
 from vmmiod.devices.net import NetDevice
-from vmmiod.sim.net_model import NetDriver, NetHdr
 from vmmiod.devices.net_proto import (
     GUEST_OFFLOAD_MASK,
     VIRTIO_NET_F_STATUS,
     VIRTIO_NET_HDR_F_NEEDS_CSUM,
     VIRTIO_NET_HDR_GSO_TCPV4,
 )
+from vmmiod.memory import memfd_memory
+from vmmiod.sim.net_model import NetDriver, NetHdr
 from vmmiod.sim.net_testkit import (
     ETH_P_IP,
     IPPROTO_ICMP,
@@ -48,7 +49,6 @@ from vmmiod.sim.net_testkit import (
     tcp_segment,
     udp,
 )
-from vmmiod.memory import memfd_memory
 from vmmiod.sim.vring import Allocator
 
 pytestmark = [

@@ -44,7 +44,7 @@ def peek(node: Node, key: str) -> Node | None:
     """The value of `key` in a mapping node, before the mapping itself is checked."""
     if isinstance(node, MappingNode):
         for k, v in node.value:
-            if isinstance(k, ScalarNode) and k.value == key:
+            if isinstance(k, ScalarNode) and k.value == key and isinstance(v, Node):
                 return v
     return None
 

@@ -236,7 +236,7 @@ class Daemon:
             return True
         except TimeoutError:
             self.log.error("stop_timeout", step=name, timeout=self.stop_timeout, **context)
-        except Exception as exc:  # one failing step must not keep the others from running
+        except Exception as exc:  # noqa: BLE001 - one failing step must not keep the others from running
             self.log.error("stop_step_failed", step=name, error=repr(exc), **context)
         return False
 
@@ -261,7 +261,7 @@ class Daemon:
         for dcfg, device in self.devices:
             try:
                 device.reopen()
-            except Exception as exc:  # a console file that cannot be reopened keeps the old one
+            except Exception as exc:  # noqa: BLE001 - a console file that cannot be reopened keeps the old one
                 self.log.warning("device_reopen_failed", device=dcfg.id, error=repr(exc))
         self.log.info("logs_reopened", log_level=logsetup.current_level())
 

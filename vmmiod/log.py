@@ -39,7 +39,9 @@ class _Sink:
         with self.lock:
             old = self.stream
             self.path = path
-            self.stream = open(path, "a", encoding="utf-8", buffering=1) if path else sys.stderr
+            # The stream outlives this call (closed on the next reopen), so no `with`.
+            self.stream = (open(path, "a", encoding="utf-8", buffering=1)  # noqa: SIM115
+                           if path else sys.stderr)
             if old is not sys.stderr and old is not self.stream:
                 old.close()
 

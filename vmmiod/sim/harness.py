@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
 
-import yaml  # type: ignore[import-untyped]
+import yaml
 
 BLOCK_BASE, BLOCK_IRQ = 0x0200_0000, 33
 NET_BASE, NET_IRQ = 0x0200_0200, 34
