@@ -41,9 +41,10 @@ def daemon(tmp_path: Path) -> Iterator[ThreadedDaemon]:
 
 
 def raw_ioreq(vmm: SimVmm, addr: int, size: int, state_byte: int, data: int = 0,
-              vp_eport: int = 0x1234_5678, pad: int = 0xBEEF) -> tuple[int, ...]:
+              vp_eport: int = 0x1234_5678, pad: int = 0xBEEF, count: int = 1,
+              type_: int = 1) -> tuple[int, ...]:
     """Fill vCPU 0's slot by hand (state byte as given), kick, wait; the slot afterwards."""
-    SLOT.pack_into(vmm.page, 0, addr, data, 1, size, vp_eport, pad, state_byte, 1)
+    SLOT.pack_into(vmm.page, 0, addr, data, count, size, vp_eport, pad, state_byte, type_)
     os.write(vmm.req_fds[0], ONE)
     vmm._wait_response(0)
     return SLOT.unpack_from(vmm.page, 0)
@@ -117,6 +118,8 @@ def test_ready_slot_kicked_before_connect_is_served_at_connect(
     (0x1FC, 8, 0xFFFF_FFFF_FFFF_FFFF),  # spans the window's end: unclaimed, all ones
     (0x000, 3, 0xFF_FFFF),  # a size other than 1, 2, 4, 8: all ones of that size
     (0x200, 4, 0xFFFF_FFFF),  # no window
+    (0x000, 0, 0),  # size 0: all ones of 0 bytes
+    (0x000, 16, 0xFFFF_FFFF_FFFF_FFFF),  # above 8: all ones of 8 bytes
 ])
 def test_register_access_sizes(daemon: ThreadedDaemon, offset: int, size: int,
                                expected: int) -> None:
@@ -124,6 +127,25 @@ def test_register_access_sizes(daemon: ThreadedDaemon, offset: int, size: int,
         vmm.connect(daemon.socket_path)
         out = raw_ioreq(vmm, BASE + offset, size, 0x20 | 1)
         assert out[1] == expected
+
+
+@pytest.mark.parametrize("type_, count, state_byte, expected", [
+    (1, 1, 0x40 | 0x20 | 1, MAGIC),  # COPY with df set, count 1: df is ignored
+    (1, 2, 0x20 | 1, 0xFFFF_FFFF),  # rep
+    (1, 1, 0x10 | 0x20 | 1, 0xFFFF_FFFF),  # data_is_ptr
+    (0, 1, 0x20 | 1, 0xFFFF_FFFF),  # PIO
+    (2, 1, 0x20 | 1, 0xFFFF_FFFF),  # PCI config
+    (99, 1, 0x20 | 1, 0xFFFF_FFFF),  # unknown type
+    (8, 1, 0x20 | 1, 0),  # INVALIDATE
+])
+def test_request_types(daemon: ThreadedDaemon, type_: int, count: int, state_byte: int,
+                       expected: int) -> None:
+    """Only COPY, count 1, not a pointer reaches the window; everything is answered."""
+    with SimVmm() as vmm:
+        vmm.connect(daemon.socket_path)
+        out = raw_ioreq(vmm, BASE, 4, state_byte, count=count, type_=type_)
+        assert out[1] == expected
+        assert out[6] == (state_byte & 0xF0) | 3
 
 
 def test_extra_and_mixed_mode_lines_are_accepted(daemon: ThreadedDaemon) -> None:
