@@ -22,7 +22,7 @@ from vmmiod.config import (
     PtyBackend,
     SocketBackend,
 )
-from vmmiod.devices.base import VIRTIO_F_ACCESS_PLATFORM, BackendError
+from vmmiod.devices.base import BackendError
 from vmmiod.devices.console import (
     CONFIG,
     CONFIG_EMERG_WR,
@@ -33,6 +33,7 @@ from vmmiod.devices.console import (
 )
 from vmmiod.devices.console_backends import OutputRing, PortBackend
 from vmmiod.devices.console_socket import REFUSED_MESSAGE, TAKEN_OVER_MESSAGE
+from vmmiod.transport import VIRTIO_F_ACCESS_PLATFORM
 
 GUEST = GuestConfig("test")
 

@@ -16,7 +16,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from vmmiod.devices.base import VIRTIO_F_EVENT_IDX, VIRTIO_F_VERSION_1, bit
 from vmmiod.devices.console import (
     CONTROL_RECEIVEQ,
     CONTROL_TRANSMITQ,
@@ -35,6 +34,7 @@ from vmmiod.devices.console_control import (
 )
 from vmmiod.memory import memfd_memory
 from vmmiod.sim.vring import Allocator, DriverQueue
+from vmmiod.transport import VIRTIO_F_EVENT_IDX, VIRTIO_F_VERSION_1, bit
 from vmmiod.virtqueue import SplitQueue
 
 GPA = 0x4000_0000

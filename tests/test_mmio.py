@@ -21,12 +21,6 @@ from tests.test_mmio_rig import (
     roundtrip,
     setup_queue,
 )
-from vmmiod.devices.base import (
-    VIRTIO_F_EVENT_IDX,
-    VIRTIO_F_INDIRECT_DESC,
-    VIRTIO_F_VERSION_1,
-    bit,
-)
 from vmmiod.mmio_regs import (
     ACKNOWLEDGE,
     CONFIG,
@@ -65,6 +59,7 @@ from vmmiod.mmio_regs import (
     VIRTIO_MMIO_INT_VRING,
 )
 from vmmiod.sim.vring import DriverQueue
+from vmmiod.transport import VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, VIRTIO_F_VERSION_1, bit
 
 ALL_OFFERED = (bit(VIRTIO_F_VERSION_1) | bit(VIRTIO_F_EVENT_IDX) | bit(VIRTIO_F_INDIRECT_DESC)
                | bit(FEATURE_PLAIN) | bit(FEATURE_NEEDS_PLAIN))

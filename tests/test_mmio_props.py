@@ -26,7 +26,6 @@ from tests.test_mmio_rig import (
     Rig,
     bring_up,
 )
-from vmmiod.devices.base import VIRTIO_F_RING_RESET, VIRTIO_F_VERSION_1, bit
 from vmmiod.memory import MappedMemory
 from vmmiod.mmio import VirtioMmio
 from vmmiod.mmio_regs import (
@@ -50,6 +49,7 @@ from vmmiod.mmio_regs import (
     WINDOW_SIZE,
 )
 from vmmiod.sim.vring import Allocator, DriverQueue
+from vmmiod.transport import VIRTIO_F_RING_RESET, VIRTIO_F_VERSION_1, bit
 
 GUARD = 0x1000
 STATUS_BITS = ACKNOWLEDGE | DRIVER | DRIVER_OK | FEATURES_OK | DEVICE_NEEDS_RESET | FAILED

@@ -16,7 +16,7 @@ from typing import Any
 
 import structlog
 
-from vmmiod.devices.base import VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, VirtioDevice, bit
+from vmmiod.devices.base import VirtioDevice
 from vmmiod.memory import MappedMemory
 from vmmiod.mmio import VirtioMmio
 from vmmiod.mmio_regs import (
@@ -47,6 +47,7 @@ from vmmiod.mmio_regs import (
     STATUS,
 )
 from vmmiod.sim.vring import Allocator, DriverQueue
+from vmmiod.transport import VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, bit
 
 RAM_BASE = 0x4000_0000
 RAM_SIZE = 0x10_0000

@@ -22,10 +22,10 @@ from typing import Any
 import structlog
 
 from vmmiod.config import ConsoleConfig, ConsolePortConfig, GuestConfig, MmioConfig, SocketBackend
-from vmmiod.devices.base import VIRTIO_F_EVENT_IDX, VIRTIO_F_VERSION_1, bit
 from vmmiod.devices.console import RECEIVEQ0, TRANSMITQ0, ConsoleDevice
 from vmmiod.memory import memfd_memory
 from vmmiod.sim.vring import Allocator, DriverQueue
+from vmmiod.transport import VIRTIO_F_EVENT_IDX, VIRTIO_F_VERSION_1, bit
 from vmmiod.virtqueue import SplitQueue
 
 GPA = 0x4000_0000

@@ -14,7 +14,6 @@ import asyncio
 import struct
 from dataclasses import dataclass
 
-from vmmiod.devices.base import VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, VIRTIO_F_VERSION_1
 from vmmiod.devices.net import CTRL_QUEUE, RX_QUEUE, TX_QUEUE, NetDevice
 from vmmiod.devices.net_proto import (
     MAX_GSO_FRAME,
@@ -29,6 +28,7 @@ from vmmiod.devices.net_proto import (
 )
 from vmmiod.memory import GuestMemory
 from vmmiod.sim.vring import Allocator, DriverQueue
+from vmmiod.transport import VIRTIO_F_EVENT_IDX, VIRTIO_F_INDIRECT_DESC, VIRTIO_F_VERSION_1
 from vmmiod.virtqueue import SplitQueue
 
 MERGEABLE_BUF_SIZE = 1536 + NET_HDR_LEN  # about what Linux posts for a 1500-byte MTU
