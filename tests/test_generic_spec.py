@@ -106,6 +106,25 @@ def test_ready_slot_kicked_before_connect_is_served_at_connect(
         assert vmm.page[30] & 0xF == 3
 
 
+def test_semaphore_request_eventfd_works(daemon: ThreadedDaemon) -> None:
+    """EFD_SEMAPHORE: each read takes 1; a second kick of one access is counted, not answered."""
+    with SimVmm() as vmm:
+        os.close(vmm.req_fds[0])
+        vmm.req_fds[0] = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK | os.EFD_SEMAPHORE)
+        vmm.connect(daemon.socket_path)
+        SLOT.pack_into(vmm.page, 0, BASE, 0, 1, 4, 0, 0, 0x20 | 1, 1)
+        os.write(vmm.req_fds[0], (2).to_bytes(8, "little"))  # two kicks for one access
+        vmm._wait_response(0)
+        assert SLOT.unpack_from(vmm.page, 0)[1] == MAGIC
+        vmm.page[30] = 0
+        deadline = time.monotonic() + 5
+        while daemon.call(lambda: daemon.adaptor.counters["ioreqs_unanswered"]) < 1 \
+                and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert daemon.call(lambda: daemon.adaptor.counters["ioreqs_unanswered"]) == 1
+        assert vmm.read(BASE) == MAGIC  # and the next access is served as usual
+
+
 @pytest.mark.parametrize("offset, size, expected", [
     (0x000, 4, MAGIC),
     (0x000, 1, 0),  # registers: 4 bytes, aligned, or ignored (reads 0)
