@@ -114,20 +114,20 @@ def vmmiod_config(results: Path, socks: dict[str, Path], params: dict[str, Any],
     lines = [
         "# Written by tests/e2e/vhost_user/run for one run.",
         "guest: {name: vu-e2e}",
-        "hypervisor: {kind: vhost-user}",
+        "hypervisor: {kind: vhost-user, reconnect: 1}",
         "log: {level: info, format: json, stats_interval: 0}",
         "devices:",
     ]
     for ident, image, lock in (("ext4", "ext4.img", True), ("verify", "verify.img", True),
                                ("bench", "bench.img", False)):
         lines += ["  - type: block", f"    id: {ident}", f"    path: {results / image}",
-                  "    cache: none", f"    socket: {socks[ident]}"]
+                  "    cache: none", f"    vhost_user: {socks[ident]}"]
         if not lock:  # qemu-storage-daemon serves the same image in the side-by-side benchmark
             lines.append("    lock: false")
     if net:
         lines += ["  - type: net", "    id: net0", f"    mac: \"{params['NET_MAC']}\"",
                   f"    backend: {{kind: tap, ifname: {params['TAP_IF']}, create: false}}",
-                  f"    socket: {socks['net']}"]
+                  f"    vhost_user: {socks['net']}"]
     return "\n".join(lines) + "\n"
 
 
