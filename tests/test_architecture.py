@@ -46,7 +46,6 @@ KNOWN: frozenset[tuple[str, str]] = frozenset({
     ("size", "vmmiod.devices.block"),
     ("size", "vmmiod.devices.console"),
     ("size", "vmmiod.devices.net"),
-    ("size", "vmmiod.devices.net_tap"),
     ("size", "vmmiod.hypervisors.xen.adaptor"),
 })
 

@@ -19,6 +19,7 @@ from vmmiod.devices.net_ctrl import (
     RxFilter,
     execute,
 )
+from vmmiod.devices.net_ifctl import default_ifname
 from vmmiod.devices.net_proto import (
     MAX_FRAME_WITH_HDR,
     NET_FEATURES,
@@ -37,7 +38,7 @@ from vmmiod.devices.net_proto import (
     scatter,
     skip_views,
 )
-from vmmiod.devices.net_tap import default_ifname, tun_offload_flags
+from vmmiod.devices.net_tap import tun_offload_flags
 
 ALL = NET_FEATURES | OFFLOAD_FEATURES
 

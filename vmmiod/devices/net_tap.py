@@ -4,7 +4,8 @@ The TAP is opened IFF_TAP | IFF_NO_PI | IFF_VNET_HDR, so the kernel reads and wr
 header the guest uses: checksum and segmentation offloads pass straight through (TUNSETOFFLOAD
 says which ones the guest takes on receive; TUNSETVNETHDRSZ the header size). Interface
 set-up (MTU, bridge port, IFF_UP) uses the classic socket ioctls, so no `ip` binary is needed.
-Link changes come from an rtnetlink socket (RTMGRP_LINK) and are confirmed with SIOCGIFFLAGS.
+Link changes come from an rtnetlink socket (RTMGRP_LINK) and are confirmed with SIOCGIFFLAGS
+(both in vmmiod/devices/net_ifctl.py).
 
 A TAP deleted under us (its name gone or renumbered, or EBADFD from the fd) is let go: the
 device unwatches the fd, it is closed and the link reported down. When an interface of our name
@@ -17,9 +18,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import fcntl
-import hashlib
 import os
-import re
 import socket
 import struct
 from collections.abc import Callable
@@ -27,6 +26,16 @@ from typing import Any
 
 from vmmiod.config import TapBackend
 from vmmiod.devices.base import BackendError
+from vmmiod.devices.net_ifctl import (
+    IFF_UP,
+    IFNAME_RE,
+    IFREQ_FLAGS,
+    IfControl,
+    default_ifname,
+    interface_exists,
+    link_monitor,
+    read_link_changes,
+)
 from vmmiod.devices.net_proto import (
     MAX_FRAME_WITH_HDR,
     VIRTIO_NET_F_GUEST_CSUM,
@@ -46,47 +55,12 @@ IFF_NO_PI = 0x1000
 IFF_VNET_HDR = 0x4000
 TUN_F_CSUM, TUN_F_TSO4, TUN_F_TSO6, TUN_F_TSO_ECN, TUN_F_UFO = 0x01, 0x02, 0x04, 0x08, 0x10
 
-SIOCGIFFLAGS = 0x8913
-SIOCSIFFLAGS = 0x8914
-SIOCSIFMTU = 0x8922
-SIOCGIFMTU = 0x8921
-SIOCBRADDIF = 0x89A2
-IFF_UP = 0x1
-IFF_RUNNING = 0x40
-
-IFNAMSIZ = 16
-IFREQ_FLAGS = struct.Struct("16sH22x")  # struct ifreq with ifr_flags
-IFREQ_INT = struct.Struct("16si20x")  # struct ifreq with ifr_ifindex / ifr_mtu
-
-# rtnetlink: a link message is nlmsghdr (16 bytes) then ifinfomsg.
-NETLINK_ROUTE = 0
-RTMGRP_LINK = 1
-RTM_NEWLINK, RTM_DELLINK = 16, 17
-NLMSGHDR = struct.Struct("=IHHII")
-IFINFOMSG = struct.Struct("=BxHiII")
-
 # A deleted TAP we may create: wait this long for the operator to recreate it before we do.
 RECREATE_DELAY = 2.0
 REATTACH_RETRY = 0.1  # an attach that failed (EBUSY: `ip tuntap add` still holds it) retries
 REATTACH_TRIES = 50
 # Errors from the TAP fd that may mean the interface is gone (EBADFD: the fd was detached).
 GONE_ERRNOS = (errno.EBADFD, errno.ENODEV, errno.EIO)
-
-IFNAME_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,15}$")
-
-
-def default_ifname(guest: str, device_id: str) -> str:
-    """A stable interface name for (guest, device) within Linux's 15 characters."""
-
-    def clean(s: str) -> str:
-        return re.sub(r"[^A-Za-z0-9_.\-]", "", s)
-
-    name = f"{clean(guest)}-{clean(device_id)}"
-    if IFNAME_RE.match(name) and name not in (".", ".."):
-        return name
-    tag = hashlib.sha256(f"{guest}\0{device_id}".encode()).hexdigest()[:4]
-    return f"{clean(guest)[:5]}-{clean(device_id)[:4]}-{tag}"
-
 
 def tun_offload_flags(features: int) -> int:
     """Guest receive offloads -> TUNSETOFFLOAD flags (what the kernel may hand the TAP reader)."""
@@ -128,7 +102,7 @@ class TapInterface:
         self._on_fd = on_fd  # False: the fd is about to close; True: a new fd is attached
         self._timer: asyncio.TimerHandle | None = None
         self._tries = 0
-        self._ctl: socket.socket | None = None
+        self._ctl: IfControl | None = None
         self._nl: socket.socket | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._on_link: Callable[[bool], None] | None = None
@@ -146,18 +120,16 @@ class TapInterface:
         if not IFNAME_RE.match(name):
             raise BackendError(f"TAP name {name!r} is not a valid interface name (1-15 of "
                                "letters, digits, '_', '.', '-')")
-        existed = self._exists(name)
+        existed = interface_exists(name)
         if not existed and not self.cfg.create:
             raise BackendError(f"TAP interface {name} does not exist and create is false: "
                                f"create it (ip tuntap add {name} mode tap) or set create: true")
         self._loop = loop
         self._on_link = on_link
         try:
-            self._ctl = socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            self._ctl = IfControl()
             self._attach()
-            self._nl = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_NONBLOCK
-                                     | socket.SOCK_CLOEXEC, NETLINK_ROUTE)
-            self._nl.bind((0, RTMGRP_LINK))
+            self._nl = link_monitor()
         except BackendError:
             self.close()
             raise
@@ -172,7 +144,7 @@ class TapInterface:
     def _attach(self) -> None:
         """Open /dev/net/tun on our name (creating the TAP if the name is free) and set it up."""
         name = self.ifname
-        existed = self._exists(name)
+        existed = interface_exists(name)
         try:
             fd = os.open(TUN_PATH, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
         except FileNotFoundError:
@@ -198,7 +170,8 @@ class TapInterface:
         if self.cfg.bridge:
             self._enslave(self.cfg.bridge)
         if self.created or self.cfg.bridge:
-            self._set_flags(IFF_UP, IFF_UP)
+            assert self._ctl is not None
+            self._ctl.set_flags(name, IFF_UP, IFF_UP)
 
     def _close_fd(self) -> None:
         if self._on_fd is not None:
@@ -229,7 +202,7 @@ class TapInterface:
         if self._timer is not None:
             self._timer.cancel()  # an attach now supersedes the one planned
             self._timer = None
-        if self.fd >= 0 or self._nl is None or (not create and not self._exists(self.ifname)):
+        if self.fd >= 0 or self._nl is None or (not create and not interface_exists(self.ifname)):
             return  # attached already, closed, or nothing to attach to yet
         try:
             self._attach()
@@ -278,30 +251,14 @@ class TapInterface:
         self._ifindex = -1
         self.link_up = False
 
-    @staticmethod
-    def _exists(name: str) -> bool:
-        try:
-            socket.if_nametoindex(name)
-            return True
-        except OSError:
-            return False
-
-    # -- interface set-up (ioctls on a control socket) ---------------------------------------------
-    def _ioctl(self, req: int, arg: bytes) -> bytes:
-        assert self._ctl is not None
-        return fcntl.ioctl(self._ctl.fileno(), req, arg)
-
-    def _set_flags(self, mask: int, value: int) -> None:
-        cur = IFREQ_FLAGS.unpack(self._ioctl(SIOCGIFFLAGS, IFREQ_FLAGS.pack(
-            self.ifname.encode(), 0)))[1]
-        self._ioctl(SIOCSIFFLAGS, IFREQ_FLAGS.pack(self.ifname.encode(), (cur & ~mask) | value))
-
+    # -- interface set-up -----------------------------------------------------------------------
     def _set_mtu(self) -> None:
-        cur = IFREQ_INT.unpack(self._ioctl(SIOCGIFMTU, IFREQ_INT.pack(self.ifname.encode(), 0)))[1]
+        assert self._ctl is not None
+        cur = self._ctl.mtu(self.ifname)
         if cur == self.mtu:
             return
         try:
-            self._ioctl(SIOCSIFMTU, IFREQ_INT.pack(self.ifname.encode(), self.mtu))
+            self._ctl.set_mtu(self.ifname, self.mtu)
         except OSError as exc:
             # The guest is told `mtu` through the MTU feature; a mismatch is the operator's to fix.
             self.log.warning("net_tap_mtu_mismatch", ifname=self.ifname, tap_mtu=cur,
@@ -314,23 +271,19 @@ class TapInterface:
                 return  # already a port of this bridge (an attached, pre-wired TAP)
         except OSError:
             pass
-        if not self._exists(bridge):
+        if not interface_exists(bridge):
             raise BackendError(f"TAP {self.ifname}: bridge {bridge} does not exist")
         ifindex = socket.if_nametoindex(self.ifname)
+        assert self._ctl is not None
         try:
-            self._ioctl(SIOCBRADDIF, IFREQ_INT.pack(bridge.encode(), ifindex))
+            self._ctl.add_to_bridge(bridge, ifindex)
         except OSError as exc:
             raise BackendError(f"TAP {self.ifname}: cannot add to bridge {bridge}: "
                                f"{exc.strerror}") from None
 
     # -- link state -----------------------------------------------------------------------------
     def _query_link(self) -> bool:
-        try:
-            flags = IFREQ_FLAGS.unpack(self._ioctl(SIOCGIFFLAGS, IFREQ_FLAGS.pack(
-                self.ifname.encode(), 0)))[1]
-        except OSError:
-            return False  # interface gone
-        return bool(flags & IFF_UP and flags & IFF_RUNNING)
+        return self._ctl is not None and self._ctl.link_up(self.ifname)
 
     def _set_link(self, up: bool) -> None:
         if up != self.link_up:
@@ -341,27 +294,7 @@ class TapInterface:
 
     def _on_netlink(self) -> None:
         assert self._nl is not None
-        indexes: set[int] = set()
-        lost = False
-        while True:
-            try:
-                data = self._nl.recv(65536)
-            except BlockingIOError:
-                break
-            except OSError as exc:
-                if exc.errno == errno.ENOBUFS:  # events lost: re-read the state below
-                    lost = True
-                    continue
-                break
-            pos = 0
-            while pos + NLMSGHDR.size <= len(data):
-                length, kind = NLMSGHDR.unpack_from(data, pos)[:2]
-                if length < NLMSGHDR.size:
-                    break
-                if kind in (RTM_NEWLINK, RTM_DELLINK) and \
-                        pos + NLMSGHDR.size + IFINFOMSG.size <= len(data):
-                    indexes.add(IFINFOMSG.unpack_from(data, pos + NLMSGHDR.size)[2])
-                pos += (length + 3) & ~3
+        indexes, lost = read_link_changes(self._nl)
         if not indexes and not lost:
             return
         try:
