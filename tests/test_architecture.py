@@ -53,7 +53,7 @@ KNOWN: frozenset[tuple[str, str]] = frozenset({
 # A module under none of these prefixes is in "shared" (config, bus, ioreq, transport, fences...).
 LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
     ("entry", ("vmmiod.__main__", "vmmiod.cli", "vmmiod.demo", "vmmiod.bench", "vmmiod.sim")),
-    ("wiring", ("vmmiod.daemon", "vmmiod.log", "vmmiod.systemd")),
+    ("wiring", ("vmmiod.daemon", "vmmiod.dom0", "vmmiod.log", "vmmiod.systemd")),
     ("sides", ("vmmiod.hypervisors", "vmmiod.mmio", "vmmiod.mmio_queues", "vmmiod.mmio_regs",
                "vmmiod.devices")),
     ("shared", ()),
@@ -267,6 +267,7 @@ def test_imports_are_resolved(tmp_path: Path, source: str,
 
 @pytest.mark.parametrize("name, layer", [
     ("vmmiod.cli", "entry"), ("vmmiod.sim.vring", "entry"), ("vmmiod.daemon", "wiring"),
+    ("vmmiod.dom0", "wiring"),
     ("vmmiod.hypervisors.xen.adaptor", "sides"), ("vmmiod.mmio", "sides"),
     ("vmmiod.devices.net", "sides"), ("vmmiod.transport", "shared"), ("vmmiod.config", "shared"),
     ("vmmiod.a_new_module", "shared"), ("vmmiod.memory", "core"), ("vmmiod", "core"),
