@@ -11,7 +11,7 @@ a late import is still a dependency of the design. Then the rules:
   vmmiod.transport.VirtioWindow; devices/* import neither the window, the bus nor IOREQs;
 - virtqueue/* and memory.py import neither devices nor hypervisors (nor the window or the bus);
 - the neutral modules (transport.py) import no device, hypervisor, window or bus module;
-- the daemon (vmmiod.daemon) is imported only by the CLI and the demo;
+- the daemon (vmmiod.daemon) is imported only by the CLI, the demo and the dom0 service;
 - nothing the daemon runs imports sim/ (the simulated guest, the VMM side, the drivers);
 - the guest-side model (sim/) takes no ring layout from the device side it checks: no constant,
   no `vring_need_event`, no ring-size helper from vmmiod.virtqueue (classes it drives are fine);
@@ -65,7 +65,9 @@ WINDOW = ("vmmiod.mmio", "vmmiod.mmio_queues", "vmmiod.mmio_regs")
 # that start them.
 NOT_DAEMON_SIDE = ("vmmiod.sim", "vmmiod.bench", "vmmiod.demo", "vmmiod.cli", "vmmiod.__main__")
 NEUTRAL = ("vmmiod.transport",)
-MAY_IMPORT_DAEMON = ("vmmiod.cli", "vmmiod.demo")
+# The entry points that start daemons: the CLI, the demo, and the dom0 service (which forks one
+# daemon per guest).
+MAY_IMPORT_DAEMON = ("vmmiod.cli", "vmmiod.demo", "vmmiod.dom0")
 
 
 @dataclass(frozen=True)
