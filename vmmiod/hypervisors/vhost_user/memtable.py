@@ -66,9 +66,13 @@ class VhostMemory(MappedMemory):
         super().__init__()
         self.slots: list[Slot] = []
 
-    def add(self, spec: MemRegion, fd: int) -> None:
-        """Map one region from `fd` (the caller still owns and closes `fd`)."""
+    def add(self, spec: MemRegion, fd: int) -> bool:
+        """Map one region from `fd` (the caller still owns and closes `fd`). False: the very
+        same region is mapped already (QEMU sends each region once per vhost device, and a
+        multiqueue net front-end has one per queue pair on one connection)."""
         what = f"region gpa {spec.gpa:#x} size {spec.size:#x}"
+        if any(s.spec == spec for s in self.slots):
+            return False
         if len(self.slots) >= MAX_MEM_SLOTS:
             raise MessageError("too_many_regions", f"{what}: {MAX_MEM_SLOTS} regions already")
         if spec.size == 0 or spec.gpa + spec.size > ADDR_LIMIT or \
@@ -98,6 +102,7 @@ class VhostMemory(MappedMemory):
             raise MessageError("bad_region", f"{what}: {exc}") from exc
         self.slots.append(Slot(spec, region, m))
         self.invalidate()
+        return True
 
     def remove(self, spec: MemRegion) -> None:
         """REM_MEM_REG: the region with this guest address, user address and size."""

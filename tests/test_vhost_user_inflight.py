@@ -1,0 +1,180 @@
+"""The inflight record: requests a back-end popped and never returned are redone, in the order
+they were first popped, by the next back-end that gets the record back (SET_INFLIGHT_FD); and
+the record's bookkeeping (QEMU docs/interop/vhost-user.rst, "Inflight I/O tracking") is exact,
+including a back-end killed between publishing used.idx and clearing the batch."""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.vhost_user_peer import FrontEnd, ThreadedVhost, connect
+from vmmiod.hypervisors.vhost_user import wire as w
+from vmmiod.hypervisors.vhost_user.inflight import (
+    DESC,
+    HEAD,
+    InflightInvalid,
+    InflightRecord,
+    queue_stride,
+)
+
+
+class HoldingDevice:
+    """A device (the neutral VhostDevice protocol) that pops every chain and completes only
+    when told: the state a back-end is in when it is killed with requests in flight."""
+
+    device_id = 2
+    type_name = "test"
+
+    def __init__(self, name: str = "hold") -> None:
+        self.name = name
+        self.queue_max_sizes = (64,)
+        self.active = False
+        self.queues: list[Any] = []
+        self.held: list[Any] = []
+        self.popped: list[int] = []
+        self.complete_at_once = False
+
+    async def open(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+    def device_features(self) -> int:
+        return 1 << 32
+
+    def validate_features(self, features: int) -> bool:
+        return True
+
+    def config_bytes(self) -> bytes:
+        return b""
+
+    def write_config(self, offset: int, size: int, value: int) -> None:
+        pass
+
+    def activate(self, memory: Any, queues: Any, features: int, transport: Any) -> None:
+        self.queues, self.transport, self.active = queues, transport, True
+
+    def reset(self) -> None:
+        self.active, self.held = False, []
+
+    def on_queue_reset(self, index: int) -> None:
+        self.held = []
+
+    def queue_notify(self, index: int) -> None:
+        q = self.queues[index]
+        while (chain := q.pop()) is not None:
+            self.popped.append(chain.head)
+            self.held.append(chain)
+        if self.complete_at_once:
+            self.complete()
+
+    def complete(self) -> None:
+        q = self.queues[0]
+        for chain in self.held:
+            q.add_used(chain.head, 7)
+        self.held = []
+        if q.publish_used():
+            self.transport.signal_used(0)
+
+
+@pytest.fixture
+def held(tmp_path: Path) -> Iterator[tuple[ThreadedVhost, HoldingDevice, str]]:
+    dev = HoldingDevice()
+    sock = str(tmp_path / "hold.sock")
+    with ThreadedVhost([("hold", dev, sock)]) as d:
+        yield d, dev, sock
+
+
+def add(fe: FrontEnd, token: str) -> None:
+    buf = fe.alloc.alloc(16)
+    fe.rings[0].q.add([], [(buf, 16)], token)
+
+
+def test_requests_in_flight_at_a_disconnect_are_redone_in_pop_order(
+        held: tuple[ThreadedVhost, HoldingDevice, str]) -> None:
+    d, dev, sock = held
+    fe = FrontEnd(connect(sock))
+    fe.negotiate()
+    fe.add_mem_reg()
+    fe.send(w.GET_INFLIGHT_FD, w.pack_inflight(w.Inflight(0, 0, 1, 64)))
+    payload, fds = fe.recv_reply_fds(w.GET_INFLIGHT_FD)
+    info = w.Inflight(*w.INFLIGHT.unpack(payload))
+    assert (info.num_queues, info.queue_size, info.mmap_size) == (1, 64, queue_stride(64))
+    inflight_fd = fds[0]
+    fe.ack(w.SET_INFLIGHT_FD, w.pack_inflight(info), (inflight_fd,))
+    ring = fe.start_ring(0, size=16)
+    d.call(lambda: setattr(dev, "complete_at_once", True))
+    for t in ("a", "b"):  # returned normally
+        add(fe, t)
+    fe.kick(0)
+    assert [t for t, _ in fe.wait_used(0, 2)] == ["a", "b"]
+    d.call(lambda: setattr(dev, "complete_at_once", False))
+    for t in ("c", "d", "e"):  # popped, never returned: the back-end "dies" with them
+        add(fe, t)
+    fe.kick(0)
+    deadline = __import__("time").monotonic() + 5
+    while d.call(lambda: len(dev.held)) != 3:
+        assert __import__("time").monotonic() < deadline
+    first_pops = d.call(lambda: list(dev.popped[2:]))
+    fe.sock.close()  # the connection goes; QEMU keeps the ring and the inflight fd
+    # QEMU reconnects: same guest memory, same rings, the inflight fd handed back; the base it
+    # sends is used.idx (GET_VRING_BASE failed on the dead connection).
+    fe.sock = connect(sock)
+    fe.negotiate()
+    fe.add_mem_reg()
+    fe.ack(w.SET_INFLIGHT_FD, w.pack_inflight(info), (inflight_fd,))
+    d.call(lambda: setattr(dev, "popped", []))
+    d.call(lambda: setattr(dev, "complete_at_once", True))
+    fe.start_ring(0, base=ring.q.used_idx(), q=ring.q)
+    assert [t for t, _ in fe.wait_used(0, 3)] == ["c", "d", "e"]
+    assert d.call(lambda: list(dev.popped)) == first_pops  # redone, in the order first popped
+    add(fe, "f")  # and the ring goes on after them
+    fe.kick(0)
+    assert [t for t, _ in fe.wait_used(0, 1)] == ["f"]
+    fe.close()
+    __import__("os").close(inflight_fd)
+
+
+def record(queue_size: int = 8) -> InflightRecord:
+    rec, fd, _ = InflightRecord.create(1, queue_size)
+    __import__("os").close(fd)
+    return rec
+
+
+def test_record_lifecycle_and_a_kill_between_publish_and_clear() -> None:
+    rec = record()
+    q = rec.queues[0]
+    assert q.start(8, used_idx=5) is None  # fresh: initialised, nothing to redo
+    for head in (3, 1, 6):
+        q.popped(head)
+    q.used(1)
+    q.published(6)  # used.idx 5 -> 6: head 1 returned
+    assert q.start(8, used_idx=6) == (8, [3, 6])  # 6 + 2 in flight, in pop order
+    # Killed after used.idx moved to 8 (heads 3 and 6 returned) but before their marks were
+    # cleared: the record's used_idx still says 6, the batch list says 6 -> 3.
+    q.used(3)
+    q.used(6)
+    assert q.start(8, used_idx=8) == (8, [])
+    rec.close()
+
+
+def test_a_record_that_does_not_add_up_is_refused() -> None:
+    rec = record()
+    q = rec.queues[0]
+    q.start(8, used_idx=0)
+    struct.pack_into("<B", q.buf, HEAD.size + DESC.size * 7, 1)  # head 7 on a ring of 4
+    with pytest.raises(InflightInvalid):
+        q.start(4, used_idx=0)
+    struct.pack_into("<B", q.buf, HEAD.size + DESC.size * 7, 0)
+    struct.pack_into("<H", q.buf, 12, 200)  # last_batch_head out of range, batch pending
+    with pytest.raises(InflightInvalid):
+        q.start(8, used_idx=3)
+    with pytest.raises(InflightInvalid):
+        q.start(16, used_idx=0)  # a ring larger than the record
+    rec.close()
