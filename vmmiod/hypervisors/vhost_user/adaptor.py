@@ -26,8 +26,9 @@ from vmmiod.hypervisors.vhost_user.session import Session
 from vmmiod.hypervisors.vhost_user.vring import close_quietly
 
 MESSAGES_PER_WAKEUP = 64  # then yield to the loop: one chatty front-end cannot starve others
-COUNTERS = ("connections", "disconnects", "violations", "refused", "messages", "kicks", "calls",
-            "calls_dropped", "device_faults", "config_changes_unsent", "memory_regions")
+COUNTERS = ("connections", "disconnects", "violations", "internal_errors", "refused", "messages",
+            "kicks", "calls", "calls_dropped", "device_faults", "config_changes_unsent",
+            "memory_regions")
 
 
 class Endpoint:
@@ -42,6 +43,7 @@ class Endpoint:
         self.connect = connect
         self.log = adaptor.log.bind(device=dev_id, socket=str(path))
         self.counters: dict[str, int] = dict.fromkeys(COUNTERS, 0)
+        self.violation_reasons: dict[str, int] = {}  # reason -> count (tests, diagnostics)
         self.listener: socket.socket | None = None
         self.listener_ino: int | None = None
         self.sock: socket.socket | None = None
@@ -153,12 +155,14 @@ class Endpoint:
                     return
             except w.MessageError as exc:
                 self.counters["violations"] += 1
+                self.violation_reasons[exc.reason] = self.violation_reasons.get(exc.reason, 0) + 1
                 self.log.warning("vhost_user_protocol_violation", reason=exc.reason,
                                  message=str(exc),
                                  request=self._hdr.name if self._hdr else None)
                 self.disconnect("protocol_violation")
                 return
             except Exception as exc:  # a bug: this connection goes, the daemon stays
+                self.counters["internal_errors"] += 1
                 self.log.exception("vhost_user_error", error=repr(exc))
                 self.disconnect("internal_error")
                 return
@@ -227,6 +231,7 @@ class Endpoint:
             try:
                 session.close()
             except Exception as exc:  # a device bug at reset; the connection still goes
+                self.counters["internal_errors"] += 1
                 self.log.exception("vhost_user_error", error=repr(exc))
         for fd in list(self._watched):
             self.unwatch(fd)
