@@ -4,6 +4,8 @@ Unix socket, through the real adaptor and the same device objects the other adap
 from __future__ import annotations
 
 import os
+import socket
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -139,3 +141,30 @@ def test_second_front_end_is_refused_while_one_is_connected(
         assert first.call_u64(w.GET_QUEUE_NUM) == 1  # the first one is untouched
     finally:
         first.close()
+
+
+def test_connect_mode_reaches_a_listening_vmm_and_comes_back_after_it_goes(
+        tmp_path: Path) -> None:
+    dev = block_device(tmp_path)
+    path = tmp_path / "vmm.sock"
+    with ThreadedVhost([("disk0", dev, f"connect:{path}")], reconnect=0.05) as d:
+        time.sleep(0.2)  # nobody listens yet: the daemon retries
+        server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        server.bind(str(path))
+        server.listen(1)
+        server.settimeout(10)
+        for round_ in range(2):
+            conn, _ = server.accept()
+            fe = FrontEnd(conn)
+            try:
+                fe.negotiate()
+                fe.add_mem_reg()
+                fe.start_ring(0)
+                blk_request(fe, 0, BLK_T_OUT, round_, b"c" * 512, token=round_)
+                fe.kick(0)
+                assert fe.wait_used(0) == [(round_, 1)]
+            finally:
+                fe.close()  # the VMM goes away; the daemon connects again
+        server.close()
+        stats = d.call(lambda: d.adaptor.stats())  # type: ignore[attr-defined]
+        assert stats["connections"] == 2 and stats["connect_failures"] >= 1

@@ -89,6 +89,8 @@ def test_daemon_serves_block_over_vhost_user_and_stops_cleanly(tmp_path: Path) -
         d.stop()
     events = [e["event"] for e in d.events()]
     assert "vhost_user_listening" in events and "vhost_user_ring_started" in events
+    final = [e for e in d.events() if e["event"] == "adaptor_stats" and e["final"]]
+    assert final and final[0]["connections"] == 1 and final[0]["messages"] > 10
     assert events[-1] == "daemon_stopped"
     assert not (tmp_path / "disk0.sock").exists()  # the daemon removed its sockets
 

@@ -28,7 +28,7 @@ from vmmiod.hypervisors.vhost_user.vring import close_quietly
 MESSAGES_PER_WAKEUP = 64  # then yield to the loop: one chatty front-end cannot starve others
 COUNTERS = ("connections", "disconnects", "violations", "internal_errors", "refused", "messages",
             "kicks", "calls", "calls_dropped", "device_faults", "config_changes_unsent",
-            "memory_regions")
+            "memory_regions", "connect_failures")
 
 
 class Endpoint:
@@ -49,6 +49,7 @@ class Endpoint:
         self.sock: socket.socket | None = None
         self.session: Session | None = None
         self.retry: asyncio.TimerHandle | None = None
+        self._attempts = 0  # connection attempts since the last success (log throttling)
         self._buf = bytearray()
         self._fds: list[int] = []
         self._hdr: w.Header | None = None
@@ -127,12 +128,14 @@ class Endpoint:
             sock.connect(str(self.path))
         except OSError as exc:
             sock.close()
-            n = self.counters["connect_failures"] = self.counters.get("connect_failures", 0) + 1
+            self.counters["connect_failures"] += 1
+            self._attempts += 1
+            n = self._attempts
             if n & (n - 1) == 0:  # 1st, 2nd, 4th...: a VMM that never comes does not flood
                 self.log.info("vhost_user_connect_failed", error=exc.strerror, attempts=n)
             self.retry = self.loop.call_later(self.adaptor.reconnect, self._try_connect)
             return
-        self.counters["connect_failures"] = 0
+        self._attempts = 0
         self._attach(sock)
 
     def _attach(self, sock: socket.socket) -> None:
@@ -286,9 +289,8 @@ class VhostUserAdaptor(Adaptor):
             ep.disconnect("daemon_stopping")
 
     async def stop(self) -> None:
-        for ep in self.endpoints:
+        for ep in self.endpoints:  # kept: the final adaptor_stats record reads their counters
             ep.close()
-        self.endpoints = []
 
     def endpoint(self, dev_id: str) -> Endpoint:
         return next(ep for ep in self.endpoints if ep.dev_id == dev_id)
