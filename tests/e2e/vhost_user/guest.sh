@@ -85,11 +85,14 @@ fi
 # name rw bs iodepth
 JOBS="randread-qd1:randread:4k:1 randread-qd32:randread:4k:32 randwrite-qd1:randwrite:4k:1
 randwrite-qd32:randwrite:4k:32 seqread-1m:read:1M:8 seqwrite-1m:write:1M:8"
+# Every other job runs the backends in the opposite order, so a drift of the host's load does not
+# favour one of them.
+order="$BENCH_BACKENDS"
 for job in $JOBS; do
     IFS=: read -r name rw bs qd <<EOF
 $job
 EOF
-    for be in $BENCH_BACKENDS; do
+    for be in $order; do
         BE=$(echo "$be" | tr a-z A-Z)
         eval slot=\$SLOT_BENCH_$BE
         dev=$(disk_at "$slot") || { r bench job=$name be=$be rc=missing-disk; continue; }
@@ -102,6 +105,9 @@ EOF
         echo "E2E-B end job=$name be=$be"
         r bench job=$name be=$be rc=$rc
     done
+    rev=""
+    for be in $order; do rev="$be $rev"; done
+    order=$rev
 done
 
 # -- reconnect: the backend under test is SIGKILLed during fio and started again ---------------

@@ -100,8 +100,10 @@ class Guest:
                 for raw in proc.stdout:
                     console.write(raw)
                     console.flush()
-                    self.last_line = time.monotonic()
-                    self._on_line(raw.decode(errors="replace").rstrip(), self.last_line - start)
+                    line = raw.decode(errors="replace").rstrip()
+                    if "E2E-" in line:  # fio's progress lines go on while its I/O hangs
+                        self.last_line = time.monotonic()
+                    self._on_line(line, time.monotonic() - start)
 
         reader = threading.Thread(target=pump, daemon=True)
         reader.start()
@@ -112,7 +114,7 @@ class Guest:
             if now - start > timeout:
                 status = f"timeout: the guest did not finish in {timeout:.0f}s"
             elif now - self.last_line > silence:
-                status = f"stuck: no console output for {silence:.0f}s"
+                status = f"stuck: no result line from the guest for {silence:.0f}s"
             elif (why := self.stack.died()) and died_at is None:
                 died_at, status = now, f"backend died: {why}"
             if status != "running" and (died_at is None or now - died_at > GRACE):

@@ -210,6 +210,22 @@ def test_vmmiod_logged_no_problem(run: Run) -> None:
     assert events, "vmmiod logged nothing"
 
 
+def test_vmmiod_restarted_instance_resumed_every_ring(run: Run) -> None:
+    """The second instance got its rings back through the inflight record QEMU kept."""
+    if run.info["dut"] != "vmmiod":
+        pytest.skip(f"the backend under test was {run.info['dut']} ({run.info['dut_reason']})")
+    resumed = {}
+    for line in (run.dir / "dut-2.log").read_text(errors="replace").splitlines():
+        try:
+            e = json.loads(line)
+        except ValueError:
+            continue
+        if e.get("event") == "vhost_user_inflight_resumed":
+            resumed[e["device"]] = e
+    assert {"ext4", "verify", "bench"} <= set(resumed), sorted(resumed)
+    print("resubmitted after the restart:", {d: e.get("resubmit") for d, e in resumed.items()})
+
+
 def test_side_by_side_figures(run: Run) -> None:
     figures = run.json("bench.json")
     for be in run.info["bench_backends"]:
