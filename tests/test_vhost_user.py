@@ -168,3 +168,24 @@ def test_connect_mode_reaches_a_listening_vmm_and_comes_back_after_it_goes(
         server.close()
         stats = d.call(lambda: d.adaptor.stats())  # type: ignore[attr-defined]
         assert stats["connections"] == 2 and stats["connect_failures"] >= 1
+
+
+def test_fds_with_every_byte_close_the_connection_not_exhaust_the_daemon(
+        blk: tuple[ThreadedVhost, BlockDevice, str]) -> None:
+    d, _, sock = blk
+    fe = FrontEnd(connect(sock))
+    evs = [os.eventfd(0) for _ in range(4)]
+    try:
+        message = w.request(w.GET_FEATURES)
+        try:
+            for i in range(len(message)):  # 4 fds with every byte of one header
+                socket.send_fds(fe.sock, [message[i:i + 1]], evs)
+        except OSError:  # closed by the daemon on the way
+            pass
+        assert fe.closed_by_peer()
+    finally:
+        for fd in evs:
+            os.close(fd)
+        fe.close()
+    ep = d.call(lambda: d.adaptor.endpoint("disk0"))  # type: ignore[attr-defined]
+    assert d.call(lambda: dict(ep.violation_reasons)) == {"too_many_fds": 1}

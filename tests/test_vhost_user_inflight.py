@@ -6,6 +6,7 @@ including a back-end killed between publishing used.idx and clearing the batch."
 from __future__ import annotations
 
 import struct
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -178,3 +179,37 @@ def test_a_record_that_does_not_add_up_is_refused() -> None:
     with pytest.raises(InflightInvalid):
         q.start(16, used_idx=0)  # a ring larger than the record
     rec.close()
+
+
+@pytest.mark.parametrize("how", ["get_vring_base", "reset_owner", "disconnect"])
+def test_a_completion_after_the_ring_stopped_is_dropped(
+        held: tuple[ThreadedVhost, HoldingDevice, str], how: str) -> None:
+    """GET_VRING_BASE, RESET_OWNER and a disconnect give the queue a new generation: a request
+    the device completes afterwards (a flush back from the worker thread) writes nothing."""
+    d, dev, sock = held
+    fe = FrontEnd(connect(sock))
+    try:
+        fe.negotiate()
+        fe.add_mem_reg()
+        ring = fe.start_ring(0, size=16)
+        add(fe, "late")
+        fe.kick(0)
+        deadline = time.monotonic() + 5
+        while d.call(lambda: len(dev.held)) != 1:
+            assert time.monotonic() < deadline
+        chain = d.call(lambda: dev.held[0])
+        queue = d.call(lambda: dev.queues[0])
+        if how == "get_vring_base":
+            assert fe.stop_ring(0) == 1
+        elif how == "reset_owner":
+            fe.ack(w.RESET_OWNER)
+        else:
+            fe.sock.close()
+            while d.call(lambda: d.adaptor.endpoint("hold").sock is not None):  # type: ignore
+                assert time.monotonic() < deadline
+        used_before = fe.memory.read(ring.q.used_addr, 16)
+        assert d.call(lambda: queue.complete(chain, 7)) is False
+        assert fe.memory.read(ring.q.used_addr, 16) == used_before
+        assert d.call(lambda: queue.stale_dropped) == 1
+    finally:
+        fe.close()

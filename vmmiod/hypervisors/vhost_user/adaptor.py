@@ -184,7 +184,9 @@ class Endpoint:
                 self.disconnect(f"receive failed: {exc.strerror}")
                 return False
             self._fds.extend(fds)
-            if flags & socket.MSG_CTRUNC:
+            if flags & socket.MSG_CTRUNC or len(self._fds) > w.MAX_FDS:
+                # (a peer sending its message a byte at a time, fds with every byte, must not
+                # make the daemon hold thousands of fds)
                 raise w.MessageError("too_many_fds", f"more than {w.MAX_FDS} fds in a message")
             if not data:
                 self.disconnect("front_end_closed")
