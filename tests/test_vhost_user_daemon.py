@@ -43,10 +43,10 @@ class Daemon:
         self.start()
 
     def start(self) -> None:
-        self.err = open(self.log_path, "a")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "vmmiod", "run", "--log-format", "json", str(self.config)],
-            stdout=subprocess.DEVNULL, stderr=self.err)
+        with open(self.log_path, "a") as err:  # the child keeps its own copy
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "vmmiod", "run", "--log-format", "json",
+                 str(self.config)], stdout=subprocess.DEVNULL, stderr=err)
 
     def events(self) -> list[dict[str, object]]:
         out = []
@@ -60,9 +60,7 @@ class Daemon:
     def stop(self, sig: int = signal.SIGTERM) -> int:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
-        code = self.proc.wait(20)
-        self.err.close()
-        return code
+        return self.proc.wait(20)
 
 
 def test_daemon_serves_block_over_vhost_user_and_stops_cleanly(tmp_path: Path) -> None:
