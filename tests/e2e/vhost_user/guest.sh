@@ -116,7 +116,14 @@ if [ "$KILL" = 1 ] && [ -b "$VERIFY" ]; then
         --rw=randwrite --bs=4k --size="${KILL_MIB}M" --verify=crc32c --do_verify=1 \
         --verify_fatal=1 --output-format=json --output=/out/fio-kill.json &
     pid=$!
-    sleep "$KILL_AFTER"
+    # Kill once fio's writes are flowing (KILL_AFTER of them completed: field 5 of the disk's
+    # stat), whatever the host's speed; bounded.
+    stat=/sys/block/${VERIFY#/dev/}/stat
+    i=0
+    while kill -0 $pid 2>/dev/null && [ "$(awk '{print $5}' "$stat")" -lt "$KILL_AFTER" ] \
+            && [ $i -lt 600 ]; do
+        sleep 0.1; i=$((i + 1))
+    done
     if kill -0 $pid 2>/dev/null; then
         echo "E2E-K kill"
     else
