@@ -11,7 +11,14 @@ from typing import Any
 import pytest
 
 from tests.test_block import SIZE, close, file_bytes, make
+from tests.test_block_harness import io_engine  # noqa: F401  (the fixture)
+from vmmiod.blockio import uring
 from vmmiod.devices.block_request import VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT
+
+pytestmark = pytest.mark.usefixtures("io_engine")  # every test once per engine
+
+
+UNMAPPED = 0x1000  # below vm.mmap_min_addr: never mapped in a process
 
 
 @pytest.fixture
@@ -36,6 +43,17 @@ def refuse_guest_views(monkeypatch: pytest.MonkeyPatch, guest_buffers: list[Any]
 
     monkeypatch.setattr(os, "preadv", guarded(real_preadv))
     monkeypatch.setattr(os, "pwritev", guarded(real_pwritev))
+    # io_uring: the kernel itself refuses. A guest view is given to it at an address where
+    # nothing is mapped (below vm.mmap_min_addr), so the read or write really fails with EFAULT.
+    real_address = uring.buffer_address
+
+    def address(view: memoryview) -> int:
+        if any(view.obj is b for b in guest_buffers):
+            refused[0] += 1
+            return UNMAPPED
+        return real_address(view)
+
+    monkeypatch.setattr(uring, "buffer_address", address)
     return refused
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_block_harness import Guest, open_device
+from tests.test_block_harness import Guest, io_engine, open_device  # noqa: F401
 from vmmiod.devices.base import BackendError
 from vmmiod.devices.block import BLK_CONFIG, VIRTIO_BLK_F_TOPOLOGY, BlockDevice
 from vmmiod.devices.block_request import (
@@ -22,6 +22,8 @@ from vmmiod.devices.block_request import (
     VIRTIO_BLK_T_IN,
     VIRTIO_BLK_T_OUT,
 )
+
+pytestmark = pytest.mark.usefixtures("io_engine")  # every test once per engine
 
 root_only = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (mount, losetup, dmsetup)")
 

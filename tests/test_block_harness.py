@@ -8,9 +8,13 @@ synchronous code; `async` tests exercise the worker thread.
 from __future__ import annotations
 
 import asyncio
+import os
 import struct
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from vmmiod.config import BlockConfig, GuestConfig, MmioConfig
 from vmmiod.devices.block import BlockDevice
@@ -42,7 +46,34 @@ class FakeTransport:
         self.faults.append(reason)
 
 
+# The engine the block tests run with: every test module that imports `io_engine` (below) runs
+# once per engine; VMMIOD_TEST_IO_ENGINE picks the engine of the daemon-level tests.
+ENGINES = ("io_uring", "threads", "sync")
+ENGINE = {"name": os.environ.get("VMMIOD_TEST_IO_ENGINE", "auto")}
+
+
+@pytest.fixture(params=ENGINES)
+def io_engine(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Run the test with each engine (the default of block_config for its duration)."""
+    if request.param == "io_uring" and not uring_available():
+        pytest.skip("io_uring is not available on this machine")
+    saved = ENGINE["name"]
+    ENGINE["name"] = request.param
+    yield request.param
+    ENGINE["name"] = saved
+
+
+def uring_available() -> bool:
+    try:
+        from vmmiod.blockio.uring import Ring
+        Ring(2).close()
+        return True
+    except OSError:
+        return False
+
+
 def block_config(path: Path, **kw: Any) -> BlockConfig:
+    kw.setdefault("io_engine", ENGINE["name"])
     return BlockConfig(id=kw.pop("id", "vda"), mmio=MmioConfig(base=0x1000_0000, irq=5),
                        path=path, **kw)
 

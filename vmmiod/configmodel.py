@@ -91,6 +91,7 @@ class BlockConfig:
     queue_size: int = 256
     lock: bool = True
     vhost_user: VhostUserSocket | None = None
+    io_engine: Literal["auto", "io_uring", "threads", "sync"] = "auto"
     type: Literal["block"] = "block"
 
 

@@ -25,7 +25,7 @@ TOP_KEYS = ("guest", "hypervisor", "log", "devices")
 XEN_KEYS = ("interrupts", "grants", "map_cache_pages", "domain_wait", "backend_domid")
 GENERIC_KEYS = ("socket", "on_disconnect", "socket_mode")
 DEVICE_COMMON = ("id", "mmio", "vhost_user")
-BLOCK_KEYS = ("path", "readonly", "cache", "serial", "queues", "queue_size", "lock")
+BLOCK_KEYS = ("path", "readonly", "cache", "serial", "queues", "queue_size", "lock", "io_engine")
 NET_KEYS = ("backend", "mac", "mtu", "queue_size")
 CONSOLE_KEYS = ("ports", "backend", "multiport", "cols", "rows", "queue_size")
 
@@ -238,6 +238,7 @@ class Schema:
             "serial": lambda n, q: self.r.serial(n, q),
             "queues": lambda n, q: r.integer(n, q, 1, 64),
             "queue_size": self.r.queue_size,
+            "io_engine": lambda n, q: r.choice(n, q, ("auto", "io_uring", "threads", "sync")),
         })
         image = kw.get("path")
         if image is not None:

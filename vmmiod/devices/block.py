@@ -1,28 +1,25 @@
 """virtio-blk (VIRTIO 1.2, 5.2): a guest disk on a raw image file or a host block device.
 
-Five parts, Firecracker-style: this module (lifecycle, the queue loop, completions, counters),
-`block_config` (feature bits and the config space), `block_request` (the single parse step that
-names every rule a request can break), `block_backend` (the image: size, lock, O_DIRECT,
-preadv/pwritev, fdatasync, hole punching) and `block_worker` (what runs on the worker thread).
-
-Where the blocking work runs was decided by measurement (`python -m vmmiod.bench.block`, its
-"threading model" figures): reads and writes run inline on the event loop, straight between the
-image and guest memory, because a page-cache preadv costs about 1 us while a hand-off to a
-worker thread costs 35-50 us of CPU. The operations that can stall for milliseconds (fdatasync for
-FLUSH and writethrough writes, hole punching and zeroing) run on one worker thread per device,
-in submission order, so the IOREQs of the other devices are never held up behind them.
+Six parts, Firecracker-style: this module (lifecycle, the queue loop, counters), `block_config`
+(feature bits and the config space), `block_request` (the single parse step that names every
+rule a request can break), `block_backend` (the image: size, lock, O_DIRECT, hole punching),
+`block_io` (requests as engine ops, completions in batches) and the engine itself
+(vmmiod/blockio/: io_uring, a thread pool, or the inline `sync` engine; `io_engine` in the
+config). Reads and writes go straight between the image and guest memory; every request popped
+in one notification is submitted at once and handed to the kernel by one kick, so a guest at
+queue depth 32 gets the disk's parallelism, and no read, write or fdatasync waits on the event
+loop (docs/performance.md has the figures).
 """
 
 from __future__ import annotations
 
 import asyncio
 import errno
-import os
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from vmmiod.config import BlockConfig, GuestConfig
-from vmmiod.devices.base import BackendError, VirtioDevice, queue_fault_reason
+from vmmiod.blockio import UringUnavailable, open_engine
+from vmmiod.devices.base import BackendError
 from vmmiod.devices.block_backend import IOV_MAX, Backing, ImageLocked
 from vmmiod.devices.block_config import (  # noqa: F401  (feature names re-exported for users)
     BLK_CONFIG,
@@ -62,23 +59,15 @@ from vmmiod.devices.block_request import (
     UnsupportedType,
     parse,
 )
-from vmmiod.devices.block_worker import (
-    KIND_DISCARD,
-    KIND_OPS,
-    KIND_SYNC,
-    KIND_WRITE_SYNC,
-    KIND_WRITE_ZEROES,
-    Deferred,
-    Worker,
-)
-from vmmiod.memory import GuestMemory, GuestMemoryError
-from vmmiod.virtqueue import DescriptorChain, SplitQueue, VirtqueueError
+from vmmiod.devices.block_io import BlockIo, Pending
+from vmmiod.memory import GuestMemory
+from vmmiod.virtqueue import DescriptorChain, SplitQueue
 
 LOG_FIRST = 10  # guest-caused warnings logged in full, then one in LOG_EVERY
 LOG_EVERY = 1000
 
 
-class BlockDevice(VirtioDevice):
+class BlockDevice(BlockIo):
     device_id = 2
     type_name = "block"
 
@@ -94,11 +83,14 @@ class BlockDevice(VirtioDevice):
         self.limits: Limits | None = None
         self.writeback = cfg.cache != "writethrough"  # the config space's writeback field
         self._writethrough = not self.writeback  # effective mode while active
-        self._worker = Worker(self.backing, self.counters)
+        self.engine = None
+        # After a failed fdatasync the kernel may have dropped the dirty pages (and marked them
+        # clean): a later fdatasync that succeeds would promise data that is gone. So the
+        # failure is sticky: every later sync of this image fails too.
+        self.flush_error = None
         self._flush_error_logged = False
-        self._executor: ThreadPoolExecutor | None = None
-        self._plain_fd = -1
-        self._deferred: list[list[Deferred]] = []
+        self._inflight_q = [0] * nqueues
+        self._sticky: list[Pending] = []
         self._log_counts: dict[str, int] = {}
         self.counters.update({
             "requests_in": 0, "requests_out": 0, "requests_flush": 0, "requests_get_id": 0,
@@ -129,9 +121,15 @@ class BlockDevice(VirtioDevice):
             write_zeroes=not self.cfg.readonly, max_discard_sectors=MAX_RANGE_SECTORS,
             max_discard_seg=MAX_RANGES, max_write_zeroes_sectors=MAX_RANGE_SECTORS,
             max_write_zeroes_seg=MAX_RANGES)
-        # The fd for the inline fast path: the buffered image (with O_DIRECT the backend decides).
-        self._plain_fd = -1 if b.direct else b.buffered_fd
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"blk-{self.name}")
+        try:
+            self.engine, fallback = open_engine(self.cfg.io_engine, self._completed)
+        except UringUnavailable as exc:
+            b.close()
+            raise BackendError(
+                f"block device {self.name!r}: io_engine io_uring is not available here "
+                f"({exc.strerror}); set 'io_engine: auto' or 'threads' for this device") from exc
+        self.log.info("block_io_engine", engine=self.engine.name, requested=self.cfg.io_engine,
+                      fallback_reason=fallback)
         self.log.info("block_opened", path=str(self.cfg.path), size=b.size,
                       block_device=b.is_block_device, cache=self.cfg.cache, direct=b.direct,
                       readonly=self.cfg.readonly, queues=len(self.queue_max_sizes))
@@ -139,14 +137,11 @@ class BlockDevice(VirtioDevice):
     async def close(self) -> None:
         if self.backing.fd < 0:
             return
-        executor, self._executor = self._executor, None
-        self._plain_fd = -1
+        engine, self.engine = self.engine, None
+        if engine is not None:
+            engine.close()  # waits for what is still in flight; nothing is delivered any more
         try:
-            if executor is not None:
-                await asyncio.get_running_loop().run_in_executor(executor, self.backing.close)
-                executor.shutdown(wait=True)
-            else:
-                self.backing.close()
+            await asyncio.get_running_loop().run_in_executor(None, self.backing.close)
         except OSError as exc:
             self.log.error("block_close_failed", errno=exc.errno, error=exc.strerror)
         self.log.info("block_closed", **self.stats())
@@ -176,26 +171,24 @@ class BlockDevice(VirtioDevice):
 
     # -- lifecycle ------------------------------------------------------------------------------
     def on_activate(self) -> None:
-        self._deferred = [[] for _ in self.queues]
+        if self.engine is not None:
+            self.engine.attach(self._loop)
         # A driver that cannot flush must get durable writes (5.2.6.3: without FLUSH the
         # device behaves as writethrough).
         self._writethrough = not self.writeback or not self.has_feature(VIRTIO_BLK_F_FLUSH)
 
     def on_reset(self) -> None:
-        # Work already on the worker thread comes back with an older queue generation (the
-        # window resets every queue) and is dropped there; work not yet submitted goes now.
-        self.counters["in_flight"] -= sum(len(d) for d in self._deferred)
-        self._deferred = []
+        # Reads still running could write guest memory the adaptor is about to unmap: cancel
+        # them and wait. Whatever completes later is of an older generation and is dropped.
+        self._cancel(None)
         if not self.active:  # a real reset, not a fault: config returns to its initial state
             self.writeback = self.cfg.cache != "writethrough"
 
     def on_queue_reset(self, index: int) -> None:
-        """QueueReady=0 / QueueReset: requests of that queue still on the worker thread carry
-        the old queue generation and are dropped when they come back; unsubmitted ones go now."""
+        """QueueReady=0 / QueueReset: the queue's reads and writes in flight are cancelled (and
+        waited for); whatever still completes carries the old queue generation and is dropped."""
         super().on_queue_reset(index)
-        if index < len(self._deferred):
-            self.counters["in_flight"] -= len(self._deferred[index])
-            self._deferred[index] = []
+        self._cancel(index)
 
     # -- the queue loop -------------------------------------------------------------------------
     def process_queue(self, index: int) -> None:
@@ -227,10 +220,7 @@ class BlockDevice(VirtioDevice):
                 continue
             if not q.enable_notification():
                 break
-        if self._deferred and self._deferred[index]:
-            self._end_batch(index, q.next_used != used_before)
-        elif q.next_used != used_before:  # _end_batch without deferred work, written out
-            self.notify_used(index)
+        self._end_batch(index, q.next_used != used_before)
 
     def _reschedule(self, index: int) -> None:
         assert self._loop is not None
@@ -240,7 +230,7 @@ class BlockDevice(VirtioDevice):
 
     def _handle(self, index: int, q: SplitQueue, mem: GuestMemory, limits: Limits,
                 chain: DescriptorChain) -> None:
-        """One request: parse, then inline I/O or a place on the worker's list."""
+        """One request: parse, then its ops to the engine (or an answer at once)."""
         try:
             req = parse(chain, limits)
         except RequestError as exc:
@@ -248,72 +238,20 @@ class BlockDevice(VirtioDevice):
             return
         t = req.type
         c = self.counters
-        if t == VIRTIO_BLK_T_IN:
-            c["requests_in"] += 1
-            data, length = req.data, req.data_len
-            if len(data) == 1:
-                views = mem.views(data[0][0], data[0][1], True)
+        if t == VIRTIO_BLK_T_IN or t == VIRTIO_BLK_T_OUT:
+            if t == VIRTIO_BLK_T_IN:
+                c["requests_in"] += 1
+                used = chain.writable_len
             else:
-                views = []
-                for gpa, n in data:
-                    views += mem.views(gpa, n, True)
-            try:
-                # Buffered image, one call: the common case without the backend's wrappers.
-                # A short or refused (EFAULT) transfer is redone in full by the backend
-                # (idempotent); the try is written out here, a call costs as much as the check.
-                pfd = self._plain_fd
-                n = -1
-                if pfd >= 0 and len(views) <= IOV_MAX:
-                    try:
-                        n = os.preadv(pfd, views, req.sector << SECTOR_SHIFT)
-                    except OSError as exc:
-                        if exc.errno != errno.EFAULT:
-                            raise
-                if n != length:
-                    self.backing.readv(views, req.sector << SECTOR_SHIFT, length)
-                status = VIRTIO_BLK_S_OK
-                c["bytes_read"] += length
-            except OSError as exc:
-                status = self._io_error("read", exc, req)
-                c["errors"] += 1
-            buf, off = mem.locate(req.status_gpa, 1, True)
-            buf[off] = status
-            q.add_used(req.head, chain.writable_len)
-        elif t == VIRTIO_BLK_T_OUT:
-            c["requests_out"] += 1
-            data, length = req.data, req.data_len
-            if len(data) == 1:
-                views = mem.views(data[0][0], data[0][1], False)
-            else:
-                views = []
-                for gpa, n in data:
-                    views += mem.views(gpa, n, False)
-            try:
-                pfd = self._plain_fd
-                n = -1
-                if pfd >= 0 and len(views) <= IOV_MAX:
-                    try:
-                        n = os.pwritev(pfd, views, req.sector << SECTOR_SHIFT)
-                    except OSError as exc:
-                        if exc.errno != errno.EFAULT:
-                            raise
-                if n != length:
-                    self.backing.writev(views, req.sector << SECTOR_SHIFT, length)
-            except OSError as exc:
-                status = self._io_error("write", exc, req)
-                c["errors"] += 1
-            else:
-                c["bytes_written"] += length
-                if self._writethrough:
-                    self._defer(index, req, KIND_WRITE_SYNC)
-                    return
-                status = VIRTIO_BLK_S_OK
-            buf, off = mem.locate(req.status_gpa, 1, True)
-            buf[off] = status
-            q.add_used(req.head, 1)
+                c["requests_out"] += 1
+                used = 1
+            if req.data_len:
+                self._submit_io(index, chain.generation, mem, req, used)
+            else:  # nothing to transfer
+                self._complete(q, mem, req.head, req.status_gpa, VIRTIO_BLK_S_OK, used)
         elif t == VIRTIO_BLK_T_FLUSH:
             c["requests_flush"] += 1
-            self._defer(index, req, KIND_SYNC)
+            self._submit_flush(index, chain.generation, req)
         elif t == VIRTIO_BLK_T_GET_ID:
             c["requests_get_id"] += 1
             pos = 0
@@ -324,10 +262,10 @@ class BlockDevice(VirtioDevice):
                            chain.writable_len)
         elif t == VIRTIO_BLK_T_DISCARD:
             c["requests_discard"] += 1
-            self._defer(index, req, KIND_DISCARD)
+            self._submit_ranges(index, chain.generation, req)
         else:  # parse() lets through only the types above and WRITE_ZEROES
             c["requests_write_zeroes"] += 1
-            self._defer(index, req, KIND_WRITE_ZEROES)
+            self._submit_ranges(index, chain.generation, req)
 
     def _complete(self, q: SplitQueue, mem: GuestMemory, head: int, status_gpa: int | None,
                   status: int, used_len: int) -> None:
@@ -368,56 +306,14 @@ class BlockDevice(VirtioDevice):
             self.log.warning(event, occurrences=n, **kw)
 
     def _end_batch(self, index: int, added: bool) -> None:
-        if self._deferred and self._deferred[index]:
-            work, self._deferred[index] = self._deferred[index], []
-            self._submit(index, work)
+        """The notification's ops go to the kernel at once; answers given inline are published."""
+        engine = self.engine
+        assert engine is not None
+        engine.kick()  # (the sync engine and sans-IO use complete here, in a batch)
+        if self._sticky:
+            self._completed([])
         if added:  # without EVENT_IDX an empty publish would still interrupt the driver
             self.notify_used(index)
-
-    # -- deferred work: fdatasync, discard, write zeroes on the worker thread -------------------
-    def _defer(self, index: int, req: Request, kind: int) -> None:
-        used = 1
-        self._deferred[index].append((req, used, kind))
-        self.counters["in_flight"] += 1
-
-    def _submit(self, index: int, work: list[Deferred]) -> None:
-        # Every request of a batch was popped from this queue in its present generation
-        # (on_queue_reset empties the list): the batch carries that generation.
-        gen = self.queues[index].generation
-        if self._loop is None or self._executor is None:  # no loop (sans-IO use): inline
-            self._finish_deferred(index, gen, work, self._worker.run(work, self._writethrough))
-            return
-        fut = self._loop.run_in_executor(self._executor, self._worker.run, work,
-                                         self._writethrough)
-        fut.add_done_callback(
-            lambda f: self._finish_deferred(index, gen, work, f.result()))
-
-    def _finish_deferred(self, index: int, generation: int, work: list[Deferred],
-                         results: list[tuple[int, OSError | None]]) -> None:
-        """Back on the loop: write statuses, return the chains, interrupt once."""
-        self.counters["in_flight"] -= len(work)
-        if (not self.active or self.failed or index >= len(self.queues)
-                or not self.queues[index].is_current(generation)):
-            # The queue or the device was reset (or the memory detached) meanwhile: the driver
-            # reclaimed these buffers, and a re-enabled queue may reuse the heads. Nothing is
-            # written to guest memory.
-            self.counters["stale_completions"] += len(work)
-            return
-        mem = self.memory
-        assert mem is not None
-        q = self.queues[index]
-        try:
-            for (req, used, kind), (status, exc) in zip(work, results):
-                if exc is not None:
-                    self._io_error(KIND_OPS[kind], exc, req)
-                    if exc is self._worker.flush_error and not self._flush_error_logged:
-                        self._flush_error_logged = True
-                        self.log.error("block_flush_failed", errno=exc.errno,
-                                       error=exc.strerror, sticky=True)
-                self._complete(q, mem, req.head, req.status_gpa, status, used)
-            self.notify_used(index)
-        except (VirtqueueError, GuestMemoryError) as exc:
-            self.fault(queue_fault_reason(index, exc), queue=index, error=type(exc).__name__)
 
     def stats(self) -> dict[str, int]:
         return dict(self.counters)

@@ -1,0 +1,49 @@
+"""Block I/O engines: many operations in flight on a file, completions on the event loop.
+
+`open_engine(kind, handler)` returns the engine for a config's `io_engine` value: `io_uring`
+(vmmiod/blockio/uring_engine.py), `threads` (a preadv/pwritev pool) or `sync` (reads and writes
+inline on the loop, as before the engines existed); `auto` tries io_uring and falls back to
+threads where the kernel lacks or refuses it. Neutral: no device or hypervisor imports.
+"""
+
+from __future__ import annotations
+
+from vmmiod.blockio.engine import (
+    CALL,
+    FALLOCATE,
+    FSYNC,
+    KIND_NAMES,
+    READ,
+    WRITE,
+    Engine,
+    Handler,
+    Op,
+    fallocate,
+)
+from vmmiod.blockio.threads import SyncEngine, ThreadEngine
+from vmmiod.blockio.uring import UringUnavailable
+
+ENGINES = ("auto", "io_uring", "threads", "sync")
+
+
+def open_engine(kind: str, handler: Handler) -> tuple[Engine, str | None]:
+    """The engine `kind` names, and why auto fell back (None when it did not).
+
+    Raises UringUnavailable (an OSError) when `io_uring` is asked for and cannot be had.
+    """
+    if kind == "threads":
+        return ThreadEngine(handler), None
+    if kind == "sync":
+        return SyncEngine(handler), None
+    from vmmiod.blockio.uring_engine import UringEngine
+    try:
+        return UringEngine(handler), None
+    except OSError as exc:
+        if kind == "io_uring":
+            raise UringUnavailable(exc.errno or 0, exc.strerror or str(exc)) from exc
+        return ThreadEngine(handler), exc.strerror or str(exc)
+
+
+__all__ = ["CALL", "ENGINES", "FALLOCATE", "FSYNC", "KIND_NAMES", "READ", "WRITE", "Engine",
+           "Handler", "Op", "SyncEngine", "ThreadEngine", "UringUnavailable", "fallocate",
+           "open_engine"]

@@ -1,0 +1,393 @@
+"""The block I/O engine interface: operations in, batches of completions out, on the loop.
+
+An `Op` is one operation on a file: read into / write from a list of buffers (each operation
+completes in full or fails), fdatasync, fallocate, or a blocking call run on a worker thread.
+The user calls `submit()` for every operation of a batch, then `kick()` once; completions come
+back as lists of Ops (`op.result`: bytes transferred or 0, or -errno) through the handler given
+at construction, on the event loop thread, woken by an eventfd the loop watches.
+
+What every engine does the same way lives here:
+- Ordering: an op with `barrier` starts only when every op submitted before it has finished,
+  and ops submitted after it wait until it has (the semantics of IOSQE_IO_DRAIN, kept by the
+  engine itself so that every engine orders alike).
+- Short transfers are continued from where they stopped; end of file is EIO.
+- EFAULT (memory the kernel cannot pin: Xen foreign mappings are VM_IO|VM_PFNMAP) and, on an
+  O_DIRECT file, EINVAL (misaligned memory) redo the transfer through a page-aligned bounce
+  buffer of the op's own.
+- `cancel()` returns only when no matching read or write can touch its buffers any more, and
+  no matching op is ever delivered: the caller may then drop the memory.
+Nothing here knows devices or virtio.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ctypes
+import errno
+import mmap
+import os
+import queue
+import select
+import threading
+from collections import deque
+from collections.abc import Callable
+from typing import Any
+
+READ, WRITE, FSYNC, FALLOCATE, CALL = range(5)
+KIND_NAMES = ("read", "write", "fsync", "fallocate", "call")
+IOV_MAX = 1024  # Linux UIO_MAXIOV
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_fallocate = _libc.fallocate
+_fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+_fallocate.restype = ctypes.c_int
+
+
+def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
+    """fallocate(2) with a mode (os.posix_fallocate has none)."""
+    if _fallocate(fd, mode, offset, length) != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, os.strerror(e))
+
+
+class Op:
+    """One operation. `owner` is the caller's; the engine never looks at it."""
+
+    __slots__ = ("barrier", "bounce", "cancelled", "direct", "done", "error", "fd", "fn", "keep",
+                 "kind", "length", "mode", "offset", "owner", "result", "views")
+
+    def __init__(self, kind: int, fd: int = -1, views: list[memoryview] | None = None,
+                 offset: int = 0, length: int = 0, *, owner: Any = None, barrier: bool = False,
+                 direct: bool = False, mode: int = 0,
+                 fn: Callable[[], object] | None = None) -> None:
+        self.kind = kind
+        self.fd = fd
+        self.views = views if views is not None else []
+        self.offset = offset
+        self.length = length
+        self.owner = owner
+        self.barrier = barrier
+        self.direct = direct  # fd is O_DIRECT: EINVAL means misaligned memory, bounce it
+        self.mode = mode  # fallocate mode; FSYNC: 1 = datasync
+        self.fn = fn
+        self.done = 0
+        self.result = 0
+        self.error: BaseException | None = None  # CALL: an exception that was not an OSError
+        self.bounce: mmap.mmap | None = None
+        self.cancelled = False
+        self.keep: object = None  # what the kernel points into until the completion
+
+    def current_views(self) -> list[memoryview]:
+        """The buffers still to transfer (after a short transfer), at most IOV_MAX of them."""
+        views = [memoryview(self.bounce)[:self.length]] if self.bounce is not None else self.views
+        skip = self.done
+        if not skip:
+            return views if len(views) <= IOV_MAX else views[:IOV_MAX]
+        out: list[memoryview] = []
+        for v in views:
+            n = len(v)
+            if skip >= n:
+                skip -= n
+                continue
+            out.append(v[skip:] if skip else v)
+            skip = 0
+            if len(out) == IOV_MAX:
+                break
+        return out
+
+
+def run_blocking(op: Op) -> int:
+    """One system call of `op` (or its whole call), as a worker thread does it: result or -errno."""
+    try:
+        k = op.kind
+        if k == READ:
+            return os.preadv(op.fd, op.current_views(), op.offset + op.done)
+        if k == WRITE:
+            return os.pwritev(op.fd, op.current_views(), op.offset + op.done)
+        if k == FSYNC:
+            if op.mode:
+                os.fdatasync(op.fd)
+            else:
+                os.fsync(op.fd)
+            return 0
+        if k == FALLOCATE:
+            fallocate(op.fd, op.mode, op.offset, op.length)
+            return 0
+        assert op.fn is not None
+        op.fn()
+        return 0
+    except OSError as exc:
+        return -(exc.errno or errno.EIO)
+    except Exception as exc:  # a bug or a surprise in a call: the op fails, the engine lives
+        op.error = exc
+        return -errno.EIO
+
+
+Handler = Callable[[list[Op]], None]
+
+
+class Engine:
+    """The shared part: ordering, completion processing, the eventfd, helper threads."""
+
+    name = "engine"
+
+    def __init__(self, handler: Handler, threads: int = 1) -> None:
+        self._handler = handler
+        self.efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._inflight = 0  # ops started and not finished
+        self._live: set[Op] = set()
+        self._blocked: deque[Op] = deque()  # waiting behind a barrier
+        self._barrier_active = False
+        self._done: list[Op] = []  # finished, not yet delivered
+        self._raw: list[tuple[Op, int]] = []
+        self._results: deque[tuple[Op, int]] = deque()  # from the helper threads
+        self._nthreads = threads
+        self._jobs: queue.SimpleQueue[Op | None] = queue.SimpleQueue()
+        self._threads: list[threading.Thread] = []
+        self._kicking = False
+        self._holding = False  # inside cancel(): completions wait for the next turn
+        self.closed = False
+
+    # -- the loop -------------------------------------------------------------------------------
+    def attach(self, loop: asyncio.AbstractEventLoop | None) -> None:
+        """Deliver completions on `loop` (None: `kick()` waits for them: sans-IO use)."""
+        if loop is self._loop:
+            return
+        self.detach()
+        if loop is not None:
+            loop.add_reader(self.efd, self._on_readable)
+        self._loop = loop
+
+    def detach(self) -> None:
+        if self._loop is not None:
+            try:
+                self._loop.remove_reader(self.efd)
+            except (RuntimeError, ValueError, OSError):  # the loop is already closed
+                pass
+            self._loop = None
+
+    def _on_readable(self) -> None:
+        self._read_efd()
+        self._collect()
+        self._deliver()
+        self._flush()
+
+    def _read_efd(self) -> None:
+        try:
+            os.eventfd_read(self.efd)
+        except BlockingIOError:
+            pass
+
+    # -- submission -----------------------------------------------------------------------------
+    def submit(self, op: Op) -> None:
+        if self._barrier_active or self._blocked or (op.barrier and self._inflight):
+            self._blocked.append(op)
+            return
+        self._launch(op)
+
+    def _launch(self, op: Op) -> None:
+        self._inflight += 1
+        self._live.add(op)
+        if op.barrier:
+            self._barrier_active = True
+        self._start(op)
+
+    def kick(self) -> None:
+        """Hand every submitted op to the kernel (one system call where the engine can). With
+        no loop attached, wait here until everything submitted has completed and been
+        delivered."""
+        self._flush()
+        if self._loop is not None or self._kicking:
+            if self._done:  # finished at once (the sync engine's inline work)
+                self._deliver()
+            return
+        self._kicking = True
+        try:  # everything in flight first, then one delivery: a batch completes as a batch
+            while self._inflight or self._done:
+                while self._inflight:
+                    if not self._collect():
+                        self._wait()
+                self._deliver()
+                self._flush()
+        finally:
+            self._kicking = False
+
+    @property
+    def in_flight(self) -> int:
+        return self._inflight
+
+    # -- completion -----------------------------------------------------------------------------
+    def _collect(self) -> int:
+        """Process every raw result available now (ring and helper threads); returns how many."""
+        raw = self._raw
+        self._poll(raw)
+        results = self._results
+        while results:
+            raw.append(results.popleft())
+        n = len(raw)
+        if n:
+            self._raw = []
+            for op, res in raw:
+                self._result(op, res)
+        return n
+
+    def _result(self, op: Op, res: int) -> None:
+        if op.cancelled:
+            self._finish(op, -errno.ECANCELED)
+            return
+        if op.kind <= WRITE:
+            if res < 0:
+                if res in (-errno.EINTR, -errno.EAGAIN):
+                    self._start(op)
+                    return
+                if op.bounce is None and (res == -errno.EFAULT
+                                          or (res == -errno.EINVAL and op.direct)):
+                    self._to_bounce(op)
+                    self._start(op)
+                    return
+                self._finish(op, res)
+                return
+            op.done += res
+            if op.done < op.length:
+                if res == 0:
+                    self._finish(op, -errno.EIO)  # end of file inside the range
+                else:
+                    self._start(op)  # a short transfer: go on from where it stopped
+                return
+            if op.bounce is not None and op.kind == READ:
+                src = memoryview(op.bounce)
+                pos = 0
+                for v in op.views:
+                    n = len(v)
+                    v[:] = src[pos:pos + n]
+                    pos += n
+                src.release()
+            self._finish(op, op.length)
+            return
+        self._finish(op, res)
+
+    def _to_bounce(self, op: Op) -> None:
+        op.done = 0
+        op.bounce = mmap.mmap(-1, max(op.length, 1))  # page-aligned
+        if op.kind == WRITE:
+            dst = memoryview(op.bounce)
+            pos = 0
+            for v in op.views:
+                n = len(v)
+                dst[pos:pos + n] = v
+                pos += n
+            dst.release()
+
+    def _finish(self, op: Op, res: int) -> None:
+        op.result = res
+        op.keep = None
+        if op.bounce is not None:
+            try:
+                op.bounce.close()
+            except BufferError:  # a view of it is still held somewhere: the GC unmaps it
+                pass
+            op.bounce = None
+        self._live.discard(op)
+        self._inflight -= 1
+        if op.barrier:
+            self._barrier_active = False
+        if not op.cancelled:
+            self._done.append(op)
+        blocked = self._blocked
+        while blocked and not self._barrier_active:
+            nxt = blocked[0]
+            if nxt.barrier and self._inflight:
+                break
+            blocked.popleft()
+            self._launch(nxt)
+
+    def _deliver(self) -> None:
+        if self._holding or not self._done:
+            return
+        done, self._done = self._done, []
+        self._handler(done)
+
+    # -- cancel ---------------------------------------------------------------------------------
+    def cancel(self, match: Callable[[Op], bool]) -> int:
+        """Drop every op `match` selects: not started ones at once; started ones are cancelled
+        where the engine can, and this returns only when no matching read or write is running.
+        None of them is delivered. Returns how many were dropped."""
+        kept: deque[Op] = deque()
+        dropped = 0
+        for op in self._blocked:
+            if match(op):
+                dropped += 1
+            else:
+                kept.append(op)
+        self._blocked = kept
+        victims = [op for op in self._live if match(op)]
+        for op in victims:
+            op.cancelled = True
+        self._done = [op for op in self._done if not match(op)]
+        self._cancel_started(victims)
+        self._holding = True
+        try:
+            while any(op in self._live for op in victims if op.kind <= WRITE):
+                if not self._collect():
+                    self._wait()
+        finally:
+            self._holding = False
+        if self._done and self._loop is not None:
+            self._loop.call_soon(self._on_readable)  # what finished meanwhile, on a clean turn
+        return dropped + len(victims)
+
+    def _wait(self) -> None:
+        """Block until the eventfd says a completion is there (the ring signals it too)."""
+        self._flush()
+        select.select([self.efd], [], [])
+        self._read_efd()
+
+    # -- helper threads -------------------------------------------------------------------------
+    def _to_thread(self, op: Op) -> None:
+        if len(self._threads) < self._nthreads:
+            t = threading.Thread(target=self._worker, name=f"blkio-{self.name}", daemon=True)
+            t.start()
+            self._threads.append(t)
+        self._jobs.put(op)
+
+    def _worker(self) -> None:
+        jobs, results, efd = self._jobs, self._results, self.efd
+        while True:
+            op = jobs.get()
+            if op is None:
+                return
+            res = -errno.ECANCELED if op.cancelled else run_blocking(op)
+            results.append((op, res))
+            os.eventfd_write(efd, 1)
+
+    # -- what an engine provides ----------------------------------------------------------------
+    def _start(self, op: Op) -> None:
+        """Begin (or continue) `op`; its result arrives through `_poll` or the threads."""
+        self._to_thread(op)
+
+    def _poll(self, out: list[tuple[Op, int]]) -> None:
+        """Append results the engine has besides the helper threads'."""
+
+    def _flush(self) -> None:
+        """Hand queued work to the kernel."""
+
+    def _cancel_started(self, ops: list[Op]) -> None:
+        """Ask the kernel to stop these where it can (threads: a queued op is skipped)."""
+
+    def close(self) -> None:
+        """Wait for everything in flight (nothing is delivered any more), stop the threads."""
+        if self.closed:
+            return
+        self.cancel(lambda op: True)
+        while self._inflight:
+            if not self._collect():
+                self._wait()
+        self.detach()
+        for _ in self._threads:
+            self._jobs.put(None)
+        for t in self._threads:
+            t.join()
+        self._threads = []
+        os.close(self.efd)
+        self.closed = True
