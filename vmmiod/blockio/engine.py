@@ -170,8 +170,10 @@ class Engine:
     def _on_readable(self) -> None:
         self._read_efd()
         self._collect()
-        self._deliver()
         self._flush()
+        while self._done and not self._holding:
+            self._deliver()
+            self._flush()  # what the handler submitted (the sync engine may finish it here)
 
     def _read_efd(self) -> None:
         try:
@@ -282,6 +284,7 @@ class Engine:
     def _finish(self, op: Op, res: int) -> None:
         op.result = res
         op.keep = None
+        op.views = []  # no reference to the caller's memory outlives the op
         if op.bounce is not None:
             try:
                 op.bounce.close()
