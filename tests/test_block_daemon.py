@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import yaml  # type: ignore[import-untyped]
 
 from vmmiod.sim.block import (
     VIRTIO_BLK_S_OK,
@@ -43,8 +44,12 @@ def block_window(vmm: SimVmm) -> BlockDriver:
 def start_daemon(work: Path, image_size: int = 8 << 20, **kw: object) -> DaemonProcess:
     work.mkdir(parents=True, exist_ok=True)
     files = GuestFiles(work, image_size=image_size)
-    write_config(files, net_peer_port=None, console=False, on_disconnect="wait",
-                 **kw)  # type: ignore[arg-type]
+    doc = write_config(files, net_peer_port=None, console=False, on_disconnect="wait",
+                       **kw)  # type: ignore[arg-type]
+    engine = os.environ.get("VMMIOD_TEST_IO_ENGINE")  # .ci/run runs these once per engine
+    if engine:
+        doc["devices"][0]["io_engine"] = engine
+        files.config.write_text(yaml.safe_dump(doc, sort_keys=False))
     return DaemonProcess(files).start()
 
 

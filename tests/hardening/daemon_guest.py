@@ -8,6 +8,7 @@ small tmpfs, on ext4 on a loop device, on a device-mapper target). `check_others
 
 from __future__ import annotations
 
+import os
 import random
 import socket
 from pathlib import Path
@@ -34,9 +35,11 @@ from vmmiod.sim.vring import Allocator
 
 def write_guest(files: GuestFiles, image: Path | str, *, net_port: int | None,
                 console: bool = True, cache: str = "writeback",
-                on_disconnect: str = "wait") -> None:
+                on_disconnect: str = "wait", io_engine: str | None = None) -> None:
+    # The block engine: the caller's, else VMMIOD_TEST_IO_ENGINE's, else the default (auto).
+    engine = io_engine or os.environ.get("VMMIOD_TEST_IO_ENGINE", "auto")
     devices: list[dict[str, Any]] = [
-        {"type": "block", "id": "vda", "path": str(image), "cache": cache,
+        {"type": "block", "id": "vda", "path": str(image), "cache": cache, "io_engine": engine,
          "mmio": {"base": BLOCK_BASE, "irq": BLOCK_IRQ}}]
     if net_port is not None:
         devices.append({"type": "net", "id": "net0", "mmio": {"base": NET_BASE, "irq": NET_IRQ},

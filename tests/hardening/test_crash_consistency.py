@@ -5,7 +5,7 @@ Each cycle starts `vmmiod run` (generic channel, as systemd would, READY=1 await
 the simulated guest, and streams batches of writes of random sizes, each batch followed by a
 FLUSH, into the cycle's own area of the image, while a timer thread SIGKILLs the daemon after a
 random 0-300 ms: during a batch, a FLUSH, or between them. The cache mode rotates (writeback,
-writethrough, none). After each kill the image file is checked; after all of them a fresh
+writethrough, none), and with it the block I/O engine (io_uring, threads, sync). After each kill the image file is checked; after all of them a fresh
 daemon serves the guest and every promised write is read back through it as well.
 `VMMIOD_CRASH_CYCLES` changes the count.
 """
@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from tests.hardening.daemon_guest import write_guest
+from tests.test_block_harness import uring_available
 from vmmiod.sim.block import (
     VIRTIO_BLK_S_OK,
     VIRTIO_BLK_T_FLUSH,
@@ -33,6 +34,7 @@ from vmmiod.sim.vmm import SimError, SimVmm
 CYCLES = int(os.environ.get("VMMIOD_CRASH_CYCLES", "50"))
 IMAGE = 1 << 30  # sparse; a 20 MiB area per cycle, so most kills land mid-stream
 CACHES = ("writeback", "writethrough", "none")
+ENGINES = ("io_uring", "threads", "sync") if uring_available() else ("threads", "sync")
 SECTOR = 512
 
 
@@ -99,7 +101,8 @@ def test_sigkill_at_random_points_loses_no_flushed_write(tmp_path: Path) -> None
              "killed_during_writes": 0, "killed_during_flush": 0}
     t0 = time.perf_counter()
     for cycle in range(CYCLES):
-        write_guest(files, image, net_port=None, console=False, cache=CACHES[cycle % 3])
+        write_guest(files, image, net_port=None, console=False, cache=CACHES[cycle % 3],
+                    io_engine=ENGINES[cycle // 3 % 3])  # every cache mode with every engine
         daemon = DaemonProcess(files).start()
         vmm, blk = _guest(files)
         delay = rng.uniform(0.0, 0.3)
