@@ -43,7 +43,6 @@ KNOWN: frozenset[tuple[str, str]] = frozenset({
     ("guest-model-own-constants", "vmmiod.sim.hostile -> vmmiod.virtqueue.split"),
     ("size", "vmmiod.bench.block"),
     ("size", "vmmiod.configschema"),
-    ("size", "vmmiod.devices.block"),
     ("size", "vmmiod.devices.console"),
     ("size", "vmmiod.devices.net"),
     ("size", "vmmiod.hypervisors.xen.adaptor"),

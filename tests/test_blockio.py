@@ -9,6 +9,7 @@ import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -74,7 +75,7 @@ def test_reads_and_writes_in_one_batch(engine: tuple[Engine, Collector], image: 
     for i in range(8):
         assert after[512 * 1024 + i * 4096:][:4096] == bytes([i]) * 4096
     os.close(fd)
-    del views
+    views.clear()
     m.close()
 
 
@@ -99,7 +100,7 @@ def test_more_buffers_than_iov_max_and_end_of_file(engine: tuple[Engine, Collect
     assert res == {"w": len(data), "r": len(data), "eof": -errno.EIO}
     assert bytes(m[:4096 * 0 + len(data)]) != bytes(len(data))
     os.close(fd)
-    del views
+    views.clear()
     m.close()
 
 
@@ -134,7 +135,7 @@ def test_barrier_waits_for_earlier_ops_and_holds_later_ones(
     assert [op.owner for op in got.ops] == ["slow", "flush", "later"]
     assert image.read_bytes()[:4096] == b"L" * 4096
     os.close(fd)
-    del views
+    views.clear()
     m.close()
 
 
@@ -148,7 +149,7 @@ def test_efault_falls_back_to_a_bounce_buffer(engine: tuple[Engine, Collector], 
     refused = [0]
     real_preadv, real_pwritev, real_address = os.preadv, os.pwritev, uring.buffer_address
 
-    def guarded(real):  # type: ignore[no-untyped-def]
+    def guarded(real: Any) -> Any:
         def call(fd: int, vs: list[memoryview], off: int) -> int:
             if any(v.obj is m for v in vs):
                 refused[0] += 1
@@ -182,7 +183,7 @@ def test_efault_falls_back_to_a_bounce_buffer(engine: tuple[Engine, Collector], 
         assert bytes(views[1]) == data
         assert image.read_bytes()[16384:16384 + 8192] == data
     assert refused[0] >= 2
-    del views
+    views.clear()
     m.close()
 
 
@@ -215,7 +216,7 @@ def test_cancel_waits_and_delivers_nothing(engine: tuple[Engine, Collector],
     assert got.ops == before  # nothing delivered after the cancel
     assert eng.in_flight == 0
     assert bytes(m) == b"\xAA" * len(m)  # nothing was written after the cancel
-    del views
+    views.clear()
     m.close()  # raises BufferError if the engine still held a view of it
     os.close(fd)
 

@@ -118,7 +118,7 @@ def run_blocking(op: Op) -> int:
         return 0
     except OSError as exc:
         return -(exc.errno or errno.EIO)
-    except Exception as exc:  # a bug or a surprise in a call: the op fails, the engine lives
+    except Exception as exc:  # noqa: BLE001  (a bug in a call fails its op, not the engine)
         op.error = exc
         return -errno.EIO
 

@@ -135,8 +135,9 @@ class Ring:
             raise
 
     def _map(self, p: tuple[int, ...]) -> None:
-        self.sq_entries, self.cq_entries = p[0], p[1]
-        self.features = p[5]
+        self.sq_entries: int = int(p[0])
+        self.cq_entries: int = int(p[1])
+        self.features: int = int(p[5])
         sq_head, sq_tail, sq_mask, _sq_n, _sq_flags, sq_dropped, sq_array = p[10:17]
         cq_head, cq_tail, cq_mask, _cq_n, cq_overflow, cq_cqes = p[19:25]
         prot, flags = mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED | mmap.MAP_POPULATE
@@ -159,8 +160,8 @@ class Ring:
         # Slot i of the SQ index array always names SQE i: entries are written in ring order.
         for i in range(self.sq_entries):
             U32.pack_into(self.sq, sq_array + 4 * i, i)
-        self._tail = U32.unpack_from(self.sq, sq_tail)[0]  # our next free SQE (not yet shown)
-        self._submitted = self._tail  # tail the kernel has been told about
+        self._tail: int = U32.unpack_from(self.sq, sq_tail)[0]  # our next free SQE (not shown)
+        self._submitted: int = self._tail  # tail the kernel has been told about
         self.closed = False
 
     # -- registration ---------------------------------------------------------------------------
@@ -191,7 +192,7 @@ class Ring:
     # -- submission -----------------------------------------------------------------------------
     def space(self) -> int:
         """Free SQEs (the kernel consumes entries at submit, so this is what we have queued)."""
-        head = U32.unpack_from(self.sq, self._sq_head_off)[0]
+        head: int = U32.unpack_from(self.sq, self._sq_head_off)[0]
         return self.sq_entries - ((self._tail - head) & 0xFFFFFFFF)
 
     def _prep(self, opcode: int, flags: int, fd: int, off: int, addr: int, length: int,
@@ -248,8 +249,8 @@ class Ring:
     def reap(self, out: list[tuple[int, int]]) -> int:
         """Append every posted completion as (user_data, res); returns how many."""
         cq = self.cq
-        head = U32.unpack_from(cq, self._cq_head_off)[0]
-        tail = U32.unpack_from(cq, self._cq_tail_off)[0]
+        head: int = U32.unpack_from(cq, self._cq_head_off)[0]
+        tail: int = U32.unpack_from(cq, self._cq_tail_off)[0]
         barrier.rmb()  # the CQEs are read after the tail that published them
         n = (tail - head) & 0xFFFFFFFF
         if not n:

@@ -17,8 +17,8 @@ import asyncio
 import errno
 from typing import Any
 
-from vmmiod.config import BlockConfig, GuestConfig
 from vmmiod.blockio import UringUnavailable, open_engine
+from vmmiod.config import BlockConfig, GuestConfig
 from vmmiod.devices.base import BackendError
 from vmmiod.devices.block_backend import IOV_MAX, Backing, ImageLocked
 from vmmiod.devices.block_config import (  # noqa: F401  (feature names re-exported for users)
@@ -41,6 +41,7 @@ from vmmiod.devices.block_config import (  # noqa: F401  (feature names re-expor
     config_space,
     default_serial,
 )
+from vmmiod.devices.block_io import BlockIo, Pending
 from vmmiod.devices.block_request import (
     ID_BYTES,
     SECTOR_SHIFT,
@@ -59,7 +60,6 @@ from vmmiod.devices.block_request import (
     UnsupportedType,
     parse,
 )
-from vmmiod.devices.block_io import BlockIo, Pending
 from vmmiod.memory import GuestMemory
 from vmmiod.virtqueue import DescriptorChain, SplitQueue
 

@@ -271,8 +271,9 @@ class BlockIo(VirtioDevice):
         self.engine.cancel(match)
         counts = self._inflight_q
         for i in range(len(counts)) if index is None else (index,):
-            if i < len(counts):
+            if i < len(counts):  # their completions are dropped: stale from now on
                 self.counters["in_flight"] -= counts[i]
+                self.counters["stale_completions"] += counts[i]
                 counts[i] = 0
         self._sticky[:] = [p for p in self._sticky if index is not None and p.queue != index]
 
