@@ -63,6 +63,7 @@ class FakeXen:
         self._next = 100
         self.page = (ctypes.c_char * PAGE)()
         self.server_enabled = False
+        self.servers: set[int] = set()  # IOREQ servers that exist (ids)
         self.ranges: list[tuple[int, int]] = []
         self.local_ports: dict[int, int] = {}  # local -> remote
         self.evq: deque[int] = deque()
@@ -179,7 +180,9 @@ class FakeXen:
                                                out: Any) -> int:
             if bufioreq != 0:
                 return _fail(errno.EINVAL)  # what Arm says
-            out._obj.value = 3
+            sid = 3 if 3 not in x.servers else max(x.servers) + 1
+            x.servers.add(sid)
+            out._obj.value = sid
             return 0
 
         @fn
@@ -194,12 +197,19 @@ class FakeXen:
 
         @fn
         def xendevicemodel_destroy_ioreq_server(_h: int, domid: int, sid: int) -> int:
+            if sid not in x.servers:
+                return _fail(errno.ENOENT)
+            x.servers.discard(sid)
+            x.ranges.clear()
+            x.server_enabled = False
             return 0
 
         @fn
         def xendevicemodel_map_io_range_to_ioreq_server(_h: int, domid: int, sid: int,
                                                         is_mmio: int, start: int,
                                                         end: int) -> int:
+            if (start, end) in x.ranges:
+                return _fail(errno.EEXIST)  # Xen: the range overlaps one already mapped
             x.ranges.append((start, end))
             return 0
 
@@ -284,6 +294,8 @@ class FakeXen:
                                           nr: int, paddr: Any, prot: int, flags: int) -> Any:
             if (typ, frame, nr) != (0, 1, 1):
                 return _fail(errno.EINVAL, None)
+            if sid not in x.servers:
+                return _fail(errno.ENOENT, None)
             paddr._obj.value = ctypes.addressof(x.page)
             return 77
 

@@ -26,7 +26,8 @@ class Rig:
 
 
 def make_rig(size: int = 16, *, event_idx: bool = False, indirect: bool = False,
-             ram: int = 0x40000, start_index: int | None = None, activate: bool = True) -> Rig:
+             ram: int = 0x40000, start_index: int | None = None, activate: bool = True,
+             queue_class: type[SplitQueue] = SplitQueue) -> Rig:
     backing = bytearray(b"\xa5" * (ram + 2 * GUARD))
     memory = MappedMemory()
     # Only the middle of the host buffer is guest RAM: writes outside it would hit the guards.
@@ -36,7 +37,7 @@ def make_rig(size: int = 16, *, event_idx: bool = False, indirect: bool = False,
     driver = DriverQueue(memory, alloc, size, event_idx=event_idx, indirect=indirect)
     if start_index is not None:
         driver.set_start_index(start_index)
-    queue = SplitQueue(max(size, 256))
+    queue = queue_class(max(size, 256))
     queue.size = size
     queue.desc_addr, queue.avail_addr, queue.used_addr = (
         driver.desc_addr, driver.avail_addr, driver.used_addr)

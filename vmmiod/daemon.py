@@ -73,6 +73,7 @@ class Daemon:
         self._stop: asyncio.Event | None = None
         self._stop_signal: int | None = None
         self._adaptor_started = False
+        self.keeper: Any = None  # vmmiod.state.keeper.StateKeeper
 
     # -- run ------------------------------------------------------------------------------------
     async def run(self) -> int:
@@ -123,7 +124,8 @@ class Daemon:
         cfg = self.config
         status = f"serving {len(self.devices)} device(s) for guest {cfg.guest.name}"
         self.log.info("daemon_ready", windows=[
-            {"device": d, "base": hex(b), "irq": i} for d, b, i in self.windows])
+            {"device": d, "base": hex(b), "irq": i} for d, b, i in self.windows],
+            started_ms=_ms_since_process_start())
         self.notifier.ready(status)
         background = [asyncio.ensure_future(self.notifier.watchdog_loop())]
         if cfg.log.stats_interval > 0:
@@ -137,6 +139,10 @@ class Daemon:
         if finished is not None and finished.done() and not self._stop.is_set():
             code = int(finished.result()) if not finished.exception() else EX_SOFTWARE
             self.log.info("guest_finished", exit_code=code)
+            if self.keeper is not None:
+                self.keeper.guest_gone()
+        else:  # a signal: stopping for a restart, or for good (which the unit cannot tell)
+            self.adaptor.handover = True
         for task in background:
             task.cancel()
         await asyncio.gather(*background, return_exceptions=True)
@@ -192,6 +198,10 @@ class Daemon:
             except ValueError as exc:  # bus.BusError: a discovered window overlaps another
                 raise StartupError(f"device {dcfg.id!r}: {exc}", EX_CONFIG) from exc
             self.windows.append((dcfg.id, base, irq))
+        keeper_cls = _load_class("the state record", "vmmiod.state.keeper", "StateKeeper")
+        self.keeper = keeper_cls(cfg.guest.name, self.log)
+        self.keeper.open([w for _b, _s, w in self.bus.windows()])
+        self.adaptor.on_guest = self.keeper.guest_attached
         try:
             await self.adaptor.start()
         except PlatformUnavailable as exc:
@@ -217,6 +227,10 @@ class Daemon:
         """Quiesce, close, tear down; bounded by stop_timeout. False when a step timed out."""
         deadline = time.monotonic() + self.stop_timeout
         ok = True
+        if self.keeper is not None:
+            self.keeper.handover()  # what follows (device resets) is not the guest's state
+        if self.adaptor is not None and self.adaptor.handover:
+            self.adaptor.quiesce()  # no request may meet a window being torn down
         if self.bus is not None:
             self.bus.detach_memory()
         quiesce = getattr(self.adaptor, "quiesce", None)
@@ -228,6 +242,8 @@ class Daemon:
             ok &= await self._bounded(self.adaptor.stop(), deadline, "adaptor_stop")
         if self.devices:
             self._log_stats(final=True)
+        if self.keeper is not None:
+            self.keeper.close()
         return ok
 
     async def _bounded(self, step: Any, deadline: float, name: str, **context: Any) -> bool:
@@ -283,6 +299,17 @@ class Daemon:
             self.log.info("adaptor_stats", **{**self.adaptor.stats(), **extra,
                                               "adaptor": self.config.hypervisor.kind,
                                               "final": final})
+
+
+def _ms_since_process_start() -> float | None:
+    """Milliseconds since this process was started (restart time, docs/restart.md)."""
+    try:
+        with open("/proc/self/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        started = int(fields[19]) / os.sysconf("SC_CLK_TCK")  # starttime, ticks since boot
+        return round((time.clock_gettime(time.CLOCK_BOOTTIME) - started) * 1000, 1)
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def loop_factory() -> tuple[Callable[[], asyncio.AbstractEventLoop], dict[str, Any]]:

@@ -75,7 +75,7 @@ from vmmiod.mmio_regs import (
     VIRTIO_MMIO_INT_VRING,
     register_name,
 )
-from vmmiod.virtqueue import SplitQueue
+from vmmiod.virtqueue.recorded import RecordedQueue
 
 U32_MASK = 0xFFFF_FFFF
 _CONFIG_SIZES = {1: 0xFF, 2: 0xFFFF, 4: 0xFFFF_FFFF, 8: 0xFFFF_FFFF_FFFF_FFFF}
@@ -103,7 +103,8 @@ class VirtioMmio(QueueRegisters):
         self.version = version
         self.legacy = version == 1
         self.log = log if log is not None else device.log
-        self.queues = [SplitQueue(n, i) for i, n in enumerate(device.queue_max_sizes)]
+        self.queues = [RecordedQueue(n, i) for i, n in enumerate(device.queue_max_sizes)]
+        self.state: Any = None  # vmmiod.mmio_state.WindowState: the daemon keeps a record
         self.memory: GuestMemory | None = None
         self.config_generation = 0
         self.guest_page_size = 0  # legacy; written once by Linux at probe, so it survives resets
@@ -239,6 +240,8 @@ class VirtioMmio(QueueRegisters):
             return
         self.status |= DEVICE_NEEDS_RESET
         self.log.warning("device_needs_reset", reason=reason)
+        if self.state is not None:  # recorded before the guest can see it
+            self.state.save()
         self._interrupt(VIRTIO_MMIO_INT_CONFIG)
 
     # -- internals ---------------------------------------------------------------------------------

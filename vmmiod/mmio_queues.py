@@ -55,6 +55,7 @@ class QueueRegisters:
     queue_align: list[int]
     queue_pfn: list[int]
     guest_page_size: int
+    state: Any  # vmmiod.mmio_state.WindowState or None
 
     def _ignore(self, reason: str, offset: int, size: int, value: int | None = None,
                 **context: Any) -> None:
@@ -96,6 +97,8 @@ class QueueRegisters:
             q.ready = False
             self._fault(str(exc), queue=q.index, rule=exc.rule)  # names its queue
             return False
+        if self.state is not None:
+            self.state.queue_enabled(q)
         self.log.info("queue_ready", queue=q.index, size=q.size, desc=q.desc_addr,
                       avail=q.avail_addr, used=q.used_addr)
         return True

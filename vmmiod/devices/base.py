@@ -13,6 +13,7 @@ the event loop, so the adaptor can complete the vCPU's access first (see docs/ar
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from collections.abc import Sequence
 from typing import Any, ClassVar
 
@@ -30,7 +31,7 @@ from vmmiod.transport import (
     Transport,
     bit,
 )
-from vmmiod.virtqueue import SplitQueue, VirtqueueError
+from vmmiod.virtqueue import DescriptorChain, SplitQueue, VirtqueueError
 
 # The neutral names (vmmiod/transport.py) stay importable from here for the devices and tests
 # that take them from this module.
@@ -78,6 +79,9 @@ class VirtioDevice:
         self.counters: dict[str, int] = {"notifications": 0, "interrupts": 0}
         self._pending: set[int] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
+        # Chains a dead daemon left in flight (resume()), served before the ring's next ones.
+        self._resumed: dict[int, deque[DescriptorChain]] = {}
+        self._resumed_out: dict[int, DescriptorChain] = {}
 
     # -- what the window asks -------------------------------------------------------------------
     def device_features(self) -> int:
@@ -138,6 +142,7 @@ class VirtioDevice:
         was_active = self.active
         self.active = False
         self._pending.clear()
+        self._resumed.clear()
         self.on_reset()
         self.memory = None
         self.queues = []
@@ -155,6 +160,55 @@ class VirtioDevice:
     def on_queue_reset(self, index: int) -> None:
         """One queue was disabled or reset (QueueReady=0, QueueReset): drop its held chains."""
         self._pending.discard(index)
+        self._resumed.pop(index, None)
+
+    # -- restart (docs/restart.md) ------------------------------------------------------------------
+    def export_state(self) -> dict[str, Any]:
+        """What the guest set up in the device beyond the transport (JSON-able), for the record."""
+        return {}
+
+    def import_state(self, state: dict[str, Any]) -> None:
+        """After activate() on resume: take back what export_state() gave (untrusted file)."""
+
+    def record_bytes(self) -> int:
+        """Bytes of the state record the device keeps for itself (attach_record_area())."""
+        return 0
+
+    def attach_record_area(self, area: memoryview) -> None:
+        """The device's own part of the state record, as the last instance left it."""
+
+    def state_changed(self) -> None:
+        """export_state() changed: record it before the guest can see the effect."""
+        state = getattr(self.transport, "state", None)  # the window's (vmmiod/mmio_state.py)
+        if state is not None:
+            state.save()
+
+    def resume(self, chains: dict[int, list[DescriptorChain]]) -> None:
+        """After activate() and import_state() on resume: the chains the dead daemon had in
+        flight, per queue. Default: served first by pop_chain(), then every queue is run."""
+        for index, found in chains.items():
+            if found:
+                self._resumed.setdefault(index, deque()).extend(found)
+        for index, q in enumerate(self.queues):
+            if q.ready:
+                self.queue_notify(index)
+
+    def pop_chain(self, index: int) -> DescriptorChain | None:
+        """The next chain of queue `index`: a resumed one first, then the ring's."""
+        held = self._resumed.get(index)
+        if held:
+            chain = held.popleft()
+            self._resumed_out[index] = chain
+            return chain
+        self._resumed_out.pop(index, None)
+        return self.queues[index].pop()
+
+    def unpop_chain(self, index: int, chain: DescriptorChain) -> None:
+        """Give back the chain pop_chain() just returned (the backend could not take it)."""
+        if self._resumed_out.get(index) is chain:
+            self._resumed.setdefault(index, deque()).appendleft(chain)
+        else:
+            self.queues[index].undo_pop(chain)
 
     def has_feature(self, n: int) -> bool:
         return bool(self.driver_features >> n & 1)

@@ -168,6 +168,7 @@ class BlockDevice(BlockIo):
         self._writethrough = not self.writeback or (
             self.active and not self.has_feature(VIRTIO_BLK_F_FLUSH))
         self.log.info("block_cache_mode_changed", writeback=self.writeback)
+        self.state_changed()
 
     # -- lifecycle ------------------------------------------------------------------------------
     def on_activate(self) -> None:
@@ -189,6 +190,26 @@ class BlockDevice(BlockIo):
         waited for); whatever still completes carries the old queue generation and is dropped."""
         super().on_queue_reset(index)
         self._cancel(index)
+
+    # -- restart (docs/restart.md) --------------------------------------------------------------
+    def export_state(self) -> dict[str, Any]:
+        return {"writeback": self.writeback}
+
+    def import_state(self, state: dict[str, Any]) -> None:
+        if isinstance(state.get("writeback"), bool):
+            self.writeback = state["writeback"]
+            self.on_activate()
+
+    def resume(self, chains: dict[int, list[DescriptorChain]]) -> None:
+        """Requests the dead daemon had in flight are done again: reads and writes are
+        idempotent, a FLUSH is redone (it covers every write completed before it)."""
+        if self.limits is not None and self.memory is not None:
+            for index, found in chains.items():
+                for chain in found:
+                    self._handle(index, self.queues[index], self.memory, self.limits, chain)
+                if found:
+                    self._end_batch(index, True)
+        super().resume({})
 
     # -- the queue loop -------------------------------------------------------------------------
     def process_queue(self, index: int) -> None:

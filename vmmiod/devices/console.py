@@ -33,6 +33,10 @@ from vmmiod.devices.console_backends import Counters, FileBackend, PortBackend
 from vmmiod.devices.console_control import ControlError, ControlEvent, ControlMessage
 from vmmiod.devices.console_pty import PtyBackend
 from vmmiod.devices.console_socket import SocketBackend
+from vmmiod.state.store import COPY as RING_COPY
+from vmmiod.state.store import Slot
+
+RING_COPY_HEAD = RING_COPY.size
 
 VIRTIO_ID_CONSOLE = 3
 
@@ -212,6 +216,35 @@ class ConsoleDevice(VirtioDevice):
             if port.txq == index:
                 port.tx_pending = None
 
+    # -- restart (docs/restart.md) --------------------------------------------------------------
+    def record_bytes(self) -> int:
+        return sum(2 * (RING_COPY_HEAD + p.cfg.buffer) for p in self.ports)
+
+    def attach_record_area(self, area: memoryview) -> None:
+        at = 0
+        for port in self.ports:  # each port's held output, double-buffered (state/store.py)
+            copy = RING_COPY_HEAD + port.cfg.buffer
+            port.backend.ring.attach(Slot(area, at, copy))
+            at += 2 * copy
+
+    def export_state(self) -> dict[str, Any]:
+        return {"ports": [[p.guest_ready, p.guest_open] for p in self.ports],
+                "control_out": [m.hex() for m in self.control_out]}
+
+    def import_state(self, state: dict[str, Any]) -> None:
+        ports, out = state.get("ports"), state.get("control_out")
+        if isinstance(ports, list) and len(ports) == len(self.ports):
+            for port, flags in zip(self.ports, ports):
+                if isinstance(flags, list) and all(isinstance(f, bool) for f in flags[:2]):
+                    port.guest_ready, port.guest_open = flags[0], flags[1]
+                self._update_input(port)
+        if isinstance(out, list):
+            try:
+                msgs = [bytes.fromhex(m) for m in out[:self.control_backlog]]
+            except (TypeError, ValueError):
+                msgs = []
+            self.control_out.extend(m for m in msgs if 0 < len(m) <= 4096)
+
     def schedule(self, index: int) -> None:
         """Run queue work soon (outside backend callbacks), like a notification would."""
         if not self.active or self.failed or index >= len(self.queues) or index in self._pending:
@@ -263,7 +296,7 @@ class ConsoleDevice(VirtioDevice):
         q = self.queues[port.rxq]
         used = 0
         for _ in range(q.size):  # budget: a busy source cannot hold the loop forever
-            chain = q.pop()
+            chain = self.pop_chain(port.rxq)
             if chain is None:
                 if q.enable_notification():
                     continue
@@ -275,7 +308,7 @@ class ConsoleDevice(VirtioDevice):
                 continue
             n = port.backend.read_into(chain.writable_views())
             if n <= 0:
-                q.undo_pop(chain)
+                self.unpop_chain(port.rxq, chain)
                 break
             q.add_used(chain.head, n)
             used += 1
@@ -291,7 +324,7 @@ class ConsoleDevice(VirtioDevice):
         used = 0
         for _ in range(q.size):
             if port.tx_pending is None:
-                chain = q.pop()
+                chain = self.pop_chain(port.txq)
                 if chain is None:
                     if q.enable_notification():
                         continue
@@ -325,7 +358,7 @@ class ConsoleDevice(VirtioDevice):
         q = self.queues[CONTROL_TRANSMITQ]
         used = 0
         for _ in range(q.size):
-            chain = q.pop()
+            chain = self.pop_chain(CONTROL_TRANSMITQ)
             if chain is None:
                 if q.enable_notification():
                     continue
@@ -342,6 +375,7 @@ class ConsoleDevice(VirtioDevice):
         else:
             self.schedule(CONTROL_TRANSMITQ)
         if used:
+            self.state_changed()  # ports the driver opened, before it sees its messages taken
             self.notify_used(CONTROL_TRANSMITQ)
 
     def _on_control(self, msg: ControlMessage) -> None:
@@ -381,6 +415,7 @@ class ConsoleDevice(VirtioDevice):
             self.log.warning("console_control_overflow", backlog=len(self.control_out))
             return
         self.control_out.append(message)
+        self.state_changed()
         self.schedule(CONTROL_RECEIVEQ)
 
     def _flush_control(self) -> None:
@@ -389,7 +424,7 @@ class ConsoleDevice(VirtioDevice):
         q = self.queues[CONTROL_RECEIVEQ]
         used = 0
         while self.control_out:
-            chain = q.pop()
+            chain = self.pop_chain(CONTROL_RECEIVEQ)
             if chain is None:
                 if q.enable_notification():
                     continue
@@ -401,6 +436,7 @@ class ConsoleDevice(VirtioDevice):
             q.add_used(chain.head, n)
             used += 1
         if used:
+            self.state_changed()  # the messages delivered leave the record with the chains
             self.notify_used(CONTROL_RECEIVEQ)
 
     # -- host events ----------------------------------------------------------------------------

@@ -24,6 +24,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
+from vmmiod.state.store import RecordRefused, Slot
+
 IOV_MAX = 1024  # Linux UIO_MAXIOV: the most views one readv accepts
 OVERFLOW_LOG_INTERVAL = 10.0  # seconds between two console_buffer_overflow records per port
 ERROR_LOG_INTERVAL = 10.0
@@ -64,6 +66,24 @@ class OutputRing:
     def __init__(self, capacity: int) -> None:
         self.capacity = max(0, capacity)
         self.data = bytearray()
+        self.mirror: Slot | None = None
+
+    def attach(self, mirror: Slot) -> None:
+        """Keep a copy in the state record (docs/restart.md): output held for the next client
+        survives a restart of the daemon. What the last instance held comes back first."""
+        try:
+            kept = mirror.read() or b""
+        except RecordRefused:
+            kept = b""
+        self.mirror = mirror
+        if kept and self.capacity:
+            self.data = bytearray(kept[-self.capacity:]) + self.data
+            del self.data[:max(0, len(self.data) - self.capacity)]
+        self._mirror()
+
+    def _mirror(self) -> None:
+        if self.mirror is not None:
+            self.mirror.write(bytes(self.data))
 
     def __len__(self) -> int:
         return len(self.data)
@@ -75,15 +95,18 @@ class OutputRing:
         if n >= cap:
             dropped = len(self.data) + n - cap
             self.data = bytearray(chunk[n - cap:]) if cap else bytearray()
+            self._mirror()
             return dropped
         over = len(self.data) + n - cap
         if over > 0:
             del self.data[:over]
         self.data += chunk
+        self._mirror()
         return max(over, 0)
 
     def consume(self, n: int) -> None:
         del self.data[:n]
+        self._mirror()
 
 
 class Counters:

@@ -136,6 +136,7 @@ class NetDevice(VirtioDevice):
         mac = bytearray(self.mac)
         mac[offset:offset + size] = value.to_bytes(size, "little")
         self.mac = bytes(mac)
+        self.state_changed()
 
     # -- backend lifecycle ----------------------------------------------------------------------
     async def open(self) -> None:
@@ -365,7 +366,7 @@ class NetDevice(VirtioDevice):
                 if done >= TX_BUDGET:
                     self._reschedule(TX_QUEUE)  # yield to the other devices, then go on
                     break
-                chain = q.pop()
+                chain = self.pop_chain(TX_QUEUE)
                 if chain is None:
                     if q.enable_notification():
                         q.disable_notification()
@@ -402,7 +403,7 @@ class NetDevice(VirtioDevice):
                 if not self.backend.send(views, hdr_len):
                     reason = TxDrop.NO_PEER
             except BlockingIOError:
-                q.undo_pop(chain)
+                self.unpop_chain(TX_QUEUE, chain)
                 self._tx_wait()
                 return False
             except OSError as exc:
@@ -442,11 +443,38 @@ class NetDevice(VirtioDevice):
         if q is None:
             return
         done = serve_controlq(q, CTRL_QUEUE_SIZE, self.rx_filter, self.driver_features,
-                              self.counters, self._ctrl_applied, self.log)
+                              self.counters, self._ctrl_applied, self.log,
+                              lambda: self.pop_chain(CTRL_QUEUE))
         if done:
+            self.state_changed()  # filters, MAC, offloads recorded before the driver's ack
             self.notify_used(CTRL_QUEUE)
         if done == CTRL_QUEUE_SIZE:
             self._reschedule(CTRL_QUEUE)
+
+    # -- restart (docs/restart.md) --------------------------------------------------------------
+    def export_state(self) -> dict[str, Any]:
+        return {"mac": self.mac.hex(), "offloads": self.guest_offloads,
+                "filter": self.rx_filter.export()}
+
+    def import_state(self, state: dict[str, Any]) -> None:
+        mac, offloads, rx_filter = state.get("mac"), state.get("offloads"), state.get("filter")
+        if isinstance(mac, str) and len(mac) == 2 * ETH_ALEN:
+            try:
+                self.mac = bytes.fromhex(mac)
+            except ValueError:
+                pass
+        if isinstance(rx_filter, dict):
+            self.rx_filter.restore(rx_filter)
+        if isinstance(offloads, int) and not offloads & ~(self.driver_features
+                                                          & GUEST_OFFLOAD_MASK):
+            self._apply_offloads(offloads)
+
+    def resume(self, chains: dict[int, list[DescriptorChain]]) -> None:
+        """Receive buffers the dead daemon held are held again; transmit chains in flight are
+        sent again (a frame may reach the peer twice, none is lost); control commands redone."""
+        for chain in chains.pop(RX_QUEUE, []):
+            self._rx_held.add(chain)
+        super().resume(chains)
 
     def _ctrl_applied(self, result: CtrlResult) -> None:
         if result.new_mac is not None:

@@ -22,7 +22,7 @@ from vmmiod.devices.net_proto import (
     VIRTIO_NET_F_CTRL_RX,
     features_consistent,
 )
-from vmmiod.virtqueue import SplitQueue
+from vmmiod.virtqueue import DescriptorChain, SplitQueue
 
 VIRTIO_NET_OK = 0
 VIRTIO_NET_ERR = 1
@@ -63,6 +63,27 @@ class RxFilter:
         self.multicast: frozenset[bytes] = frozenset()
         self.uni_overflow = False
         self.multi_overflow = False
+
+    def export(self) -> dict[str, Any]:
+        """For the state record (docs/restart.md)."""
+        return {"promisc": self.promisc, "allmulti": self.allmulti,
+                "unicast": sorted(m.hex() for m in self.unicast),
+                "multicast": sorted(m.hex() for m in self.multicast),
+                "uni_overflow": self.uni_overflow, "multi_overflow": self.multi_overflow}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Back from export() (an untrusted file: anything malformed leaves the filter open)."""
+        try:
+            flags = [state[k] for k in ("promisc", "allmulti", "uni_overflow", "multi_overflow")]
+            tables = [frozenset(bytes.fromhex(m) for m in state[k][:MAC_TABLE_ENTRIES])
+                      for k in ("unicast", "multicast")]
+        except (KeyError, TypeError, ValueError):
+            return
+        if not all(isinstance(f, bool) for f in flags) or any(
+                len(m) != ETH_ALEN for t in tables for m in t):
+            return
+        self.promisc, self.allmulti, self.uni_overflow, self.multi_overflow = flags
+        self.unicast, self.multicast = tables
 
     def accept(self, dest: bytes, own_mac: bytes) -> bool:
         if self.promisc:
@@ -144,15 +165,16 @@ def execute(rx_filter: RxFilter, cls: int, cmd: int, data: bytes, features: int,
 
 def serve_controlq(q: SplitQueue, budget: int, rx_filter: RxFilter, features: int,
                    counters: dict[str, int], apply: Callable[[CtrlResult], None],
-                   log: Any) -> int:
+                   log: Any, pop: Callable[[], DescriptorChain | None] | None = None) -> int:
     """Answer up to `budget` commands on the control queue; returns how many were used.
 
     Each chain: class and command (readable), payload, then one writable ack byte. A chain
     without a command or without room for the ack is returned untouched and counted.
     """
     done = 0
+    pop = q.pop if pop is None else pop
     while done < budget:
-        chain = q.pop()
+        chain = pop()
         if chain is None:
             if q.enable_notification():
                 continue

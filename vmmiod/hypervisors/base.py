@@ -9,6 +9,7 @@ vmmiod/transport.py.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 from vmmiod.transport import InterruptLine
@@ -35,6 +36,14 @@ class Adaptor:
         # with on_disconnect: exit); the daemon then stops.
         self.finished: asyncio.Future[int] | None = None
         self.counters: dict[str, int] = {}
+        # Set by the daemon (docs/restart.md): called with an identity of the guest (same guest
+        # and connection -> same string) once its memory is on the bus and before any request
+        # is served, so the windows can resume from the state record; with None when the guest
+        # went away.
+        self.on_guest: Callable[[str | None], None] | None = None
+        # Set by the daemon before stop() when it stops for a restart: leave what the next
+        # instance takes over (the Xen IOREQ server) in place.
+        self.handover = False
 
     @property
     def access_platform(self) -> bool:
@@ -54,6 +63,9 @@ class Adaptor:
     async def start(self) -> None:
         """Every window is on the bus: start serving IOREQs."""
         raise NotImplementedError
+
+    def quiesce(self) -> None:
+        """Stopping for a restart: take no more requests (they wait for the next instance)."""
 
     async def stop(self) -> None:
         """Orderly teardown: stop serving, release handles and mappings."""

@@ -38,7 +38,7 @@ _unpack_slot = IOREQ_T.unpack_from
 _pack_u64 = U64.pack_into
 
 
-def serve_ioreq_slot(page: WritableBuffer, vcpu: int, bus: MmioBus) -> bool:
+def serve_ioreq_slot(page: WritableBuffer, vcpu: int, bus: MmioBus, resume: bool = False) -> bool:
     """Answer vCPU `vcpu`'s pending ioreq_t on `page`, if it has one. True: notify the vCPU.
 
     Xen's order (docs/xen.md): proceed only on READY; read barrier before reading the request;
@@ -46,12 +46,14 @@ def serve_ioreq_slot(page: WritableBuffer, vcpu: int, bus: MmioBus) -> bool:
     state; IORESP_READY. Each state change is one byte store that keeps the other bits of the
     byte (data_is_ptr, dir, df, the reserved bit 7). State NONE and vp_eport belong to the
     hypervisor (or the VMM) and are never written: moving the state backwards crashes a Xen
-    guest.
+    guest. With `resume` (a new daemon taking over, docs/restart.md) an INPROCESS slot is served
+    too: the daemon that took it died before answering, and the vCPU still waits.
     """
     base = vcpu * IOREQ_SIZE
     flags_at = base + SLOT_FLAGS_OFFSET
     flags = page[flags_at]
-    if flags & STATE_MASK != STATE_IOREQ_READY:
+    state = flags & STATE_MASK
+    if state != STATE_IOREQ_READY and not (resume and state == STATE_IOREQ_INPROCESS):
         return False
     barrier.rmb()
     keep = flags & ~STATE_MASK

@@ -102,7 +102,9 @@ class DaemonProcess:
         notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
         try:
             notify.bind(str(notify_path))
-            env = {**os.environ, "NOTIFY_SOCKET": str(notify_path)}
+            # RUNTIME_DIRECTORY as systemd gives it: the device state record lives there.
+            env = {**os.environ, "NOTIFY_SOCKET": str(notify_path),
+                   "RUNTIME_DIRECTORY": str(self.files.dir)}
             with open(self._stderr, "wb") as err:
                 self.proc = subprocess.Popen(
                     [sys.executable, "-m", "vmmiod", "run", str(self.files.config)],

@@ -65,9 +65,15 @@ class SimVmm:
 
     def __init__(self, ram_size: int = DEFAULT_RAM_SIZE, ram_gpa: int = DEFAULT_RAM_GPA,
                  vcpus: int = 1, irq_mode: int = proto.IRQ_MODE_EVENTFD,
-                 timeout: float = 10.0) -> None:
+                 timeout: float = 10.0, rejoin: float = 0.0) -> None:
         self.ram_gpa, self.ram_size = ram_gpa, ram_size
         self.timeout = timeout
+        # A daemon that goes away: with `rejoin` seconds, wait that long for the next one and
+        # reconnect with the same RAM and ioreq page, the vCPU still waiting on its request
+        # (what a VMM does for a restartable device model, docs/restart.md); 0: SimError.
+        self.rejoin = rejoin
+        self.rejoins: list[tuple[float, float]] = []  # (daemon gone, connected again), monotonic
+        self._path: str | Path | None = None
         self.irq_mode = irq_mode
         self.ram_fd = sealed_memfd("sim-guest-ram", ram_size)
         self.memory = MappedMemory()
@@ -88,6 +94,7 @@ class SimVmm:
     # -- connection --------------------------------------------------------------------------------
     def connect(self, path: str | Path, wait: float = 0.0) -> proto.ServerHello:
         """Connect, hand over RAM, page and eventfds; returns the daemon's hello (its windows)."""
+        self._path = path
         deadline = time.monotonic() + wait
         while True:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
@@ -220,8 +227,31 @@ class SimVmm:
             for efd, ev in events:
                 if efd == self.sock.fileno():
                     if ev & (select.POLLHUP | select.POLLERR):
-                        raise SimError("the daemon closed the connection")
+                        self._daemon_gone()
+                        break
                     self._drain_messages()
+
+    def _daemon_gone(self) -> None:
+        """The daemon closed the connection: SimError, or (rejoin) wait for the next one."""
+        if not self.rejoin or self._path is None:
+            raise SimError("the daemon closed the connection")
+        gone = time.monotonic()
+        assert self.sock is not None
+        self.sock.close()
+        self.sock = None
+        deadline = gone + self.rejoin
+        while True:  # the next daemon may itself go away during the handshake: try again
+            try:
+                self.connect(self._path, wait=max(0.0, deadline - time.monotonic()))
+                break
+            except Refused:
+                raise
+            except (OSError, SimError) as exc:
+                if time.monotonic() >= deadline:
+                    raise SimError(f"the daemon closed the connection; no daemon to rejoin: "
+                                   f"{exc}") from exc
+                time.sleep(0.01)
+        self.rejoins.append((gone, time.monotonic()))
 
     def read(self, addr: int, size: int = 4, vcpu: int = 0) -> int:
         return self.mmio(addr, size, read=True, vcpu=vcpu)
@@ -251,11 +281,8 @@ class SimVmm:
             raise SimError("not connected")
         timeout = self.timeout if timeout is None else timeout
         deadline = time.monotonic() + timeout
-        p = select.poll()
         fd = self.irq_fds.get(irq)
-        if fd is not None:
-            p.register(fd, select.POLLIN)
-        p.register(self.sock.fileno(), select.POLLIN)
+        p = self._irq_poll(fd)
         while True:
             if fd is not None:
                 try:
@@ -273,5 +300,15 @@ class SimVmm:
             for efd, ev in p.poll(left * 1000):
                 if efd == self.sock.fileno():
                     if ev & (select.POLLHUP | select.POLLERR):
-                        raise SimError("the daemon closed the connection")
+                        self._daemon_gone()
+                        p = self._irq_poll(fd)
+                        break
                     self._drain_messages()
+
+    def _irq_poll(self, fd: int | None) -> select.poll:
+        assert self.sock is not None
+        p = select.poll()
+        if fd is not None:
+            p.register(fd, select.POLLIN)
+        p.register(self.sock.fileno(), select.POLLIN)
+        return p

@@ -139,6 +139,12 @@ class GenericAdaptor(Adaptor):
         self.log.info("vmm_listening", socket=str(path), windows=len(self.server_windows()),
                       on_disconnect=self.hv.on_disconnect)
 
+    def quiesce(self) -> None:
+        conn = self._conn
+        if conn is not None and self._loop is not None:
+            for fd in conn.req_fds:  # requests wait in their slots for the next daemon
+                self._loop.remove_reader(fd)
+
     async def stop(self) -> None:
         if self._listener is not None:
             assert self._loop is not None
@@ -282,9 +288,22 @@ class GenericAdaptor(Adaptor):
             if line is not None:
                 line.bind(fd, conn.sock if spec.mode == IRQ_MODE_LEVEL else None)
         self.bus.attach_memory(conn.memory)
+        if self.on_guest is not None:  # resume from the state record (docs/restart.md)
+            st = os.fstat(conn.fds[len(conn.hello.regions)])  # the ioreq page: same memfd,
+            self.on_guest(f"generic:{st.st_dev}:{st.st_ino}")  # same guest
         for vcpu, fd in enumerate(conn.req_fds):
             self._loop.add_reader(fd, self._on_request, vcpu)
         self._loop.add_reader(conn.sock.fileno(), self._on_message)
+        # A request the previous daemon left READY (or took, INPROCESS, and died) is answered
+        # before ACCEPT: after it, the VMM's next requests come through the eventfds.
+        for vcpu in range(conn.hello.n_vcpus):
+            if serve_ioreq_slot(conn.page_view, vcpu, self.bus, resume=True):
+                self.counters["ioreqs"] += 1
+                self.counters["ioreqs_resumed"] = self.counters.get("ioreqs_resumed", 0) + 1
+                try:
+                    os.write(conn.resp_fds[vcpu], EVENTFD_ONE)
+                except OSError:
+                    pass
         try:
             conn.sock.send(MSG_ACCEPT_BYTES)
         except OSError:
@@ -352,6 +371,8 @@ class GenericAdaptor(Adaptor):
         for line in self._lines.values():
             line.bind(None, None)
         self.bus.detach_memory()  # resets every device; none may keep a view of guest RAM
+        if exit_allowed and self.on_guest is not None:
+            self.on_guest(None)  # the guest is gone: nothing to resume
         conn.page_view.release()
         conn.page.close()
         conn.memory.close()

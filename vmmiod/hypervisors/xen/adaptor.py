@@ -258,7 +258,11 @@ class XenAdaptor(Adaptor):
         for base, size, _w in self.bus.windows():
             if (base, base + size - 1) not in mapped:
                 self.server.map_range(base, base + size - 1)
+        if self.on_guest is not None:  # resume the devices from the state record
+            assert self.xs is not None
+            self.on_guest(f"xen:{self.domid}:{self.xs.read(f'/local/domain/{self.domid}/vm')}")
         self.server.attach_loop(loop)  # requests held since prepare() are served from here
+        self.server.serve_pending()  # and those a predecessor left in their slots
         self._fast_path(loop)
         self._restrict()
         self.log.info("xen_serving", server=self.server.sid, vcpus=self.server.nr_vcpus,
@@ -273,11 +277,14 @@ class XenAdaptor(Adaptor):
         and well inside xl's 10 s wait.
         """
         assert self.dm and self.evtchn and self.fmem and self.backends
-        self._destroy_stale_server()
         self.server = IoreqServer(self.domid, self.dm, self.evtchn, self.fmem, self.bus,
                                   self.log, self.counters)
         ranges = sorted({(b, b + MMIO_WINDOW_SIZE - 1) for _d, b, _i in self._all_windows()})
         try:
+            if record.take_over(self._record, self.domid, self.server, ranges, self.dm, self.log):
+                self.backends.serving = True
+                self.backends.sync()
+                return
             self.server.create(ranges)
         except OSError as exc:
             self.server.destroy()
@@ -293,20 +300,6 @@ class XenAdaptor(Adaptor):
             self.log.warning("xen_server_record_failed", path=str(self._record), error=str(exc))
         self.backends.serving = True
         self.backends.sync()
-
-    def _destroy_stale_server(self) -> None:
-        """Destroy the server a killed predecessor left for this domain (see record.py)."""
-        assert self.dm is not None
-        stale = record.read_record(self._record)
-        record.remove_record(self._record)
-        if stale is None or stale[0] != self.domid:
-            return
-        try:
-            self.dm.destroy_ioreq_server(stale[1])
-        except OSError as exc:  # already gone (the domain was rebuilt, or Xen cleaned up)
-            self.log.info("xen_stale_server_absent", server=stale[1], error=str(exc))
-            return
-        self.log.warning("xen_stale_server_destroyed", server=stale[1], domid=self.domid)
 
     def _fast_path(self, loop: asyncio.AbstractEventLoop) -> None:
         """privcmd IRQFD for Arm SPIs, IOEVENTFD for QueueNotify; silently absent elsewhere."""
@@ -393,14 +386,25 @@ class XenAdaptor(Adaptor):
         self.finished.set_result(0)
 
     # -- stop -------------------------------------------------------------------------------------
+    def quiesce(self) -> None:
+        if self.server is not None:
+            self.server.quiesce()
+
     async def stop(self) -> None:
-        if self.backends is not None:
+        handover = self.handover and self.server is not None and self.server.sid is not None
+        if self.backends is not None and handover:  # entries stay as they are
+            self.backends.suspend_watch()
+        elif self.backends is not None:
             self.backends.close()  # Closed (6) for every entry we served; stop watching
         if self.server is not None:
             sid = self.server.sid
-            self.server.destroy()
-            if sid is not None:
-                record.remove_record(self._record, (self.domid, sid))
+            if handover:  # stopping for a restart: the next instance takes it over
+                self.server.leave()
+                self.log.info("xen_ioreq_server_left", server=sid)
+            else:
+                self.server.destroy()
+                if sid is not None:
+                    record.remove_record(self._record, (self.domid, sid))
         if self.privcmd is not None:
             self.privcmd.close()
             self.privcmd = None

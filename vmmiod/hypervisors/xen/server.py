@@ -16,6 +16,7 @@ the state order), and notify the port only when a request was answered.
 from __future__ import annotations
 
 import asyncio
+import errno
 from collections.abc import Callable
 from typing import Any
 
@@ -65,17 +66,65 @@ class IoreqServer:
         self.page = page_view(self.page_addr)
         self.dm.set_ioreq_server_state(self.sid, True)
         self.enabled = True
-        for vcpu in range(n):
-            eport = int.from_bytes(self.page[vcpu * IOREQ_SLOT_SIZE + IOREQ_VP_EPORT_OFFSET:
-                                             vcpu * IOREQ_SLOT_SIZE + IOREQ_VP_EPORT_OFFSET + 4],
-                                   "little")
-            port = self.evtchn.bind_interdomain(self.domid, eport)
-            self.ports.append(port)
-            self._port_vcpu[port] = vcpu
+        self._bind_ports()
         for start, end in ranges:
             self.map_range(start, end)
         self.log.info("xen_ioreq_server_enabled", server=self.sid, ports=list(self.ports),
                       ranges=[f"{s:#x}-{e:#x}" for s, e in self.ranges])
+
+    def attach(self, sid: int, ranges: list[tuple[int, int]]) -> None:
+        """Take over the server a previous instance left (docs/restart.md), instead of create().
+
+        The same ioreq page is mapped, the server (still enabled) is enabled again, every
+        vCPU's port, left unbound when the old instance's end closed, is bound again, and the
+        windows' ranges, which Xen keeps, are claimed again (EEXIST: already ours). Raises
+        OSError when Xen refuses (no such server: the domain was rebuilt, or it was destroyed).
+        """
+        n = self.dm.nr_vcpus()
+        if not 0 < n <= MAX_VCPUS:
+            raise IoreqServerError(0, f"guest reports {n} vCPUs; one ioreq page serves "
+                                      f"1..{MAX_VCPUS}")
+        self.nr_vcpus = n
+        self._resource, self.page_addr = self.fmem.map_ioreq_page(self.domid, sid)
+        self.sid = sid
+        self.page = page_view(self.page_addr)
+        self.dm.set_ioreq_server_state(sid, True)
+        self.enabled = True
+        self._bind_ports()
+        for start, end in ranges:
+            try:
+                self.map_range(start, end)
+            except OSError as exc:
+                if exc.errno != errno.EEXIST:
+                    raise
+                self.ranges.append((start, end))
+        self.log.info("xen_ioreq_server_reattached", server=sid, ports=list(self.ports),
+                      ranges=[f"{s:#x}-{e:#x}" for s, e in self.ranges])
+
+    def _bind_ports(self) -> None:
+        assert self.page is not None
+        for vcpu in range(self.nr_vcpus):
+            at = vcpu * IOREQ_SLOT_SIZE + IOREQ_VP_EPORT_OFFSET
+            eport = int.from_bytes(self.page[at:at + 4], "little")
+            port = self.evtchn.bind_interdomain(self.domid, eport)
+            self.ports.append(port)
+            self._port_vcpu[port] = vcpu
+
+    def serve_pending(self) -> int:
+        """Answer every slot a dead predecessor left READY or INPROCESS (its vCPU waits on it;
+        the event that announced it went to the old instance). Returns how many."""
+        page = self.page
+        answered = 0
+        for vcpu, port in enumerate(self.ports):
+            if page is not None and ioreq_slot.serve_ioreq_slot(page, vcpu, self.bus,
+                                                                resume=True):
+                answered += 1
+                self.counters["ioreqs"] = self.counters.get("ioreqs", 0) + 1
+                try:
+                    self.evtchn.notify(port)
+                except OSError as exc:
+                    self.log.warning("xen_evtchn_failed", port=port, error=str(exc))
+        return answered
 
     def map_range(self, start: int, end_inclusive: int) -> None:
         assert self.sid is not None
@@ -121,14 +170,27 @@ class IoreqServer:
                     self.log.warning("xen_evtchn_failed", port=port, error=str(exc))
 
     # -- teardown ---------------------------------------------------------------------------------
-    def destroy(self) -> None:
-        """Undo whatever create() did, in reverse; never raises."""
+    def quiesce(self) -> None:
+        """Serve no more requests (they wait in their slots for the next instance)."""
         if self._loop is not None:
             try:
                 self._loop.remove_reader(self.evtchn.fd)
             except (ValueError, OSError):
                 pass
             self._loop = None
+
+    def leave(self) -> None:
+        """Stop for a restart: the server stays enabled with its ranges for the next instance
+        to attach(); only this process's ports and mapping go. Never raises."""
+        self.quiesce()
+        self.sid = None
+        self.enabled = False
+        self.ranges.clear()
+        self.destroy()
+
+    def destroy(self) -> None:
+        """Undo whatever create() did, in reverse; never raises."""
+        self.quiesce()
         # The reference order: disable, destroy (which drops its ranges), unbind, unmap.
         if self.sid is not None and self.enabled:
             self._quiet(self.dm.set_ioreq_server_state, self.sid, False)
