@@ -251,6 +251,22 @@ class Stack:
         (self.results / "backends.json").write_text(json.dumps(self.summary(), indent=1))
 
 
+def vmmiod_engine(results: Path, device: str = "bench") -> str | None:
+    """The I/O engine vmmiod's first instance served `device` with (its block_io_engine event)."""
+    try:
+        lines = (results / "dut-1.log").read_text(errors="replace").splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        try:
+            e = json.loads(line)
+        except ValueError:
+            continue
+        if e.get("event") == "block_io_engine" and e.get("device") == device:
+            return str(e.get("engine"))
+    return None
+
+
 # -- figures ------------------------------------------------------------------------------------
 JOBS = ["randread-qd1", "randread-qd32", "randwrite-qd1", "randwrite-qd32", "seqread-1m",
         "seqwrite-1m"]
