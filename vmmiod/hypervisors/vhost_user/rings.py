@@ -87,11 +87,9 @@ class RingHandlers:
 
     def _on_get_vring_base(self, name: str, payload: bytes, fds: list[int]) -> list[Reply]:
         index, _ = w.parse_state(name, payload)
-        vr = self._vring(name, index)
-        base = vr.queue.next_avail if vr.started else vr.base
+        self._vring(name, index)
         self._stop(index)
-        vr.base = base
-        return [(w.reply_state(w.GET_VRING_BASE, index, base), [])]
+        return [(w.reply_state(w.GET_VRING_BASE, index, self.vrings[index].base), [])]
 
     def _on_set_vring_enable(self, name: str, payload: bytes, fds: list[int]) -> list[Reply]:
         index, num = w.parse_state(name, payload)
@@ -201,16 +199,25 @@ class RingHandlers:
             vr.kicks_waiting = True
 
     def _stop(self, index: int) -> None:
+        """Stop a ring (GET_VRING_BASE, a reset, a disconnect); `vr.base` is where it resumes."""
         vr = self.vrings[index]
         if vr.kick_fd is not None:
             self.io.unwatch(vr.kick_fd)
         vr.set_fd("kick_fd", None)
-        vr.set_fd("call_fd", None)
         if vr.started:
             vr.started = False
-            self.device.on_queue_reset(index)
-            vr.queue.reset()  # a new generation: completions of the old ring are dropped
-            self.log.info("vhost_user_ring_stopped", queue=index)
+            q = vr.queue
+            self.device.on_queue_reset(index)  # the device lets go of what it holds
+            try:
+                if q.publish_used():  # what the device returned is the driver's
+                    self.transport.signal_used(index)
+                vr.base, given_back = q.resume_base()
+            except (VirtqueueError, GuestMemoryError):
+                vr.base, given_back = q.next_avail, 0
+            q.reset()  # a new generation: completions of the old ring are dropped
+            self.log.info("vhost_user_ring_stopped", queue=index, base=vr.base,
+                          given_back=given_back)
+        vr.set_fd("call_fd", None)
         vr.kicks_waiting = False
         if self.device.active and not any(v.started for v in self.vrings):
             self.device.reset()

@@ -25,6 +25,7 @@ class VhostQueue(SplitQueue):
     def __init__(self, max_size: int, index: int = 0) -> None:
         self.inflight: QueueInflight | None = None
         self.resubmit: list[int] = []
+        self.outstanding: dict[int, None] = {}  # heads popped and not returned, in pop order
         self._last_head = -1
         super().__init__(max_size, index)
 
@@ -32,12 +33,14 @@ class VhostQueue(SplitQueue):
         super().reset()
         self.inflight = None
         self.resubmit = []
+        self.outstanding = {}
         self._last_head = -1
 
     def pop(self) -> DescriptorChain | None:
         chain = self._pop_resubmit() if self.resubmit else super().pop()
         if chain is not None:
             self._last_head = chain.head
+            self.outstanding[chain.head] = None
             if self.inflight is not None:
                 self.inflight.popped(chain.head)
         return chain
@@ -53,14 +56,35 @@ class VhostQueue(SplitQueue):
 
     def undo_pop(self, *args: Any) -> None:
         super().undo_pop(*args)
+        self.outstanding.pop(self._last_head, None)
         if self.inflight is not None and 0 <= self._last_head < self.size:
             self.inflight.unpopped(self._last_head)
 
     def add_used(self, head: int, length: int, *args: Any) -> Any:
         done = super().add_used(head, length, *args)
-        if self.inflight is not None and done is not False:
-            self.inflight.used(head)
+        if done is not False:
+            self.outstanding.pop(head, None)
+            if self.inflight is not None:
+                self.inflight.used(head)
         return done
+
+    def resume_base(self) -> tuple[int, int]:
+        """(base, given back): the avail index a restarted ring should resume from.
+
+        Chains popped and never returned (a device reset drops them) are given back when they
+        are the last ones popped: the ring resumes at their avail slots and pops them again.
+        Out of order (a later chain returned before them) they cannot be: only the inflight
+        record can redo them then. Reads the avail ring: may raise GuestMemoryError.
+        """
+        k = len(self.outstanding)
+        if k == 0 or self.resubmit or self.memory is None:
+            return self.next_avail, 0
+        start = (self.next_avail - k) & 0xFFFF
+        slots = {self.memory.read_u16(self.avail_addr + 4 + 2 * ((start + i) % self.size))
+                 for i in range(k)}
+        if slots != set(self.outstanding):
+            return self.next_avail, 0
+        return start, k
 
     def publish_used(self) -> bool:
         ready = self.ready
