@@ -42,7 +42,6 @@ KNOWN: frozenset[tuple[str, str]] = frozenset({
     # sim/hostile.py instruments the device's descriptor codec (a test tool; goes to tests/).
     ("guest-model-own-constants", "vmmiod.sim.hostile -> vmmiod.virtqueue.split"),
     ("size", "vmmiod.bench.block"),
-    ("size", "vmmiod.configschema"),
     ("size", "vmmiod.devices.console"),
     ("size", "vmmiod.devices.net"),
     ("size", "vmmiod.hypervisors.xen.adaptor"),
