@@ -23,7 +23,7 @@ from vmmiod.sim.vmm import SimVmm
 CONFIG = """\
 guest: {{name: g1}}
 hypervisor: {{kind: generic, socket: vmm.sock, on_disconnect: {on_disconnect}}}
-log: {{level: info, stats_interval: 0.2{log_extra}}}
+log: {{level: info, stats_interval: {stats_interval}{log_extra}}}
 devices:
   - type: console
     id: con0
@@ -41,11 +41,12 @@ class Daemon:
     """One `vmmiod run` with NOTIFY_SOCKET bound by the test."""
 
     def __init__(self, tmp: Path, *, on_disconnect: str = "wait", log_extra: str = "",
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, stats_interval: float = 0.2) -> None:
         self.tmp = tmp
         (tmp / "disk.img").write_bytes(bytes(1 << 20))
         self.config = tmp / "g1.yaml"
-        self.config.write_text(CONFIG.format(on_disconnect=on_disconnect, log_extra=log_extra))
+        self.config.write_text(CONFIG.format(on_disconnect=on_disconnect, log_extra=log_extra,
+                                             stats_interval=stats_interval))
         self.notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         self.notify.bind(str(tmp / "notify"))
         self.messages: list[str] = []
@@ -170,6 +171,38 @@ def test_sighup_reopens_the_log_file_and_rereads_the_level(tmp_path: Path,
     assert d.proc.wait(20) == 0
     assert "daemon_stopped" in log.read_text()
     assert "daemon_stopped" not in (tmp_path / "daemon.log.1").read_text()
+
+
+def test_sigusr1_logs_the_counters_now(tmp_path: Path, daemons: list[Daemon]) -> None:
+    """Without periodic records (stats_interval 0), SIGUSR1 logs one device_stats per device,
+    with its window's register accesses, and one adaptor_stats: a snapshot on demand."""
+    d = Daemon(tmp_path, stats_interval=0)
+    daemons.append(d)
+    d.wait_for("READY=1")
+    with SimVmm() as vmm:
+        vmm.connect(tmp_path / "vmm.sock", wait=5)
+        for _ in range(3):
+            assert vmm.read(0x10000200 + MAGIC_VALUE) == MAGIC_VALUE_VIRT
+        vmm.write(0x10000200 + 0x070, 0)  # Status 0: a register write
+        d.proc.send_signal(signal.SIGUSR1)
+        deadline = time.monotonic() + 10
+        while not any(e["event"] == "adaptor_stats" for e in d.events()):
+            assert time.monotonic() < deadline, "no adaptor_stats after SIGUSR1"
+            time.sleep(0.05)
+        vmm.disconnect()
+    events = d.events()
+    stats = {e["device"]: e for e in events if e["event"] == "device_stats"}
+    assert set(stats) == {"con0", "disk0"} and not any(e["final"] for e in stats.values())
+    disk = stats["disk0"]
+    assert disk["mmio_reads"] == 3 and disk["mmio_writes"] == 1, disk
+    assert stats["con0"]["mmio_reads"] == 0
+    # Per queue (one request queue): notifications, process_queue runs, interrupts.
+    assert disk["notifications_q0"] == disk["runs_q0"] == disk["interrupts_q0"] == 0
+    adaptor = next(e for e in events if e["event"] == "adaptor_stats")
+    assert adaptor["final"] is False and adaptor["bus_requests"] >= 4
+    assert d.proc.poll() is None  # still serving
+    d.proc.send_signal(signal.SIGTERM)
+    assert d.proc.wait(20) == 0
 
 
 def test_sighup_with_a_broken_config_keeps_running(tmp_path: Path,

@@ -82,10 +82,11 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._on_stop_signal, sig)
         loop.add_signal_handler(signal.SIGHUP, self._on_hup)
+        loop.add_signal_handler(signal.SIGUSR1, self._log_stats, False)
         try:
             return await self._run()
         finally:
-            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1):
                 loop.remove_signal_handler(sig)
             self.notifier.close()
 
@@ -291,8 +292,15 @@ class Daemon:
             self._log_stats(final=False)
 
     def _log_stats(self, final: bool) -> None:
+        """One device_stats record per device (its window's counters as mmio_*), one
+        adaptor_stats record. Also on SIGUSR1, for a snapshot of the counters at any time."""
+        windows: dict[int, Any] = {}
+        if self.bus is not None:
+            windows = {id(getattr(w, "device", None)): w for _b, _s, w in self.bus.windows()}
         for dcfg, device in self.devices:
-            self.log.info("device_stats", **{**device.stats(), "device": dcfg.id,
+            window_stats = getattr(windows.get(id(device)), "stats", None)
+            mmio = {f"mmio_{k}": v for k, v in window_stats().items()} if window_stats else {}
+            self.log.info("device_stats", **{**device.stats(), **mmio, "device": dcfg.id,
                                              "type": dcfg.type, "final": final})
         if self.adaptor is not None:
             extra = {"bus_requests": getattr(self.bus, "requests", 0)}

@@ -109,7 +109,7 @@ class VirtioMmio(QueueRegisters):
         self.config_generation = 0
         self.guest_page_size = 0  # legacy; written once by Linux at probe, so it survives resets
         self.ignored: dict[str, int] = {}  # reason -> count of ignored accesses
-        self.interrupts = 0
+        self.interrupts = self.reads = self.writes = 0  # raised; register accesses (IOREQs)
         self._readers, self._writers = self._register_tables()
         self._reset_registers()
 
@@ -177,6 +177,7 @@ class VirtioMmio(QueueRegisters):
 
     # -- the sans-IO interface ---------------------------------------------------------------------
     def read(self, offset: int, size: int) -> int:
+        self.reads += 1
         if offset >= CONFIG:
             mask = _CONFIG_SIZES.get(size)
             if mask is None:
@@ -194,6 +195,7 @@ class VirtioMmio(QueueRegisters):
         return reader()
 
     def write(self, offset: int, size: int, value: int) -> None:
+        self.writes += 1
         if offset >= CONFIG:
             mask = _CONFIG_SIZES.get(size)
             if mask is None:
@@ -393,7 +395,6 @@ class VirtioMmio(QueueRegisters):
                       queues=[q.index for q in self.queues if q.ready])
 
     def stats(self) -> dict[str, int]:
-        out = {"interrupts": self.interrupts, "config_generation": self.config_generation}
-        for reason, n in self.ignored.items():
-            out[f"ignored_{reason}"] = n
-        return out
+        ignored = {f"ignored_{reason}": n for reason, n in self.ignored.items()}
+        return {"interrupts": self.interrupts, "config_generation": self.config_generation,
+                "reads": self.reads, "writes": self.writes, **ignored}

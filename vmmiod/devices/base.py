@@ -77,6 +77,12 @@ class VirtioDevice:
         self.active = False
         self.failed = False
         self.counters: dict[str, int] = {"notifications": 0, "interrupts": 0}
+        # Per queue: QueueNotify writes, process_queue runs (loop wake-ups for that queue's
+        # work) and interrupts asked for; reported as notifications_q<i>, runs_q<i>, ...
+        n = len(self.queue_max_sizes)
+        self.queue_notifies = [0] * n
+        self.queue_runs = [0] * n
+        self.queue_interrupts = [0] * n
         self._pending: set[int] = set()
         self._loop: asyncio.AbstractEventLoop | None = None
         # Chains a dead daemon left in flight (resume()), served before the ring's next ones.
@@ -219,6 +225,8 @@ class VirtioDevice:
         self.counters["notifications"] += 1
         if not self.active or index >= len(self.queues) or self.failed:
             return
+        if index < len(self.queue_notifies):
+            self.queue_notifies[index] += 1
         if index in self._pending:
             return
         self._pending.add(index)
@@ -233,6 +241,8 @@ class VirtioDevice:
             return
         if not self.queues[index].ready:  # disabled or reset since the notify was scheduled
             return
+        if index < len(self.queue_runs):
+            self.queue_runs[index] += 1
         try:
             self.process_queue(index)
         except (VirtqueueError, GuestMemoryError) as exc:
@@ -243,8 +253,24 @@ class VirtioDevice:
 
     def notify_used(self, index: int) -> None:
         """Publish the used ring of queue `index` and interrupt the driver if it wants one."""
-        q = self.queues[index]
-        if q.publish_used() and self.transport is not None:
+        if self.publish_used(index):
+            self.interrupt(index)
+
+    def publish_used(self, index: int) -> bool:
+        """Publish the used ring of queue `index`; True when the driver wants an interrupt.
+
+        A device that publishes several queues in one go (net: a transmit batch and the
+        replies it brought) calls `interrupt()` once for all of them.
+        """
+        if not self.queues[index].publish_used() or self.transport is None:
+            return False
+        if index < len(self.queue_interrupts):
+            self.queue_interrupts[index] += 1
+        return True
+
+    def interrupt(self, index: int) -> None:
+        """Tell the driver that queue `index` (and any other published with it) has used buffers."""
+        if self.transport is not None:
             self.counters["interrupts"] += 1
             self.transport.signal_used(index)
 
@@ -260,4 +286,10 @@ class VirtioDevice:
             self.transport.device_fault(reason)
 
     def stats(self) -> dict[str, int]:
-        return dict(self.counters)
+        out = dict(self.counters)
+        for i, (notified, runs, interrupts) in enumerate(zip(
+                self.queue_notifies, self.queue_runs, self.queue_interrupts, strict=True)):
+            out[f"notifications_q{i}"] = notified
+            out[f"runs_q{i}"] = runs
+            out[f"interrupts_q{i}"] = interrupts
+        return out

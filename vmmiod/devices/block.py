@@ -336,9 +336,6 @@ class BlockDevice(BlockIo):
         if added:  # without EVENT_IDX an empty publish would still interrupt the driver
             self.notify_used(index)
 
-    def stats(self) -> dict[str, int]:
-        return dict(self.counters)
-
 
 __all__ = [
     "TYPE_NAMES",

@@ -121,6 +121,9 @@ address_tap() {
 python3 "$E2E/dom0_peer.py" --token "$TOKEN" --send /out/net-down.bin --out /out/peer.txt \
     --console "console=$CON_SOCK" --console "$CONSOLE_PORT=$PORT_SOCK" --lifetime 900 &
 PEER_PID=$!
+# Snapshots of vmmiod's counters around the guest's network phases (domU-netperf.sh).
+python3 "$E2E/dom0_netperf.py" --out /out/netperf.jsonl --tap "$TAP_IF" --lifetime 900 &
+NETPERF_PID=$!
 
 start_vmmiod /out/vmmiod.log
 say "xl create -p (4 virtio-mmio windows)"
@@ -157,6 +160,6 @@ XL_RC=$?
 result "xl_destroy_rc=$XL_RC seconds=$(since $T0)"
 wait_for 60 "vmmiod exit" vmmiod_exited || { result "vmmiod_final_exit=timeout"; kill $VMMIOD_SUBSHELL; }
 result "vmmiod_final_exit=$(cat "$VMMIOD_LOG.exit" 2>/dev/null)"
-kill $PEER_PID 2>/dev/null
+kill $PEER_PID $NETPERF_PID 2>/dev/null
 # dom0.sh's collect copies the images back to the host for its own checks (e2fsck, debugfs,
 # the read-only image untouched).

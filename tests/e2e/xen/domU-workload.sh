@@ -120,6 +120,8 @@ net_workload() {  # $1: label, $2: bytes each way
     rm -f /tmp/up.bin /tmp/down.bin
 }
 net_workload boot$BOOT "$NETBYTES"
+# Where a ping's and a TCP segment's time goes (domU-netperf.sh, dom0_netperf.py): boot 1 only.
+[ "$BOOT" = 1 ] && [ -f /e2e-netperf.sh ] && . /e2e-netperf.sh
 
 # -- console: port 0 (an hvc console next to Xen's hvc0) and the named port ---------------------
 console_ping() {  # $1: device, $2: tag

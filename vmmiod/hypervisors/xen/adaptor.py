@@ -79,7 +79,8 @@ class XenAdaptor(Adaptor):
         self._grants = self.xen.grants is True
         self.restricted = False
         self._nr_vcpus = 0
-        self.counters = {"events": 0, "ioreqs": 0, "interrupts": 0, "interrupt_errors": 0}
+        self.counters = {"wakeups": 0, "events": 0, "ioreqs": 0, "interrupts": 0,
+                         "interrupt_errors": 0}
         self._record = record.record_path(config.guest.name, run_dir)
 
     # -- prepare ----------------------------------------------------------------------------------

@@ -141,6 +141,7 @@ class IoreqServer:
         if page is None:
             return
         evtchn = self.evtchn
+        self.counters["wakeups"] = self.counters.get("wakeups", 0) + 1
         for _ in range(MAX_EVENTS_PER_WAKEUP):
             try:
                 port = evtchn.pending()
