@@ -1,22 +1,22 @@
-"""virtio-blk benchmark: the device next to a plain Python preadv/pwritev loop, in one run.
+"""virtio-blk benchmark (`vmmiod bench block`): figures from one run, as ratios.
 
-Workloads: 4 KiB random reads and writes, 1 MiB sequential reads and writes, each at queue
-depth 1 and 32, over the same (page-cache warm) image file. The device side runs in-process:
-the guest-side driver model (vmmiod/sim/vring.py, indirect descriptors and EVENT_IDX as Linux
-uses them) fills the ring outside the timed part; the timed part is exactly what the daemon
-does per notification: `queue_notify` -> pop, parse, preadv/pwritev into guest memory, status,
-used ring, interrupt decision. The plain loop does the same I/O with os.preadv/os.pwritev on
-page-aligned buffers and nothing else. CPU is time.process_time; IOPS and MB/s use wall time.
+1. Real storage (vmmiod/bench/block_disk.py): O_DIRECT on a file in VMMIOD_BENCH_DIR, 4 KiB
+   random read/write at queue depth 1, 8, 32, 128 and 1 MiB sequential, vmmiod (io_uring and
+   the thread-pool engine) next to fio with the same job and a plain Python loop.
+2. Page cache (here): 4 KiB random and 1 MiB sequential reads and writes at queue depth 1 and
+   32 over a warm image. The device runs in-process without a loop (the engine's kick waits for
+   the completions); the guest-side driver model fills the ring outside the timed part; the
+   timed part is what the daemon does per notification: pop, parse, submit, the engine's
+   system call(s), completion, status, used ring, interrupt decision. The plain loop does the
+   same I/O with os.preadv/os.pwritev and nothing else. CPU is time.process_time (every thread
+   of the process: engine threads included); IOPS and MB/s use wall time.
+3. Loop stall (vmmiod/bench/block_stall.py): a register read of another device while one disk
+   is saturated.
+4. The full stack (vmmiod/bench/block_stack.py): `vmmiod run` as a child process and the
+   simulated guest over the generic IOREQ channel.
 
-A second part measures what decided the threading model (docs/architecture.md, virtio-blk):
-the per-request cost of handing a 4 KiB read to a worker thread versus doing it inline, and how
-long the event loop stalls when an fdatasync runs inline versus on the device's worker thread.
-
-A third part runs the same workloads through the full stack: `vmmiod run` as a child process
-and the simulated guest (vmmiod/sim/) over the generic IOREQ channel, with the daemon's CPU per
-request read from /proc and compared with the plain loop of this run.
-
-Run: `python -m vmmiod.bench.block [--quick] [--profile]`.
+Run: `python -m vmmiod.bench.block [--quick] [--profile] [--no-stack]`. docs/performance.md has
+the figures and what they mean.
 """
 
 from __future__ import annotations
@@ -30,7 +30,6 @@ import random
 import sys
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -74,9 +73,11 @@ class _Transport:
 class Rig:
     """One BlockDevice on `image`, driven by the driver model in a memfd guest."""
 
-    def __init__(self, image: Path, depth: int, block: int, cache: str = "writeback") -> None:
+    def __init__(self, image: Path, depth: int, block: int, cache: str = "writeback",
+                 engine: str = "auto") -> None:
         cfg = BlockConfig(id="bench", mmio=MmioConfig(base=0x1000_0000, irq=5), path=image,
-                          cache=cache, queue_size=QUEUE_SIZE, lock=False)  # type: ignore[arg-type]
+                          cache=cache, queue_size=QUEUE_SIZE, lock=False,  # type: ignore[arg-type]
+                          io_engine=engine)  # type: ignore[arg-type]
         self.dev = BlockDevice(cfg, GuestConfig("bench"), log=_NullLog())
         asyncio.run(self.dev.open())
         mem_size = depth * block + (8 << 20)
@@ -182,7 +183,7 @@ class Plain:
 
 
 def measure(image: Path, size: int, name: str, rtype: int, block: int, rand: bool, depth: int,
-            count: int, profile: bool = False) -> dict[str, Any]:
+            count: int, profile: bool = False, engine: str = "auto") -> dict[str, Any]:
     """Plain loop and device interleaved slice by slice, ROUNDS times; per slice the best round.
 
     The host is shared: interleaving puts both sides under the same conditions, and the best
@@ -191,7 +192,7 @@ def measure(image: Path, size: int, name: str, rtype: int, block: int, rand: boo
     offsets = _offsets(size, block, count, rand)
     write = rtype == VIRTIO_BLK_T_OUT
     plain = Plain(image, write, block, depth)
-    rig = Rig(image, depth, block)
+    rig = Rig(image, depth, block, engine=engine)
     per_slice = max(depth, (64 if block == KIB4 else 4) // depth * depth)
     slices = [offsets[i:i + per_slice] for i in range(0, count, per_slice)]
     best = [[float("inf")] * 4 for _ in slices]  # plain cpu, plain wall, dev cpu, dev wall
@@ -227,177 +228,68 @@ def measure(image: Path, size: int, name: str, rtype: int, block: int, rand: boo
     return r
 
 
-# -- what decided the threading model -----------------------------------------------------------
-def dispatch(image: Path, size: int, count: int) -> dict[str, float]:
-    """Inline preadv vs a worker-thread hand-off; loop stall of fdatasync inline vs on the worker."""
-    import mmap
-    fd = os.open(image, os.O_RDWR)
-    buf = memoryview(mmap.mmap(-1, KIB4))
-    offsets = _offsets(size, KIB4, count, True, seed=2)
-    out: dict[str, float] = {}
-    c0 = time.process_time()
-    w0 = time.perf_counter()
-    for off in offsets:
-        os.preadv(fd, [buf], off)
-    out["inline_read_4k_us"] = (time.perf_counter() - w0) / count * 1e6
-    out["inline_read_4k_cpu_us"] = (time.process_time() - c0) / count * 1e6
-
-    async def handoff() -> None:
-        loop = asyncio.get_running_loop()
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            c0, w0 = time.process_time(), time.perf_counter()
-            for off in offsets:
-                await loop.run_in_executor(pool, os.preadv, fd, [buf], off)
-            out["worker_read_4k_us"] = (time.perf_counter() - w0) / count * 1e6
-            out["worker_read_4k_cpu_us"] = (time.process_time() - c0) / count * 1e6
-
-    async def stall(inline: bool) -> float:
-        """Largest gap of a 1 ms heartbeat while 32 MiB of dirty data is flushed."""
-        gaps: list[float] = []
-        stop = False
-
-        async def beat() -> None:
-            loop = asyncio.get_running_loop()
-            last = loop.time()
-            while not stop:
-                await asyncio.sleep(0.001)
-                now = loop.time()
-                gaps.append(now - last)
-                last = now
-        junk = os.urandom(MIB1)
-        for i in range(32):
-            os.pwrite(fd, junk, (i * MIB1) % size)
-        hb = asyncio.ensure_future(beat())
-        await asyncio.sleep(0.01)
-        if inline:
-            os.fdatasync(fd)
-        else:
-            await rig_flush()
-        await asyncio.sleep(0.01)
-        stop = True
-        await hb
-        return max(gaps) * 1e3
-
-    async def rig_flush() -> None:
-        cfg = BlockConfig(id="bench", mmio=MmioConfig(base=0x1000_0000, irq=5), path=image,
-                          lock=False)
-        dev = BlockDevice(cfg, GuestConfig("bench"), log=_NullLog())
-        await dev.open()
-        await asyncio.get_running_loop().run_in_executor(None, dev.backing.flush)
-        await dev.close()
-
-    try:
-        asyncio.run(handoff())
-        out["inline_fdatasync_stall_ms"] = asyncio.run(stall(True))
-        out["worker_fdatasync_stall_ms"] = asyncio.run(stall(False))
-    finally:
-        os.close(fd)
-        buf.release()
-    return out
+ENGINES = ("io_uring", "threads")
 
 
-# -- the full stack: daemon subprocess, simulated guest over the generic channel -----------------
-def full_stack(image: Path, work: Path, quick: bool,
-               plain: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """The same workloads through `vmmiod run` and the generic IOREQ channel.
-
-    Daemon CPU per request comes from /proc/<pid>/stat (10 ms ticks: enough requests are run
-    for a few hundred ms of daemon CPU); it includes the IOREQ for each QueueNotify, the
-    interrupt, and everything else the daemon does for the guest.
-    """
-    from vmmiod.sim.block import BlockDriver
-    from vmmiod.sim.guest import probe_windows
-    from vmmiod.sim.harness import DaemonProcess, GuestFiles, write_config
-    from vmmiod.sim.vmm import SimVmm
-
-    files = GuestFiles(work, image_size=image.stat().st_size)
-    os.link(image, files.image)  # the same (warm) file under the name the harness expects
-    write_config(files, net_peer_port=None, console=False, level="warning")
-    daemon = DaemonProcess(files).start()
-    results: dict[str, Any] = {}
-    try:
-        with SimVmm(ram_size=64 << 20) as vmm:
-            vmm.connect(files.socket)
-            dev = BlockDriver(vmm, probe_windows(vmm)["block"], queue_size=QUEUE_SIZE,
-                              max_io=MIB1, depth=32)
-            dev.start()
-            size = dev.capacity * 512
-            payload = {KIB4: os.urandom(KIB4), MIB1: os.urandom(MIB1)}
-            for name, rtype, block, rand in WORKLOADS:
-                for depth in (1, 32):
-                    count = (2000 if quick else 10000) if block == KIB4 else (
-                        128 if quick else 1024)
-                    count -= count % depth
-                    offsets = _offsets(size, block, count, rand, seed=3)
-                    data = payload[block] if rtype == VIRTIO_BLK_T_OUT else None
-                    cpu0, t0 = daemon.cpu_seconds(), time.perf_counter()
-                    for i in range(0, count, depth):
-                        for off in offsets[i:i + depth]:
-                            dev.submit(rtype, off >> 9, data, 0 if data else block)
-                        dev.kick()
-                        if any(r.status != VIRTIO_BLK_S_OK for _, r in dev.wait_all()):
-                            raise RuntimeError("a full-stack request failed")
-                    wall = time.perf_counter() - t0
-                    cpu = daemon.cpu_seconds() - cpu0
-                    key = f"{name} qd{depth}"
-                    r = {"iops": count / wall, "mb_s": count * block / wall / 1e6,
-                         "daemon_cpu_us": cpu / count * 1e6}
-                    base = plain.get(key)
-                    if base is not None:
-                        r["cpu_ratio"] = r["daemon_cpu_us"] / base["plain_cpu_us"]
-                        r["throughput_ratio"] = r["mb_s"] / base["plain_mb_s"]
-                    results[key] = r
-            dev.stop()
-    finally:
-        daemon.kill()
-        files.image.unlink(missing_ok=True)
-    return results
-
-
-def run(quick: bool = False, profile: bool = False) -> dict[str, Any]:
+def run(quick: bool = False, profile: bool = False, stack: bool = True) -> dict[str, Any]:
+    from vmmiod.bench import block_disk, block_stall
     size = (64 if quick else 256) << 20
     base = Path(os.environ.get("VMMIOD_BENCH_DIR", tempfile.gettempdir()))
+    results: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(dir=base, prefix="vmmiod-bench-blk-") as d:
+        results["disk"] = block_disk.run(Path(d), quick, ENGINES)
+        disk_image = block_disk.make_image(Path(d), (256 if quick else 1024) << 20)
+        results["stall"] = block_stall.run(disk_image, (*ENGINES, "sync"),
+                                           1.0 if quick else 3.0)
+        disk_image.unlink()
         image = Path(d) / "bench.img"
         with open(image, "wb") as f:  # allocated, non-zero, page-cache warm
             chunk = os.urandom(MIB1)
             f.writelines(chunk for _ in range(size // MIB1))
-        results: dict[str, Any] = {}
+        page: dict[str, Any] = {}
         for name, rtype, block, rand in WORKLOADS:
             for depth in (1, 32):
-                count = (4000 if quick else 40000) if block == KIB4 else (256 if quick else 2048)
+                count = (4000 if quick else 20000) if block == KIB4 else (256 if quick else 1024)
                 count -= count % depth
-                results[f"{name} qd{depth}"] = measure(image, size, name, rtype, block, rand,
-                                                       depth, count, profile)
-        results["dispatch"] = dispatch(image, size, 2000 if quick else 20000)
-        stack_dir = Path(d) / "stack"
-        stack_dir.mkdir()
-        results["full_stack"] = full_stack(image, stack_dir, quick, results)
+                page[f"{name} qd{depth}"] = measure(image, size, name, rtype, block, rand,
+                                                    depth, count, profile)
+        for engine in (*ENGINES[1:], "sync"):  # the other engines on the headline workload
+            count = 4000 if quick else 20000
+            page[f"rand-read-4k qd32 {engine}"] = measure(
+                image, size, "rand-read-4k", VIRTIO_BLK_T_IN, KIB4, True, 32, count, profile,
+                engine)
+        results["page_cache"] = page
+        if stack:
+            from vmmiod.bench.block_stack import full_stack
+            stack_dir = Path(d) / "stack"
+            stack_dir.mkdir()
+            results["full_stack"] = full_stack(image, stack_dir, quick, page)
     return results
 
 
 def main(argv: list[str] | None = None) -> int:
+    from vmmiod.bench import block_disk, block_stall
     argv = sys.argv[1:] if argv is None else argv
-    results = run(quick="--quick" in argv, profile="--profile" in argv)
-    print(f"{'virtio-blk workload':22} {'IOPS':>9} {'MB/s':>8} {'cpu us':>8} | "
+    results = run(quick="--quick" in argv, profile="--profile" in argv,
+                  stack="--no-stack" not in argv)
+    print("\n".join(block_disk.report(results["disk"], ENGINES)))
+    print()
+    print("\n".join(block_stall.report(results["stall"])))
+    print("\npage cache (warm image; default engine unless named)")
+    print(f"{'virtio-blk workload':26} {'IOPS':>9} {'MB/s':>8} {'cpu us':>8} | "
           f"{'plain IOPS':>10} {'MB/s':>8} {'cpu us':>8} | {'cpu x':>6} {'tput %':>7}")
-    for key, r in results.items():
-        if key in ("dispatch", "full_stack"):
-            continue
-        print(f"{key:22} {r['iops']:9,.0f} {r['mb_s']:8,.0f} {r['cpu_us']:8.2f} | "
+    for key, r in results["page_cache"].items():
+        print(f"{key:26} {r['iops']:9,.0f} {r['mb_s']:8,.0f} {r['cpu_us']:8.2f} | "
               f"{r['plain_iops']:10,.0f} {r['plain_mb_s']:8,.0f} {r['plain_cpu_us']:8.2f} | "
               f"{r['cpu_ratio']:6.2f} {r['throughput_ratio'] * 100:6.1f}%")
-    print("\nfull stack: `vmmiod run` child + simulated guest over the generic IOREQ channel")
-    print(f"{'virtio-blk workload':22} {'IOPS':>9} {'MB/s':>8} {'daemon cpu us':>14} | "
-          f"{'cpu x plain':>11} {'tput %':>7}")
-    for key, r in results["full_stack"].items():
-        print(f"{key:22} {r['iops']:9,.0f} {r['mb_s']:8,.0f} {r['daemon_cpu_us']:14.2f} | "
-              f"{r.get('cpu_ratio', 0):11.2f} {r.get('throughput_ratio', 0) * 100:6.1f}%")
-    d = results["dispatch"]
-    print("\nthreading model (why reads/writes run inline and fdatasync on a worker):")
-    for k, v in d.items():
-        print(f"  {k:32} {v:10.2f}")
-    for key, r in results.items():
+    if "full_stack" in results:
+        print("\nfull stack: `vmmiod run` child + simulated guest over the generic IOREQ channel")
+        print(f"{'virtio-blk workload':22} {'IOPS':>9} {'MB/s':>8} {'daemon cpu us':>14} | "
+              f"{'cpu x plain':>11} {'tput %':>7}")
+        for key, r in results["full_stack"].items():
+            print(f"{key:22} {r['iops']:9,.0f} {r['mb_s']:8,.0f} {r['daemon_cpu_us']:14.2f} | "
+                  f"{r.get('cpu_ratio', 0):11.2f} {r.get('throughput_ratio', 0) * 100:6.1f}%")
+    for key, r in results["page_cache"].items():
         if "profile" in r:
             print(f"\n--- profile: {key} (device side) ---\n{r['profile']}")
     return 0

@@ -239,6 +239,9 @@ class Engine:
             self._finish(op, -errno.ECANCELED)
             return
         if op.kind <= WRITE:
+            if res > 0 and res + op.done == op.length and op.bounce is None:
+                self._finish(op, op.length)  # the common case: all of it at once
+                return
             if res < 0:
                 if res in (-errno.EINTR, -errno.EAGAIN):
                     self._start(op)

@@ -141,6 +141,7 @@ class BlockIo(VirtioDevice):
             return  # reset meanwhile: these requests belong to nobody now
         touched: set[int] = set()
         syncs: list[Pending] = []
+        queues, mem, c = self.queues, self.memory, self.counters
         try:
             for op in ops:
                 owner = op.owner
@@ -149,12 +150,24 @@ class BlockIo(VirtioDevice):
                     for p in owner:
                         if p.error is None:
                             p.error = err
-                        self._finish(p, touched)
+                        if self._current(p):
+                            self._finish(p, touched)
                     continue
                 p = owner
                 if not self._current(p):
                     continue  # an older generation of its queue: nothing is written
                 res = op.result
+                if op.kind <= WRITE and res >= 0 and not p.sync:  # the common case, written out
+                    req = p.req
+                    index = p.queue
+                    c["in_flight"] -= 1
+                    self._inflight_q[index] -= 1
+                    c["bytes_read" if op.kind == READ else "bytes_written"] += res
+                    buf, off = mem.locate(req.status_gpa, 1, True)
+                    buf[off] = VIRTIO_BLK_S_OK
+                    queues[index].add_used(req.head, p.used)
+                    touched.add(index)
+                    continue
                 if op.kind == FALLOCATE and res in UNSUPPORTED:
                     if p.req.type == VIRTIO_BLK_T_DISCARD:
                         res = 0  # the filesystem cannot punch holes: the hint is dropped
@@ -178,7 +191,8 @@ class BlockIo(VirtioDevice):
             sticky = self._sticky
             if sticky:
                 for p in sticky:
-                    self._finish(p, touched)
+                    if self._current(p):
+                        self._finish(p, touched)
                 sticky.clear()
             if syncs:
                 self._sync(syncs, touched)
@@ -211,7 +225,7 @@ class BlockIo(VirtioDevice):
             self.counters["flushes"] += 1
             for p in waiters:
                 p.error = self.flush_error
-                self._finish(p, touched)
+                self._finish(p, touched)  # (current: checked in this batch)
             return
         self.engine.submit(Op(FSYNC, self.backing.buffered_fd, owner=waiters, mode=1))
 
@@ -236,8 +250,7 @@ class BlockIo(VirtioDevice):
         return False
 
     def _finish(self, p: Pending, touched: set[int]) -> None:
-        if not self._current(p):
-            return
+        """Status and used element of a current request (the caller checked _current)."""
         mem = self.memory
         assert mem is not None
         req = p.req
