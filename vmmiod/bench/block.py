@@ -26,13 +26,13 @@ import cProfile
 import io
 import os
 import pstats
-import random
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
+from vmmiod.bench.block_workloads import KIB4, MIB1, QUEUE_SIZE, WORKLOADS, _offsets
 from vmmiod.config import BlockConfig, GuestConfig, MmioConfig
 from vmmiod.devices.block import BlockDevice
 from vmmiod.devices.block_request import (
@@ -46,14 +46,7 @@ from vmmiod.sim.vring import Allocator, DriverQueue
 from vmmiod.virtqueue import SplitQueue
 
 GPA = 0x4000_0000
-QUEUE_SIZE = 128
-KIB4 = 4096
-MIB1 = 1 << 20
 ROUNDS = 3  # plain and device alternate; each side keeps its best round (the host is shared)
-WORKLOADS = (("rand-read-4k", VIRTIO_BLK_T_IN, KIB4, True),
-             ("rand-write-4k", VIRTIO_BLK_T_OUT, KIB4, True),
-             ("seq-read-1m", VIRTIO_BLK_T_IN, MIB1, False),
-             ("seq-write-1m", VIRTIO_BLK_T_OUT, MIB1, False))
 
 
 class _Transport:
@@ -138,14 +131,6 @@ class _NullLog:
 
     def bind(self, **kw: Any) -> _NullLog:
         return self
-
-
-def _offsets(size: int, block: int, count: int, rand: bool, seed: int = 1) -> list[int]:
-    slots = size // block
-    if rand:
-        rng = random.Random(seed)
-        return [rng.randrange(slots) * block for _ in range(count)]
-    return [(i % slots) * block for i in range(count)]
 
 
 class Plain:

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from vmmiod.bench.block import KIB4, MIB1, QUEUE_SIZE, WORKLOADS, _offsets
+from vmmiod.bench.block_workloads import KIB4, MIB1, QUEUE_SIZE, WORKLOADS, _offsets
 from vmmiod.devices.block_request import VIRTIO_BLK_S_OK, VIRTIO_BLK_T_OUT
 
 
