@@ -139,6 +139,19 @@ def test_slot_not_ready_is_left_alone(page: mmap.mmap, bus: MmioBus) -> None:
     assert bus.requests == 0
 
 
+def test_slot_left_in_process_by_a_dead_daemon_is_served_on_resume(page: mmap.mmap,
+                                                                     bus: MmioBus) -> None:
+    """A new daemon taking over (docs/restart.md) answers INPROCESS too: the vCPU still waits."""
+    put(page, 1, addr=BASE + MAGIC_VALUE, state=STATE_IOREQ_INPROCESS)
+    assert serve_ioreq_slot(page, 1, bus) is False
+    assert serve_ioreq_slot(page, 1, bus, resume=True) is True
+    x = decode_ioreq(page, 32)
+    assert x.state == STATE_IORESP_READY and x.data == MAGIC_VALUE_VIRT
+    for state in (STATE_IOREQ_NONE, STATE_IORESP_READY):  # nothing pending: left alone
+        put(page, 1, addr=BASE, state=state)
+        assert serve_ioreq_slot(page, 1, bus, resume=True) is False
+
+
 def test_slot_read_answers_data_and_state_only(page: mmap.mmap, bus: MmioBus) -> None:
     put(page, 3, addr=BASE + MAGIC_VALUE, data=0xDEAD_BEEF_0000_0000, df=0)
     page[30 + 3 * 32] |= 0x80  # the reserved bit, which must survive
