@@ -189,3 +189,22 @@ def test_fds_with_every_byte_close_the_connection_not_exhaust_the_daemon(
         fe.close()
     ep = d.call(lambda: d.adaptor.endpoint("disk0"))  # type: ignore[attr-defined]
     assert d.call(lambda: dict(ep.violation_reasons)) == {"too_many_fds": 1}
+
+
+def test_a_silent_connection_does_not_hold_the_device(
+        blk: tuple[ThreadedVhost, BlockDevice, str]) -> None:
+    d, _, sock = blk
+    ep = d.call(lambda: d.adaptor.endpoint("disk0"))  # type: ignore[attr-defined]
+    d.call(lambda: setattr(ep, "first_message_timeout", 0.2))
+    squatter = FrontEnd(connect(sock))
+    try:
+        assert squatter.closed_by_peer()
+        assert d.call(lambda: dict(ep.violation_reasons)) == {"silent": 1}
+    finally:
+        squatter.close()
+    fe = FrontEnd(connect(sock))  # the VMM gets the device
+    try:
+        fe.negotiate()
+        assert fe.call_u64(w.GET_QUEUE_NUM) == 1
+    finally:
+        fe.close()

@@ -26,6 +26,9 @@ from vmmiod.hypervisors.vhost_user.session import Session
 from vmmiod.hypervisors.vhost_user.vring import close_quietly
 
 MESSAGES_PER_WAKEUP = 64  # then yield to the loop: one chatty front-end cannot starve others
+# A front-end speaks first, at once (QEMU sends GET_FEATURES as it connects): a connection
+# silent this long is closed, so it cannot hold the device's one slot against the real VMM.
+FIRST_MESSAGE_TIMEOUT = 10.0
 COUNTERS = ("connections", "disconnects", "violations", "internal_errors", "refused", "messages",
             "kicks", "calls", "calls_dropped", "device_faults", "config_changes_unsent",
             "memory_regions", "connect_failures")
@@ -49,6 +52,9 @@ class Endpoint:
         self.sock: socket.socket | None = None
         self.session: Session | None = None
         self.retry: asyncio.TimerHandle | None = None
+        self.first_message_timeout = FIRST_MESSAGE_TIMEOUT
+        self._silence: asyncio.TimerHandle | None = None
+        self._messages_at_attach = 0
         self._attempts = 0  # connection attempts since the last success (log throttling)
         self._buf = bytearray()
         self._fds: list[int] = []
@@ -144,9 +150,21 @@ class Endpoint:
         self._buf.clear()
         self._hdr = None
         self.session = Session(self.device, self, self.log, self.counters)
+        self._messages_at_attach = self.counters["messages"]
         self.counters["connections"] += 1
         self.loop.add_reader(sock.fileno(), self._on_readable)
+        self._silence = self.loop.call_later(self.first_message_timeout, self._silent, sock)
         self.log.info("vhost_user_connected")
+
+    def _silent(self, sock: socket.socket) -> None:
+        self._silence = None
+        if self.sock is sock and self.counters["messages"] == self._messages_at_attach:
+            self.counters["violations"] += 1
+            self.violation_reasons["silent"] = self.violation_reasons.get("silent", 0) + 1
+            self.log.warning("vhost_user_protocol_violation", reason="silent", request=None,
+                             message=f"no message within {self.first_message_timeout} s of "
+                                     "connecting")
+            self.disconnect("protocol_violation")
 
     # -- messages ----------------------------------------------------------------------------------
     def _on_readable(self) -> None:
@@ -226,6 +244,9 @@ class Endpoint:
         if sock is None:
             return
         self.sock, self.session = None, None
+        if self._silence is not None:
+            self._silence.cancel()
+            self._silence = None
         self.counters["disconnects"] += 1
         self.loop.remove_reader(sock.fileno())
         for fd in self._fds:
