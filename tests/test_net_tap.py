@@ -152,6 +152,15 @@ def test_arp_and_ping_get_the_kernels_replies() -> None:
                 assert inet_checksum(msg) == 0
             assert g.device.counters["tx_frames"] == 4
             assert g.driver.transport.faults == []
+            # The cost counters per queue: each frame sent after the device went idle was a
+            # kick and a transmit run, which then read the backend at once.
+            stats = g.device.stats()
+            assert stats["notifications_q1"] == stats["runs_q1"] == stats["rx_after_tx"] == 4
+            assert stats["notifications_q2"] == stats["runs_q2"] == 0
+            assert stats["interrupts_q0"] >= 4 and stats["interrupts_q1"] == 4
+            # The kernel answers inside the TAP write, so each reply left with its request's
+            # interrupt: 4 in all (one more per frame that arrived on its own), not 4 + 4.
+            assert 4 <= stats["interrupts"] <= 4 + stats["rx_wakeups"] and stats["interrupts"] < 8
         finally:
             await g.stop()
     in_netns(body)

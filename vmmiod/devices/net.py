@@ -103,7 +103,8 @@ class NetDevice(VirtioDevice):
         self._tx_undone = -1  # head given back to the ring on EAGAIN: the next pop must be it
         self._opened = False
         for key in ("rx_frames", "rx_bytes", "tx_frames", "tx_bytes", "ctrl_commands",
-                    "ctrl_errors", "config_interrupts", "link_changes", "inconsistencies"):
+                    "ctrl_errors", "config_interrupts", "link_changes", "inconsistencies",
+                    "rx_wakeups", "rx_after_tx"):
             self.counters[key] = 0
         for reason in RxDrop:
             self.counters[f"rx_dropped_{reason.value}"] = 0
@@ -297,18 +298,25 @@ class NetDevice(VirtioDevice):
         count_drop(self.log, self.counters, "rx", reason.value)
 
     def _rx_ready(self) -> None:
+        self.counters["rx_wakeups"] += 1  # the backend fd became readable: one loop wake-up
+        if self._rx_drain():
+            self.interrupt(RX_QUEUE)
+
+    def _rx_drain(self) -> bool:
+        """Receive what the backend has queued; True when the driver wants an interrupt."""
         q = self._queue(RX_QUEUE)
         if q is None:
             self._rx_stop()
-            return
+            return False
         start = q.next_used
+        want = False
         try:
             for _ in range(RX_BUDGET):
                 if not self._rx_fill(q):
                     self._rx_stop()
                     if q.enable_notification():  # buffers arrived while we looked
                         self._reschedule(RX_QUEUE)
-                    return
+                    break
                 self._rx_one(q)
         except BlockingIOError:
             pass
@@ -317,9 +325,10 @@ class NetDevice(VirtioDevice):
             self.log.warning("net_backend_error", op="receive", error=str(exc))
         finally:
             if q.next_used != start:
-                self.notify_used(RX_QUEUE)
+                want = self.publish_used(RX_QUEUE)
             if ring_unbalanced(q, len(self._rx_held)):
                 self._inconsistent(q, held=len(self._rx_held))
+        return want
 
     def _rx_one(self, q: SplitQueue) -> None:
         """Receive one frame into the held chains (BlockingIOError when none is queued)."""
@@ -381,10 +390,24 @@ class NetDevice(VirtioDevice):
                     break
                 done += 1
         finally:
-            if done:
-                self.notify_used(TX_QUEUE)
+            want = bool(done) and self.publish_used(TX_QUEUE)
             if q.ready and ring_unbalanced(q, 0):
                 self._inconsistent(q, held=0)
+        if done and self._reading:
+            # The host stack answers a frame inside our write (a ping reply, a TCP ACK, the
+            # data an ACK lets it send): take that now, so one interrupt covers both queues
+            # instead of a second one after the next loop wake-up.
+            self.counters["rx_after_tx"] += 1
+            want = self._rx_poll() or want
+        if want:
+            self.interrupt(TX_QUEUE)
+
+    def _rx_poll(self) -> bool:
+        try:
+            return self._rx_drain()
+        except (VirtqueueError, GuestMemoryError) as exc:
+            self.fault(queue_fault_reason(RX_QUEUE, exc), queue=RX_QUEUE, error=type(exc).__name__)
+            return False
 
     def _tx_one(self, q: SplitQueue, chain: DescriptorChain) -> bool:
         """Send one chain; False when the backend is full (the chain goes back to the ring)."""
