@@ -208,3 +208,35 @@ def test_a_silent_connection_does_not_hold_the_device(
         assert fe.call_u64(w.GET_QUEUE_NUM) == 1
     finally:
         fe.close()
+
+
+def test_multiqueue_block_each_ring_started_on_its_own(tmp_path: Path) -> None:
+    img = tmp_path / "mq.img"
+    img.write_bytes(bytes(1 << 20))
+    dev = BlockDevice(BlockConfig(id="mq", mmio=NO_WINDOW, path=img, queues=2,
+                                  vhost_user=VhostUserSocket(tmp_path / "mq.sock")), GUEST)
+    sock = str(tmp_path / "mq.sock")
+    with ThreadedVhost([("mq", dev, sock)]) as d:
+        fe = FrontEnd(connect(sock))
+        try:
+            fe.negotiate()
+            assert fe.call_u64(w.GET_QUEUE_NUM) == 2
+            fe.add_mem_reg()
+            fe.start_ring(0, size=16)
+            blk_request(fe, 0, BLK_T_OUT, 0, b"0" * 512, token="q0")
+            fe.kick(0)
+            assert fe.wait_used(0) == [("q0", 1)]
+            fe.start_ring(1, size=32)  # the device is active already: only this ring starts
+            _, buf, _ = blk_request(fe, 1, BLK_T_IN, 0, read_len=512, token="q1")
+            fe.kick(1)
+            assert fe.wait_used(1) == [("q1", 513)]
+            assert fe.memory.read(buf, 512) == b"0" * 512
+            assert fe.stop_ring(0) == 1
+            assert d.call(lambda: dev.active) is True  # ring 1 still runs
+            blk_request(fe, 1, BLK_T_OUT, 1, b"1" * 512, token="q1b")
+            fe.kick(1)
+            assert fe.wait_used(1) == [("q1b", 1)]
+            assert fe.stop_ring(1) == 2
+            assert d.call(lambda: dev.active) is False
+        finally:
+            fe.close()

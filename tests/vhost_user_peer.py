@@ -300,7 +300,7 @@ class ThreadedVhost:
 
     def stop(self) -> None:
         async def down() -> None:
-            self.adaptor.quiesce()  # type: ignore[attr-defined]
+            self.adaptor.close_connections()  # type: ignore[attr-defined]
             for _, dev, _ in self.specs:
                 await dev.close()  # type: ignore[attr-defined]
             await self.adaptor.stop()  # type: ignore[attr-defined]

@@ -234,9 +234,9 @@ class Daemon:
             self.adaptor.quiesce()  # no request may meet a window being torn down
         if self.bus is not None:
             self.bus.detach_memory()
-        quiesce = getattr(self.adaptor, "quiesce", None)
-        if quiesce is not None:  # vhost-user: connections closed, devices reset, memory unmapped
-            quiesce()
+        close_connections = getattr(self.adaptor, "close_connections", None)
+        if close_connections is not None:  # vhost-user: devices reset, memory unmapped
+            close_connections()
         for dcfg, device in reversed(self.devices):
             ok &= await self._bounded(device.close(), deadline, "device_close", device=dcfg.id)
         if self.adaptor is not None:

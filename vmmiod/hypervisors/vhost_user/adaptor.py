@@ -306,8 +306,11 @@ class VhostUserAdaptor(Adaptor):
             self.endpoints.append(ep)
             ep.open(self.socket_mode)
 
-    def quiesce(self) -> None:
-        """Every connection closed: devices reset, guest memory unmapped (before devices close)."""
+    def close_connections(self) -> None:
+        """Every connection closed: devices reset, guest memory unmapped (before devices close).
+
+        Also at a restart: the next instance is found by the VMM's reconnect, and what was in
+        flight is redone from the inflight record (docs/vhost-user.md)."""
         for ep in self.endpoints:
             ep.disconnect("daemon_stopping")
 
