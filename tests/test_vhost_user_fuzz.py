@@ -72,6 +72,7 @@ moves = st.one_of(
     st.tuples(st.just("scribble"), st.integers(0, RAM - 64), st.binary(min_size=1, max_size=64)),
     st.tuples(st.just("kick"), ring_index),
     st.tuples(st.just("pause")),
+    st.tuples(st.just("ram"), st.sampled_from([w.REM_MEM_REG, w.ADD_MEM_REG, w.SET_MEM_TABLE])),
     st.tuples(st.just("garbage"), st.sampled_from(["desc", "avail", "used"]),
               st.integers(0, 300), st.binary(min_size=1, max_size=32)),
     st.tuples(st.just("simple"), st.sampled_from([w.GET_FEATURES, w.GET_PROTOCOL_FEATURES,
@@ -175,6 +176,15 @@ def send(fe: FrontEnd, fds: Fds, move: tuple[Any, ...], ram_fd: int) -> None:
             fe.memory.write(base + move[2] % size, move[3])
             fe.kick(0)
             time.sleep(0.005)  # let the device work on it before the next move
+    elif kind == "ram":  # the guest RAM itself removed, added again or replaced, rings running
+        region = fe.region()
+        if move[1] == w.SET_MEM_TABLE:
+            fe.send(w.SET_MEM_TABLE, w.pack_memory([region]), [ram_fd])
+        else:
+            fe.send(move[1], w.pack_mem_reg(region), [ram_fd] if move[1] == w.ADD_MEM_REG else [])
+        if 0 in fe.rings:
+            fe.kick(0)
+            time.sleep(0.005)
     elif kind == "pause":
         time.sleep(0.005)
     elif kind == "kick":
