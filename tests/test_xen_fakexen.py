@@ -95,6 +95,19 @@ class FakeXen:
         self.domains[domid] = name
         self._set(f"/local/domain/{domid}/name", name)
 
+    def name_domain(self, domid: int, name: str) -> None:
+        """What libxl does first: the domain exists and is named, not yet introduced to
+        xenstored (xs_is_domain_introduced says no until introduce())."""
+        self._set(f"/local/domain/{domid}/name", name)
+
+    def introduce(self, domid: int, name: str) -> None:
+        self.domains[domid] = name
+        self._fire("@introduceDomain")
+
+    def fire_release(self) -> None:
+        """@releaseDomain fires for some other reason (another domain, a shutdown)."""
+        self._fire("@releaseDomain")
+
     def toolstack_write(self, path: str, value: str) -> None:
         self._set(path, value)
 

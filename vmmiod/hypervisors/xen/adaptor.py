@@ -26,7 +26,7 @@ from vmmiod.hypervisors.xen.handles import DeviceModel, EventChannels, ForeignMe
 from vmmiod.hypervisors.xen.irq import IrqRangeError, Privcmd, XenInterruptLine, check_irq
 from vmmiod.hypervisors.xen.libs import Loader, XenLibs, load_libraries
 from vmmiod.hypervisors.xen.server import IoreqServer
-from vmmiod.hypervisors.xen.xenstore import XenStore, XenStoreError, find_domid_by_name
+from vmmiod.hypervisors.xen.xenstore import XenStore, XenStoreError, find_domids_by_name
 
 POLL_INTERVAL = 0.2  # seconds between looks for the domain / backend entries
 
@@ -124,26 +124,34 @@ class XenAdaptor(Adaptor):
                 raise PlatformUnavailable(f"{path} is missing: {NODES[name]}")
 
     async def _resolve_domid(self) -> int:
+        """The guest's domid, once xenstored has it introduced.
+
+        libxl writes /local/domain/<domid>/name before it introduces the domain; a domain that
+        is named but not introduced yet must not be served, nor taken for gone (the release
+        watch would fire at once and `xs_is_domain_introduced` say no). A dying domain of the
+        same name (a reboot in progress) is not introduced any more either: the newest
+        introduced domain of that name is ours.
+        """
         assert self.xs is not None
         guest = self.config.guest
         deadline = time.monotonic() + max(self.xen.domain_wait, 0.0)
         announced = False
         while True:
             if guest.domid is not None:
-                if (self.xs.read(f"/local/domain/{guest.domid}/name") is not None
-                        or self.xs.domain_introduced(guest.domid)):
+                if self.xs.domain_introduced(guest.domid):
                     return guest.domid
             else:
-                found = find_domid_by_name(self.xs, guest.name)
-                if found is not None:
-                    self.log.info("xen_domain_resolved", name=guest.name, domid=found)
-                    return found
+                found = [d for d in find_domids_by_name(self.xs, guest.name)
+                         if self.xs.domain_introduced(d)]
+                if found:
+                    self.log.info("xen_domain_resolved", name=guest.name, domid=max(found))
+                    return max(found)
             if time.monotonic() >= deadline:
                 what = (f"domain {guest.domid}" if guest.domid is not None
                         else f"a domain named {guest.name!r}")
                 raise PlatformUnavailable(
                     f"{what} did not appear within {self.xen.domain_wait:g} s (hypervisor."
-                    "domain_wait): create the guest (xl create -p) before or while vmmiod starts")
+                    "domain_wait): create the guest (xl create) before or while vmmiod starts")
             if not announced:
                 self.log.info("xen_domain_waiting", name=guest.name, domid=guest.domid,
                               timeout=self.xen.domain_wait)

@@ -158,8 +158,12 @@ def read_backend_entries(xs: XenStore, backend_domid: int, domid: int,
             irq = parse_number(xs.read(f"{path}/irq"))
             if devid is None or base is None or irq is None:
                 if log is not None:
-                    log.warning("xen_backend_entry_invalid", path=path, base_present=base
-                                is not None, irq_present=irq is not None)
+                    # xl removes an entry key by key on destroy (`state` first): an entry
+                    # without a state, or past Closing, is one going away, not a bad one.
+                    state = parse_number(xs.read(f"{path}/state"))
+                    emit = log.debug if state is None or state >= 5 else log.warning
+                    emit("xen_backend_entry_invalid", path=path, base_present=base is not None,
+                         irq_present=irq is not None, state=state)
                 continue
             gu = parse_number(xs.read(f"{path}/grant_usage"))
             out.append(BackendEntry(
@@ -184,10 +188,16 @@ def entry_problems(entry: BackendEntry, domid: int) -> list[str]:
     return problems
 
 
-def find_domid_by_name(xs: XenStore, name: str) -> int | None:
+def find_domids_by_name(xs: XenStore, name: str) -> list[int]:
+    """Every domid whose /local/domain/<domid>/name is `name` (during a reboot the dying domain
+    and the new one can both carry it)."""
+    out = []
     for d in xs.directory("/local/domain"):
-        if not d.isdigit():
-            continue
-        if xs.read(f"/local/domain/{d}/name") == name:
-            return int(d)
-    return None
+        if d.isdigit() and xs.read(f"/local/domain/{d}/name") == name:
+            out.append(int(d))
+    return out
+
+
+def find_domid_by_name(xs: XenStore, name: str) -> int | None:
+    found = find_domids_by_name(xs, name)
+    return max(found) if found else None

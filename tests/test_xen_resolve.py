@@ -1,0 +1,83 @@
+"""The domain-resolution race against the in-process Xen (tests/test_xen_fakexen.py).
+
+libxl names a domain (/local/domain/<domid>/name) before it introduces it to xenstored, and
+@releaseDomain fires for reasons other than our guest's end (at registration, for any other
+domain, for a shutdown). vmmiod must serve the guest once it is introduced, never take it for
+gone because a watch fired, and never end with status 0 without having served a guest that
+exists.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from tests.test_xen_adaptor import adaptor, dev_dir, make_config, prepare_fails  # noqa: F401
+from tests.test_xen_fakexen import FakeXen
+
+DOMID = 9
+
+
+def _scenario(fake: FakeXen, a: Any, *, domid: int | None) -> None:
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        introduced_at: list[float] = []
+
+        def introduce() -> None:
+            introduced_at.append(loop.time())
+            fake.introduce(DOMID, "late")
+            fake.add_backend("virtio_disk", DOMID, 51712, "33554432", 33)
+
+        fake.name_domain(DOMID, "late")  # named, not introduced
+        loop.call_later(0.1, fake.fire_release)  # an early release (another domain's)
+        loop.call_later(0.4, introduce)
+        await a.prepare()
+        assert introduced_at, "resolved a domain that was not introduced yet"
+        assert a.domid == DOMID
+        await a.start()
+        # The watches' registration fires them; another domain goes: ours is still here.
+        fake.fire_release()
+        await asyncio.sleep(0.1)
+        assert a.finished is not None and not a.finished.done()
+        fake.destroy_domain(DOMID)
+        assert await asyncio.wait_for(a.finished, 2) == 0
+        await a.stop()
+
+    asyncio.run(scenario())
+
+
+def test_name_before_introduction_waits_for_it(dev_dir: str) -> None:  # noqa: F811
+    fake = FakeXen()
+    a = adaptor(make_config([("blk", None, None)], domid=None, name="late", domain_wait=5),
+                fake, dev_dir)
+    _scenario(fake, a, domid=None)
+
+
+def test_explicit_domid_waits_for_introduction_too(dev_dir: str) -> None:  # noqa: F811
+    fake = FakeXen()
+    a = adaptor(make_config([("blk", None, None)], domid=DOMID, name="late", domain_wait=5),
+                fake, dev_dir)
+    _scenario(fake, a, domid=DOMID)
+
+
+def test_named_but_never_introduced_is_not_success(dev_dir: str) -> None:  # noqa: F811
+    fake = FakeXen()
+    fake.name_domain(DOMID, "late")
+    exc = prepare_fails(adaptor(make_config([], domid=None, name="late", domain_wait=0.5),
+                                fake, dev_dir))
+    assert exc.exit_code == 69 and "did not appear" in str(exc)
+
+
+def test_newest_introduced_domain_of_the_name_is_ours(dev_dir: str) -> None:  # noqa: F811
+    """A reboot: the dying domain (no longer introduced) still has its name in xenstore."""
+    fake = FakeXen()
+    fake.name_domain(4, "web")  # dying: named, not introduced any more
+    fake.add_domain(12, "web")
+    a = adaptor(make_config([], domid=None, name="web", domain_wait=1), fake, dev_dir)
+
+    async def scenario() -> None:
+        await a.prepare()
+        assert a.domid == 12
+        await a.stop()
+
+    asyncio.run(scenario())
