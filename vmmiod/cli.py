@@ -1,6 +1,6 @@
-"""The `vmmiod` command: run, check, demo, bench.
+"""The `vmmiod` command: run, dom0, check, demo, bench.
 
-`run` and `check` are here; `demo` and `bench` hand their arguments, untouched, to their own
+`run`, `dom0` and `check` are here (`dom0` hands over to vmmiod.dom0); `demo` and `bench` hand their arguments, untouched, to their own
 modules (vmmiod.demo, vmmiod.bench), which parse them.
 """
 
@@ -47,6 +47,16 @@ def build_parser() -> argparse.ArgumentParser:
                                      "until the guest goes away.")
     _common(run, suppress=True)
     run.add_argument("config", type=Path, help="the guest's YAML file")
+    dom0 = sub.add_parser("dom0", help="the Xen dom0 service: serve every guest the "
+                                       "toolstack gives virtio devices (what systemd starts)",
+                          description="Watch xenstore for the virtio backend entries xl writes "
+                                      "and serve each new guest with its own instance and "
+                                      "<config dir>/<domain name>.yaml, until SIGTERM/SIGINT.")
+    _common(dom0, suppress=True)
+    dom0.add_argument("--config-dir", type=Path, default=Path("/etc/vmmiod"),
+                      help="where the guests' YAML files are (default: /etc/vmmiod)")
+    dom0.add_argument("--backend-domid", type=int, default=None,
+                      help="the domain whose backend entries to follow (default: this one)")
     check = sub.add_parser("check", help="validate a config and print what would be served",
                            description="Validate a guest's YAML and print the devices, windows, "
                                        "IRQs and backends it would serve, touching nothing. "
@@ -71,6 +81,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(args_list)
     if args.command == "check":
         return check(args.config, as_json=args.json, check_files=not args.no_files)
+    if args.command == "dom0":
+        from vmmiod import dom0
+
+        return dom0.main(args.config_dir, backend_domid=args.backend_domid,
+                         log_format=args.log_format, log_level=args.log_level)
     return run(args.config, log_format=args.log_format, log_level=args.log_level)
 
 
