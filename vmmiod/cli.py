@@ -140,6 +140,10 @@ def describe(config: Config) -> str:
             where = f"window {m.base:#010x}-{m.base + MMIO_WINDOW_SIZE - 1:#010x} irq {m.irq}"
         lines.append(f"  {dev.id:<10} {dev.type:<8} {where}  virtio-mmio v{m.version}")
         lines.append(f"  {'':<10} {'':<8} {_backend(dev)}")
+    if h.kind == "xen":
+        from vmmiod.xlconfig import xl_lines
+
+        lines += xl_lines(config)
     return "\n".join(lines)
 
 

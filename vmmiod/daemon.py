@@ -334,7 +334,10 @@ def loop_factory() -> tuple[Callable[[], asyncio.AbstractEventLoop], dict[str, A
 
 def run(config: Config, *, level_from_cli: bool = False) -> int:
     """`vmmiod run`: serve one guest until stopped. Logging is configured by the caller."""
-    log = logsetup.get_logger(guest=config.guest.name)
+    # A known domid (given in the YAML, or by the dom0 service) tells instances apart in a log
+    # that several share.
+    extra = {} if config.guest.domid is None else {"domid": config.guest.domid}
+    log = logsetup.get_logger(guest=config.guest.name, **extra)
     notifier = Notifier(log=log)
     factory, loop_info = loop_factory()
     with asyncio.Runner(loop_factory=factory) as runner:

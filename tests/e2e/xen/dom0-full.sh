@@ -1,18 +1,26 @@
-# Sourced by dom0.sh when E2E_MODE=full: vmmiod serves the domU's block, net and console devices.
+# Sourced by dom0.sh when E2E_MODE=full: vmmiod's dom0 service serves the guests xl creates.
 #
-# xl 4.17 only knows virtio *disks*, so the guest config declares one per window and vmmiod's
-# YAML says what each window is (the guest binds its driver by the DeviceID register):
+# The service is started exactly as README.md's systemd unit starts it (`vmmiod dom0 --log-format
+# json`, here `python3 -m vmmiod dom0 ...` since this dom0 has no systemd and no installed
+# script: the same entry point), before any guest exists, with the YAMLs in /etc/vmmiod. From
+# then on only xl is used, each step a named result line ("step name=... rc=... seconds=..."):
+#   create_e2e      xl create (no -p) of "e2e": four windows from xenstore (mmio: auto)
+#   create_web2     xl create of "web2" while e2e runs: two explicit windows (two guests at once)
+#   create_stranger xl create of a guest with no YAML: the service leaves it alone (xl fails
+#                   after its 10 s wait for InitWait, which nobody writes)
+#   create_bad      xl create of a guest whose YAML does not match its xl disks (irq): that
+#                   instance fails with 78, xl fails after 10 s, the service goes on
+#   guest_reboot    e2e reboots itself (reboot -f): xl builds a new domain, a new instance serves it
+#   xl_reboot       `xl reboot e2e`: the same through the toolstack (boot 3)
+#   xl_shutdown     `xl shutdown -w web2`: the guest powers off, its instance exits 0
+#   xl_destroy      `xl destroy e2e`: must take under 3 s and report nothing
+#   service_stop    SIGTERM to the service: exit 0
+# xl 4.17 only knows virtio *disks*, so e2e's config declares one per window and its YAML says
+# what each window is (the guest binds its driver by the DeviceID register):
 #   xvda -> 0x2000000 irq 33: block, read-write   xvdb -> 0x2000200 irq 34: block, read-only
 #   xvdc -> 0x2000400 irq 35: net                  xvdd -> 0x2000600 irq 36: console
-# The daemon takes those windows from xenstore (`mmio: auto`, in declaration order). libxl stats
-# each disk's target (a regular file or block device), so the net and console windows name empty
-# placeholder files: only vmmiod's YAML says what a window serves.
-#
-# Lifecycle: like `systemd` would with vmmiod@e2e.service (Restart=always), a vmmiod instance is
-# started before the guest exists (it waits for the domain by name), `xl create -p`, daemon READY,
-# `xl unpause`. When the guest reboots (on_reboot = "restart"), xl destroys the domain and creates
-# a new one: the first instance exits, a second one picks up the new domain. At the end
-# `xl destroy` must leave the last instance exiting 0 and xl without a device error.
+# libxl stats each disk's target (a regular file or block device), so the net and console
+# windows name empty placeholder files: only vmmiod's YAML says what a window serves.
 # The images live in dom0's RAM, as on a local disk: not on the 9p share, whose zero-copy reads
 # and writes cannot pin foreign-mapped guest pages (EFAULT). They go back to /out at the end.
 IMG_RW=/tmp/disk-rw.img
@@ -20,8 +28,7 @@ IMG_RO=/tmp/disk-ro.img
 CON_SOCK=/run/vmmiod/e2e-console.sock
 PORT_SOCK=/run/vmmiod/e2e-port.sock
 WINDOWS_DIR=/run/vmmiod/e2e-windows
-VMMIOD_STARTS=0
-mkdir -p /run/vmmiod $WINDOWS_DIR
+mkdir -p /run/vmmiod $WINDOWS_DIR /etc/vmmiod
 cp /out/disk-ro.img "$IMG_RO"
 truncate -s "$((DISK_RW_MIB * 1048576))" "$IMG_RW"
 : > $WINDOWS_DIR/net0
@@ -29,7 +36,7 @@ truncate -s "$((DISK_RW_MIB * 1048576))" "$IMG_RW"
 # A crash in native code (ctypes) then leaves a Python traceback in the daemon's log.
 export PYTHONFAULTHANDLER=1
 
-cat > /tmp/guest.yaml <<YAML
+cat > /etc/vmmiod/$GUEST.yaml <<YAML
 # vmmiod configuration for the e2e guest, as a user would write it.
 guest:
   name: $GUEST
@@ -70,7 +77,7 @@ devices:
           kind: socket
           path: $PORT_SOCK
 YAML
-cp /tmp/guest.yaml /out/guest.yaml
+cp /etc/vmmiod/$GUEST.yaml /out/guest.yaml
 
 VD="backendtype=standalone, specification=virtio, format=raw"
 cat > /tmp/guest.cfg <<CFG
@@ -90,29 +97,94 @@ disk = [ "$VD, vdev=xvda, access=rw, target=$IMG_RW",
 CFG
 cp /tmp/guest.cfg /out/guest.cfg
 
+
+# -- the second guest (explicit windows), the one without a YAML, the mismatched one -------------
+cp /out/disk-ro.img /tmp/web2-ro.img
+truncate -s 8M /tmp/web2-rw.img
+: > /tmp/stranger.img
+cat > /etc/vmmiod/web2.yaml <<YAML
+# Explicit windows: they must be the ones xl gives web2's two disks (xvda, xvdb).
+guest:
+  name: web2
+hypervisor:
+  kind: xen
+log:
+  format: json
+  stats_interval: 0
+devices:
+  - id: ro
+    type: block
+    mmio: {base: 0x2000000, irq: 33}
+    path: /tmp/web2-ro.img
+    readonly: true
+  - id: rw
+    type: block
+    mmio: {base: 0x2000200, irq: 34}
+    path: /tmp/web2-rw.img
+YAML
+cat > /etc/vmmiod/bad.yaml <<YAML
+# Does not match bad.cfg: xl gives its disk irq 33, not 40.
+guest:
+  name: bad
+hypervisor:
+  kind: xen
+log:
+  format: json
+devices:
+  - id: disk0
+    type: block
+    mmio: {base: 0x2000000, irq: 40}
+    path: /tmp/stranger.img
+YAML
+cp /etc/vmmiod/web2.yaml /etc/vmmiod/bad.yaml /out/
+small_cfg() {  # NAME MEMORY MODE DISKS...
+    _name=$1 _mem=$2 _mode=$3; shift 3
+    _disks=""
+    for _d in "$@"; do _disks="$_disks${_disks:+, }\"$VD, $_d\""; done
+    cat <<CFG
+name = "$_name"
+kernel = "/e2e/vmlinuz"
+ramdisk = "/tmp/domU.cpio"
+extra = "console=hvc0 rdinit=/init e2e.mode=$_mode"
+memory = $_mem
+vcpus = 1
+on_poweroff = "destroy"
+on_reboot = "restart"
+on_crash = "destroy"
+disk = [ $_disks ]
+CFG
+}
+small_cfg web2 128 light "vdev=xvda, access=ro, target=/tmp/web2-ro.img" \
+    "vdev=xvdb, access=rw, target=/tmp/web2-rw.img" > /tmp/web2.cfg
+small_cfg stranger 64 light "vdev=xvda, access=rw, target=/tmp/stranger.img" > /tmp/stranger.cfg
+small_cfg bad 64 light "vdev=xvda, access=rw, target=/tmp/stranger.img" > /tmp/bad.cfg
+cp /tmp/web2.cfg /tmp/stranger.cfg /tmp/bad.cfg /out/
+
 T0=$(cut -d' ' -f1 /proc/uptime)
-timeout 90 python3 -m vmmiod check /tmp/guest.yaml > /out/vmmiod-check.txt 2>&1 \
+timeout 90 python3 -m vmmiod check /etc/vmmiod/$GUEST.yaml > /out/vmmiod-check.txt 2>&1 \
     || fail "vmmiod check refused the config: $(tail -n 5 /out/vmmiod-check.txt)"
+timeout 90 python3 -m vmmiod check /etc/vmmiod/web2.yaml \
+    > /out/vmmiod-check-web2.txt 2>&1
 result "vmmiod_check=ok seconds=$(since $T0)"
 T0=$(cut -d' ' -f1 /proc/uptime)
 python3 -m compileall -q /tmp/src/vmmiod > /out/compileall.txt 2>&1
 result "vmmiod_compile seconds=$(since $T0)"
-T0=$(cut -d' ' -f1 /proc/uptime)
-python3 -c "import vmmiod.daemon, vmmiod.hypervisors.xen.adaptor, vmmiod.devices.block, vmmiod.devices.net, vmmiod.devices.console, vmmiod.mmio, vmmiod.bus, uvloop"
-result "vmmiod_import seconds=$(since $T0)"
 
-# start_vmmiod LOGFILE: one daemon instance, exactly as a user would run it.
-start_vmmiod() {
-    VMMIOD_STARTS=$((VMMIOD_STARTS + 1))
-    VMMIOD_LOG=$1
-    ( python3 -m vmmiod run /tmp/guest.yaml > "$VMMIOD_LOG" 2>&1; echo $? > "$VMMIOD_LOG.exit" ) &
-    VMMIOD_SUBSHELL=$!
-    say "vmmiod instance $VMMIOD_STARTS started (log $VMMIOD_LOG)"
+# step NAME COMMAND...: run an xl command, bounded, and record its status and duration.
+step() {
+    _n=$1; shift
+    _t=$(cut -d' ' -f1 /proc/uptime)
+    timeout 90 "$@" > "/out/xl-$_n.log" 2>&1
+    _rc=$?
+    result "step name=$_n rc=$_rc seconds=$(since $_t)"
+    say "step $_n: rc $_rc"
+    return $_rc
 }
-vmmiod_ready() { grep -q '"event": *"daemon_ready"' "$VMMIOD_LOG"; }
-vmmiod_exited() { [ -f "$VMMIOD_LOG.exit" ]; }
+service_says() { grep -q "$1" /out/dom0-service.log; }
+domid_of() { xl domid "$1" 2>/dev/null; }
+log_of() { cat "$CONSOLE_LOG_DIR/guest-$1.log" 2>/dev/null; }
 address_tap() {
-    wait_for 20 "tap" ip link show "$TAP_IF" || { result "tap_present=0"; return 1; }
+    wait_for 30 "tap" ip link show "$TAP_IF" || { result "tap_present=0"; return 1; }
     ip addr add "$DOM0_IP/24" dev "$TAP_IF" 2>/dev/null
     ip link set "$TAP_IF" up
     result "tap_present=1"
@@ -125,41 +197,54 @@ PEER_PID=$!
 python3 "$E2E/dom0_netperf.py" --out /out/netperf.jsonl --tap "$TAP_IF" --lifetime 900 &
 NETPERF_PID=$!
 
-start_vmmiod /out/vmmiod.log
-say "xl create -p (4 virtio-mmio windows)"
+# -- the service, as systemd's vmmiod-dom0.service runs it ----------------------------------------
+say "starting the dom0 service"
 T0=$(cut -d' ' -f1 /proc/uptime)
-timeout 90 xl create -p /tmp/guest.cfg > /out/xl-create.log 2>&1 || fail "xl create -p"
-result "xl_create=ok seconds=$(since $T0)"
-wait_for 60 "vmmiod ready" vmmiod_ready || fail "vmmiod not ready"
-result "vmmiod_ready=1 domid=$(xl domid $GUEST)"
+( python3 -m vmmiod dom0 --log-format json > /out/dom0-service.log 2>&1
+  echo $? > /out/dom0-service.exit ) &
+wait_for 120 "service" service_says '"dom0_started"' || fail "the dom0 service did not start"
+SERVICE_PID=$(pgrep -f "vmmiod dom0" | head -n 1)
+result "service_started=1 seconds=$(since $T0) pid=$SERVICE_PID"
+
+step create_e2e xl create /tmp/guest.cfg || fail "xl create e2e (no -p)"
+result "domid name=e2e boot=1 domid=$(domid_of e2e)"
 address_tap
-xl unpause "$GUEST" || fail "xl unpause"
-say "guest unpaused (boot 1)"
+step create_web2 xl create /tmp/web2.cfg
+result "domid name=web2 domid=$(domid_of web2)"
+# The two that must fail, one after the other, in the background while e2e works.
+( step create_stranger xl create /tmp/stranger.cfg
+  step create_bad xl create /tmp/bad.cfg
+  echo done > /tmp/failing-done ) &
 
-# Boot 1 ends with the guest rebooting; xl re-creates the domain (its daemon process stays).
-if wait_for 300 "boot 1" guest_says "E2E-R reboot-requested"; then
-    result "boot1_finished=1"
-    ip -s link show "$TAP_IF" > /out/tap-stats-boot1.txt 2>&1
-    wait_for 60 "vmmiod 1 exit" vmmiod_exited || { result "vmmiod1_exit=timeout"; kill $VMMIOD_SUBSHELL; }
-    result "vmmiod1_exit=$(cat /out/vmmiod.log.exit 2>/dev/null)"
-    start_vmmiod /out/vmmiod-2.log
-    wait_for 90 "vmmiod 2 ready" vmmiod_ready || fail "vmmiod (second instance) not ready after the reboot"
-    result "vmmiod2_ready=1 domid=$(xl domid $GUEST)"
-    address_tap
-    wait_for 300 "boot 2" guest_says "E2E-R boot n=2 done" || fail "guest did not finish boot 2"
-    result "boot2_finished=1"
-    ip -s link show "$TAP_IF" > /out/tap-stats-boot2.txt 2>&1
-else
-    fail "guest did not finish boot 1"
-fi
-
-# Teardown the way an operator does it.
+# Boot 1 ends with the guest rebooting itself; xl builds a new domain, the service a new instance.
+wait_for 400 "boot 1" guest_says "E2E-R reboot-requested" || fail "guest did not finish boot 1"
+result "boot1_finished=1"
 T0=$(cut -d' ' -f1 /proc/uptime)
-timeout 60 xl destroy "$GUEST" > /out/xl-destroy.log 2>&1
-XL_RC=$?
-result "xl_destroy_rc=$XL_RC seconds=$(since $T0)"
-wait_for 60 "vmmiod exit" vmmiod_exited || { result "vmmiod_final_exit=timeout"; kill $VMMIOD_SUBSHELL; }
-result "vmmiod_final_exit=$(cat "$VMMIOD_LOG.exit" 2>/dev/null)"
+wait_for 120 "boot 2 domain" sh -c "[ -n \"\$(xl domid e2e 2>/dev/null)\" ] && grep -q 'E2E-R boot n=2' $CONSOLE_LOG_DIR/guest-e2e.log"
+result "step name=guest_reboot rc=$? seconds=$(since $T0)"
+result "domid name=e2e boot=2 domid=$(domid_of e2e)"
+address_tap
+wait_for 400 "boot 2" guest_says "E2E-R boot n=2 done" || fail "guest did not finish boot 2"
+result "boot2_finished=1"
+
+step xl_reboot xl reboot e2e
+wait_for 200 "boot 3" guest_says "E2E-R boot n=3 done" || fail "guest did not come back after xl reboot"
+result "boot3_finished=1"
+result "domid name=e2e boot=3 domid=$(domid_of e2e)"
+
+wait_for 200 "web2" sh -c "cat $CONSOLE_LOG_DIR/guest-web2.log | grep -q 'E2E-R light done'" \
+    || result "web2_light=timeout"
+step xl_shutdown xl shutdown -w web2
+step xl_destroy xl destroy e2e
+wait_for 120 "failing guests" test -f /tmp/failing-done || result "failing_guests=timeout"
+wait_for 30 "instances ended" sh -c "[ \$(grep -c '\"dom0_guest_\\(exited\\|failed\\)\"' /out/dom0-service.log) -ge 6 ]"
+
+# The service survived all of it; then it stops like `systemctl stop` stops it.
+kill -0 "$SERVICE_PID" 2>/dev/null && result "service_alive=1" || result "service_alive=0"
+kill -TERM "$SERVICE_PID"
+wait_for 60 "service exit" test -f /out/dom0-service.exit
+result "service_exit=$(cat /out/dom0-service.exit 2>/dev/null)"
+cp /var/log/xen/xl-*.log /out/ 2>/dev/null
 kill $PEER_PID $NETPERF_PID 2>/dev/null
 # dom0.sh's collect copies the images back to the host for its own checks (e2fsck, debugfs,
 # the read-only image untouched).

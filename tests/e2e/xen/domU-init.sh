@@ -1,7 +1,11 @@
 #!/bin/sh
 # /init of the domU (appended to the cached base initramfs by dom0.sh). Prints "E2E-R ..." result
 # lines on hvc0, the Xen console, which xenconsoled logs in dom0; tests/e2e/xen/test_xen_e2e.py
-# reads them back. The mode comes from the kernel command line (e2e.mode=probe|full).
+# reads them back. The mode comes from the kernel command line (e2e.mode=probe|full|light).
+#
+# `xl shutdown` and `xl reboot` reach the guest kernel through xenstore (control/shutdown); it
+# runs /sbin/poweroff or /sbin/reboot, which (busybox) signal PID 1: SIGUSR2 or SIGTERM. This
+# shell is PID 1, so it traps them and ends the domain the way that was asked.
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
@@ -9,10 +13,38 @@ mount -t devtmpfs devtmpfs /dev
 mkdir -p /tmp /mnt
 R() { echo "E2E-R $* t=$(cut -d' ' -f1 /proc/uptime)"; }
 arg() { sed -n "s/.*$1=\([^ ]*\).*/\1/p" /proc/cmdline; }
+trap 'R signal name=USR2 action=poweroff; sync; poweroff -f' USR2
+trap 'R signal name=TERM action=reboot; sync; reboot -f' TERM
+# Wait for dom0 (xl shutdown, xl reboot or xl destroy); `wait` lets a trap run at once.
+wait_for_toolstack() { while :; do sleep 5 & wait $!; done; }
+report_devices() {
+    for d in /sys/bus/virtio/devices/virtio*; do
+        [ -e "$d" ] || continue
+        drv=$(basename "$(readlink "$d/driver" 2>/dev/null)" 2>/dev/null)
+        # The platform device above the virtio device is the window: its name is "<base>.virtio".
+        win=$(basename "$(readlink -f "$d/..")")
+        R virtio dev=$(basename "$d") window=$win device=$(cat "$d/device") \
+            vendor=$(cat "$d/vendor") status=$(cat "$d/status" 2>/dev/null) driver=${drv:-none} \
+            features=$(cat "$d/features")
+    done
+}
 MODE=$(arg e2e.mode)
 R boot mode=$MODE kernel=$(uname -r) uptime=$(cut -d' ' -f1 /proc/uptime)
 if [ "$MODE" = full ]; then
     . /e2e-workload.sh
+elif [ "$MODE" = light ]; then
+    # A second guest at the same time: two explicit windows, both block devices.
+    for m in virtio_mmio virtio_blk; do modprobe "$m" || R module name=$m ok=0; done
+    sleep 1
+    report_devices
+    ro=$(dd if=/dev/vda bs=1048576 2>/dev/null | sha256sum | cut -d' ' -f1)
+    dd if=/dev/urandom of=/tmp/pat bs=65536 count=16 2>/dev/null
+    w=$(sha256sum /tmp/pat | cut -d' ' -f1)
+    dd if=/tmp/pat of=/dev/vdb bs=65536 oflag=direct conv=fsync 2>/dev/null
+    r=$(dd if=/dev/vdb bs=65536 count=16 iflag=direct 2>/dev/null | sha256sum | cut -d' ' -f1)
+    R light_blk ro_sha256=$ro written=$w read=$r
+    R light done
+    wait_for_toolstack
 else
     for m in virtio_mmio virtio_blk failover net_failover virtio_net virtio_console; do
         modprobe "$m" && R module name=$m ok=1 || R module name=$m ok=0

@@ -14,17 +14,6 @@ done
 modprobe ext4
 sleep 1  # let the drivers' probe finish (virtio_net registers eth0 asynchronously)
 
-report_devices() {
-    for d in /sys/bus/virtio/devices/virtio*; do
-        [ -e "$d" ] || continue
-        drv=$(basename "$(readlink "$d/driver" 2>/dev/null)" 2>/dev/null)
-        # The platform device above the virtio device is the window: its name is "<base>.virtio".
-        win=$(basename "$(readlink -f "$d/..")")
-        R virtio dev=$(basename "$d") window=$win device=$(cat "$d/device") \
-            vendor=$(cat "$d/vendor") status=$(cat "$d/status" 2>/dev/null) driver=${drv:-none} \
-            features=$(cat "$d/features")
-    done
-}
 
 # -- which boot is this? The read-write disk keeps a counter in its filesystem. ----------------
 BOOT=1
@@ -34,6 +23,16 @@ if mount -t ext2 -o ro /dev/vda /mnt 2>/dev/null; then
 fi
 R boot n=$BOOT
 report_devices
+if [ "$BOOT" -ge 3 ]; then
+    # After `xl reboot`: the devices are there and the filesystem reads back; then wait for
+    # dom0's `xl destroy`.
+    mount -t ext2 -o ro /dev/vda /mnt
+    hello=$(cat /mnt/hello.txt 2>/dev/null)
+    umount /mnt
+    R fs_boot3 hello_ok=$([ "$hello" = "hello from the e2e guest $TOKEN" ] && echo 1 || echo 0)
+    R boot n=$BOOT done
+    wait_for_toolstack
+fi
 R interrupts $(grep -i virtio /proc/interrupts | awk '{printf "%s:%s+%s ", $NF, $2, $3}' | tr ' ' ',')
 
 # -- block: capacity, 16 MiB pattern, filesystem, read-only device -----------------------------
@@ -172,5 +171,5 @@ if [ "$BOOT" = 1 ]; then
     sleep 60
 fi
 R boot n=$BOOT done
-# dom0 ends this domain with `xl destroy`: wait for it.
-sleep 600
+# dom0 reboots this domain with `xl reboot` (boot 3): wait for it.
+wait_for_toolstack
