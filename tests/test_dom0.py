@@ -180,7 +180,7 @@ def test_crashed_instance_is_restarted_while_its_domain_exists(env: Any) -> None
 
 
 def test_rebooted_guest_gets_a_new_instance(env: Any) -> None:
-    fake, svc, kids, log, _ = env
+    fake, svc, kids, _log, _ = env
     create(fake, 10, "web1")
     settle(svc, lambda: 10 in svc.instances)
     # The guest reboots: its instance ends with the domain (status 0); xl builds a new domain.

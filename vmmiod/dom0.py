@@ -226,11 +226,12 @@ class Dom0Service:
             return
         if config.hypervisor.kind != "xen":
             self.settled[domid] = "not a Xen configuration"
+            problem = f"{path}: hypervisor.kind is {config.hypervisor.kind!r}, not 'xen'"
             self.log.error("dom0_guest_config_invalid", guest=name, domid=domid,
-                           config=str(path), problems=[f"{path}: hypervisor.kind is "
-                                                       f"{config.hypervisor.kind!r}, not 'xen'"])
+                           config=str(path), problems=[problem])
             return
         # The toolstack's domid and name, and this service's backend domain, win over the file.
+        assert self.backend_domid is not None
         config = dataclasses.replace(
             config, guest=dataclasses.replace(config.guest, name=name, domid=domid),
             hypervisor=dataclasses.replace(config.hypervisor, backend_domid=self.backend_domid))

@@ -42,18 +42,18 @@ def slots(config: Config) -> tuple[list[tuple[int, str, str]], list[str]]:
     free = (k for k in range(XL_MAX_WINDOWS) if k not in taken)
     for dev in config.devices:
         if dev.mmio.auto:
-            k = next(free, None)
-            if k is None:
+            slot = next(free, None)
+            if slot is None:
                 problems.append(f"device {dev.id!r}: xl has no window left (at most "
                                 f"{XL_MAX_WINDOWS})")
                 continue
-            taken[k] = (dev.id, dev.type)
+            taken[slot] = (dev.id, dev.type)
     out = [(k, *taken[k]) for k in sorted(taken)]
     gaps = [k for k in range(len(out)) if k not in taken]
     if gaps:
-        problems.append(f"windows {', '.join(f'{XL_FIRST_BASE + k * MMIO_WINDOW_SIZE:#x}' for k in gaps)} "
-                        "are used by no device: declare a placeholder disk for each, or xl "
-                        "shifts every later window")
+        where = ", ".join(f"{XL_FIRST_BASE + k * MMIO_WINDOW_SIZE:#x}" for k in gaps)
+        problems.append(f"windows {where} are used by no device: declare a placeholder disk "
+                        "for each, or xl shifts every later window")
     return out, problems
 
 
@@ -72,8 +72,8 @@ def xl_lines(config: Config) -> list[str]:
         vdev = f"xvd{chr(ord('a') + k)}"
         where = f"{XL_FIRST_BASE + k * MMIO_WINDOW_SIZE:#x} irq {XL_FIRST_IRQ + k}"
         if entry is None:
-            disks.append((f"{VD}, vdev={vdev}, access=rw, target={PLACEHOLDER_DIR}/{name}-gap{k}",
-                          f"unused window {where} (placeholder)"))
+            text = f"{VD}, vdev={vdev}, access=rw, target={PLACEHOLDER_DIR}/{name}-gap{k}"
+            disks.append((text, f"unused window {where} (placeholder)"))
             continue
         _k, dev_id, dtype = entry
         dev = by_id[dev_id]
@@ -86,8 +86,9 @@ def xl_lines(config: Config) -> list[str]:
                       f"{dev_id} ({dtype}) -> {where}"))
         grants = 1 if getattr(config.hypervisor, "grants", False) is True else 0
         backend = getattr(config.hypervisor, "backend_domid", 0)
-        generic.append((f"backend={backend}, type=virtio,device{DEVICE_IDS[dtype]}, "
-                        f"transport=mmio, grant_usage={grants}", f"{dev_id} -> {where}"))
+        text = (f"backend={backend}, type=virtio,device{DEVICE_IDS[dtype]}, transport=mmio, "
+                f"grant_usage={grants}")
+        generic.append((text, f"{dev_id} -> {where}"))
     lines = ["xl config, Xen 4.17 (virtio disks, in this order, before any other virtio disk):",
              "  disk = ["]
     for i, (text, note) in enumerate(disks):

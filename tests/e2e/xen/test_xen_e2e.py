@@ -38,7 +38,7 @@ EXPECTED_EVENTS = {"daemon_starting", "xen_domain_resolved", "xen_ioreq_server_e
                    "xen_serving", "daemon_ready", "features_negotiated", "queue_ready",
                    "device_activated", "xen_domain_gone", "guest_finished", "daemon_stopped"}
 # The first instance also saw the guest unbind and rebind every window.
-EXPECTED_EXTRA = {"vmmiod.log": {"device_reset"}, "vmmiod-2.log": set()}
+EXPECTED_EXTRA = {1: {"device_reset"}, 2: set(), 3: set()}
 BAD_EVENTS = {"guest_protocol_violation", "device_needs_reset", "ioreq_unhandled",
               "stop_timeout", "stop_step_failed", "startup_failed"}
 
@@ -88,6 +88,30 @@ class Run:
             return []
         return [json.loads(line) for line in path.read_text().splitlines()
                 if line.startswith("{")]
+
+    def service_records(self) -> list[dict[str, Any]]:
+        """Every JSON line of the dom0 service and of the instances it forked."""
+        return self.vmmiod_records("dom0-service.log")
+
+    def service_events(self, event: str, **match: Any) -> list[dict[str, Any]]:
+        return [r for r in self.service_records() if r.get("event") == event
+                and all(r.get(k) == v for k, v in match.items())]
+
+    def instance(self, guest: str, domid: int) -> list[dict[str, Any]]:
+        """The records of one instance: its guest name and domid (the daemon binds both)."""
+        return [r for r in self.service_records() if r.get("service") != "dom0"
+                and r.get("guest") == guest and r.get("domid") == domid]
+
+    def step(self, name: str) -> dict[str, str]:
+        hits = [r for r in self.dom0 if r["_"] == "step" and r.get("name") == name]
+        assert hits, f"dom0 did not run step {name!r}; see {self.dir / 'dom0-results.txt'}"
+        return hits[-1]
+
+    def domid(self, name: str, boot: int | None = None) -> int:
+        hits = [r for r in self.dom0 if r["_"] == "domid" and r.get("name") == name
+                and (boot is None or r.get("boot") == str(boot))]
+        assert hits and hits[-1].get("domid", "").isdigit(), f"no domid for {name} boot {boot}"
+        return int(hits[-1]["domid"])
 
     def dom0_value(self, key: str) -> str | None:
         for rec in self.dom0:
@@ -141,7 +165,7 @@ def test_hypervisor_has_ioreq_server(run: Run) -> None:
     assert run.dom0_value("hyp_ioreq_server") == "y", "xenhypfs /buildinfo/config: no IOREQ server"
 
 
-@pytest.mark.parametrize("boot", [1, 2])
+@pytest.mark.parametrize("boot", [1, 2, 3])
 def test_linux_drivers_bound_every_window(run: Run, boot: int) -> None:
     devices = {kv["window"]: kv for kv in run.find(boot, "virtio")}
     for window, (device_id, driver) in WINDOWS.items():
@@ -209,7 +233,7 @@ def test_readonly_device_refuses_writes(run: Run) -> None:
     data = (run.dir / "disk-ro.img").read_bytes()
     assert hashlib.sha256(data).hexdigest() == run.params["DISK_RO_SHA256"]
     # Nothing was written through the read-only device (its final counters).
-    final = [r for r in run.vmmiod_records("vmmiod.log")
+    final = [r for r in run.instance("e2e", run.domid("e2e", 1))
              if r.get("event") == "device_stats" and r.get("device") == "disk1" and r.get("final")]
     assert final and final[-1]["bytes_written"] == 0 and final[-1]["bytes_read"] > 0, final
 
@@ -266,37 +290,144 @@ def test_reset_and_reprobe_without_reboot(run: Run) -> None:
     assert run.one(1, "blk_after_reprobe")["sha256"] == pattern["written"]
 
 
-def test_guest_reboot_is_served_again(run: Run) -> None:
+# -- the dom0 service and the toolstack's lifecycle, step by step (dom0-full.sh) -------------------
+XL_ERRORS = re.compile(r"error|unable|fail", re.IGNORECASE)
+
+
+def _xl_clean(run: Run, step: str) -> None:
+    text = (run.dir / f"xl-{step}.log").read_text(errors="replace")
+    assert not XL_ERRORS.search(text), f"xl {step} reported: {text}"
+
+
+def test_service_started_as_the_unit_starts_it(run: Run) -> None:
+    assert run.dom0_value("service_started") == "1"
+    started = run.service_events("dom0_started")
+    assert len(started) == 1 and started[0]["backend_domid"] == 0
+
+
+def test_create_without_pause(run: Run) -> None:
+    step = run.step("create_e2e")
+    assert step["rc"] == "0", step
+    _xl_clean(run, "create_e2e")
+    domid = run.domid("e2e", 1)
+    assert run.service_events("dom0_guest_started", guest="e2e", domid=domid)
+    # InitWait came from the instance the service forked for this domain.
+    states = [r for r in run.instance("e2e", domid) if r.get("event") == "xen_backend_state"
+              and r.get("state") == 2]
+    assert len(states) == len(WINDOWS), states
+
+
+def test_two_guests_at_once(run: Run) -> None:
+    step = run.step("create_web2")
+    assert step["rc"] == "0", step
+    _xl_clean(run, "create_web2")
+    text = (run.dir / "guest-web2.log").read_text(errors="replace")
+    found = {}
+    for line in text.splitlines():
+        m = re.search(r"E2E-R (\S+)(.*)", line)
+        if m:
+            found.setdefault(m.group(1), []).append(dict(re.findall(r"(\S+?)=(\S*)", m.group(2))))
+    windows = {kv["window"]: kv for kv in found.get("virtio", [])}
+    for window in ("2000000.virtio", "2000200.virtio"):  # web2's explicit windows
+        assert windows.get(window, {}).get("driver") == "virtio_blk", windows
+        assert int(windows[window]["status"], 16) & STATUS_LIVE == STATUS_LIVE
+    blk = found["light_blk"][-1]
+    assert blk["ro_sha256"] == run.params["DISK_RO_SHA256"]
+    assert blk["written"] == blk["read"]
+    # Both guests were served at the same time, each by its own instance.
+    web2 = run.domid("web2")
+    e2e = run.domid("e2e", 1)
+    pids = {r["pid"] for r in run.service_events("dom0_guest_started") if r["domid"] in (web2, e2e)}
+    assert len(pids) == 2
+
+
+def test_guest_reboot(run: Run) -> None:
     assert run.find(1, "reboot-requested")
-    assert run.dom0_value("vmmiod1_exit") == "0", "vmmiod did not exit 0 when the domain rebooted"
-    assert run.dom0_value("vmmiod2_ready") == "1"
+    assert run.step("guest_reboot")["rc"] == "0"
+    first, second = run.domid("e2e", 1), run.domid("e2e", 2)
+    assert second != first
+    assert run.service_events("dom0_guest_exited", domid=first)[0]["exit_code"] == 0
+    assert run.service_events("dom0_guest_started", guest="e2e", domid=second)
     assert run.dom0_value("boot2_finished") == "1"
 
 
-def test_destroy_is_clean(run: Run) -> None:
-    assert run.dom0_value("xl_destroy_rc") == "0"
-    text = (run.dir / "xl-destroy.log").read_text()
-    assert not re.search(r"error|unable|fail", text, re.IGNORECASE), text
+def test_xl_reboot(run: Run) -> None:
+    assert run.step("xl_reboot")["rc"] == "0"
+    _xl_clean(run, "xl_reboot")
+    second, third = run.domid("e2e", 2), run.domid("e2e", 3)
+    assert third != second
+    assert run.service_events("dom0_guest_exited", domid=second)[0]["exit_code"] == 0
+    assert run.one(3, "fs_boot3")["hello_ok"] == "1"
+
+
+def test_xl_shutdown(run: Run) -> None:
+    assert run.step("xl_shutdown")["rc"] == "0"
+    _xl_clean(run, "xl_shutdown")
+    assert "E2E-R signal name=USR2 action=poweroff" in \
+        (run.dir / "guest-web2.log").read_text(errors="replace")
+    exited = run.service_events("dom0_guest_exited", domid=run.domid("web2"))
+    assert exited and exited[0]["exit_code"] == 0
+
+
+def test_xl_destroy(run: Run) -> None:
+    step = run.step("xl_destroy")
+    assert step["rc"] == "0"
+    _xl_clean(run, "xl_destroy")
+    # libxl waits up to 10 s for each device's Closed; the instance answers at once.
+    assert float(step["seconds"]) < 3, step
+    exited = run.service_events("dom0_guest_exited", domid=run.domid("e2e", 3))
+    assert exited and exited[0]["exit_code"] == 0
+
+
+def test_libxl_reports_no_device_error(run: Run) -> None:
     xl_log = run.dir / "xl-e2e.log"
     if xl_log.exists():
-        assert "unable to remove device" not in xl_log.read_text()
-    assert run.dom0_value("vmmiod_final_exit") == "0"
+        text = xl_log.read_text(errors="replace")
+        assert "unable to add device" not in text and "unable to remove device" not in text
 
 
-@pytest.mark.parametrize("name", ["vmmiod.log", "vmmiod-2.log"])
-def test_vmmiod_json_log(run: Run, name: str) -> None:
-    path = run.dir / name
-    assert path.exists(), f"{name} missing"
-    records = []
+def test_guest_without_yaml_is_left_alone(run: Run) -> None:
+    step = run.step("create_stranger")
+    assert step["rc"] != "0", "nobody serves that guest, so xl cannot have succeeded"
+    lines = run.service_events("dom0_guest_unconfigured", guest="stranger")
+    assert len(lines) == 1 and lines[0]["config"] == "/etc/vmmiod/stranger.yaml"
+    assert not run.service_events("dom0_guest_started", guest="stranger")
+
+
+def test_mismatched_yaml_fails_that_guest_only(run: Run) -> None:
+    step = run.step("create_bad")
+    assert step["rc"] != "0"
+    failed = run.service_events("dom0_guest_failed", guest="bad")
+    assert len(failed) == 1 and failed[0]["exit_code"] == 78, failed
+    why = [r for r in run.service_records() if r.get("guest") == "bad"
+           and r.get("event") == "startup_failed"]
+    assert why and "irq 33" in why[0]["message"], why
+    assert run.dom0_value("service_alive") == "1"
+
+
+def test_service_stops_cleanly(run: Run) -> None:
+    assert run.dom0_value("service_exit") == "0"
+    assert run.service_events("dom0_stopped")
+    assert not run.service_events("dom0_guest_restarting")
+
+
+@pytest.mark.parametrize("boot", [1, 2, 3])
+def test_instance_json_log(run: Run, boot: int) -> None:
+    path = run.dir / "dom0-service.log"
     for n, line in enumerate(path.read_text().splitlines(), 1):
-        try:
-            records.append(json.loads(line))
-        except ValueError:
-            pytest.fail(f"{name}:{n} is not a JSON line: {line[:200]}")
+        if line.strip():
+            try:
+                json.loads(line)
+            except ValueError:
+                pytest.fail(f"dom0-service.log:{n} is not a JSON line: {line[:200]}")
+    records = run.instance("e2e", run.domid("e2e", boot))
     events = {r.get("event") for r in records}
-    expected = EXPECTED_EVENTS | EXPECTED_EXTRA[name]
+    expected = EXPECTED_EVENTS | EXPECTED_EXTRA[boot]
     assert expected <= events, f"missing events: {expected - events}"
     errors = [r for r in records if r.get("level") in ("error", "critical")]
     assert not errors, errors[:5]
     bad = [r for r in records if r.get("event") in BAD_EVENTS]
     assert not bad, bad[:5]
+    warnings = [r for r in records if r.get("event") == "xen_backend_entry_invalid"
+                and r.get("level") == "warning"]
+    assert not warnings, warnings[:3]

@@ -139,6 +139,7 @@ class XenAdaptor(Adaptor):
         while True:
             if guest.domid is not None:
                 if self.xs.domain_introduced(guest.domid):
+                    self.log.info("xen_domain_resolved", name=guest.name, domid=guest.domid)
                     return guest.domid
             else:
                 found = [d for d in find_domids_by_name(self.xs, guest.name)
