@@ -16,6 +16,7 @@ import pytest
 from vmmiod.systemd import Notifier
 
 UNIT = Path(__file__).resolve().parent.parent / "systemd" / "vmmiod@.service"
+DOM0_UNIT = UNIT.with_name("vmmiod-dom0.service")
 
 
 @pytest.fixture
@@ -106,9 +107,9 @@ def test_watchdog_loop_pings(receiver: tuple[socket.socket, str]) -> None:
 
 
 # -- the unit file --------------------------------------------------------------------------------
-def unit_settings() -> dict[str, list[str]]:
+def unit_settings(unit: Path = UNIT) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
-    for line in UNIT.read_text().splitlines():
+    for line in unit.read_text().splitlines():
         if "=" in line and not line.startswith("#"):
             key, _, value = line.partition("=")
             out.setdefault(key, []).append(value)
@@ -140,3 +141,29 @@ def test_systemd_analyze_verify_accepts_the_unit(tmp_path: Path) -> None:
                          text=True, timeout=60)
     assert run.returncode == 0, run.stderr
     assert run.stdout == "" and run.stderr == "", run.stdout + run.stderr  # not even a warning
+
+
+def test_dom0_unit_file_settings() -> None:
+    s = unit_settings(DOM0_UNIT)
+    assert s["Type"] == ["notify"]
+    assert s["ExecStart"] == ["/usr/local/bin/vmmiod dom0 --log-format json"]
+    assert s["KillMode"] == ["mixed"]  # SIGTERM to the service, which stops its instances
+    assert s["Restart"] == ["on-failure"] and s["RuntimeDirectory"] == ["vmmiod"]
+    assert s["Before"] == ["xendomains.service"]
+    template = unit_settings(UNIT)
+    for key in ("CapabilityBoundingSet", "ProtectSystem", "DevicePolicy", "DeviceAllow",
+                "NoNewPrivileges", "PrivateTmp", "RestrictAddressFamilies"):
+        assert s[key] == template[key], key  # the same hardening as the per-guest template
+
+
+@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze here")
+def test_systemd_analyze_verify_accepts_the_dom0_unit(tmp_path: Path) -> None:
+    exe = Path(sys.executable).parent / "vmmiod"
+    if not exe.exists():
+        pytest.skip(f"no installed vmmiod script next to {sys.executable}")
+    unit = tmp_path / "vmmiod-dom0.service"
+    unit.write_text(DOM0_UNIT.read_text().replace("/usr/local/bin/vmmiod", str(exe)))
+    run = subprocess.run(["systemd-analyze", "verify", str(unit)], capture_output=True,
+                         text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    assert run.stdout == "" and run.stderr == "", run.stdout + run.stderr
