@@ -218,3 +218,18 @@ def test_forked_instance_runs_the_daemon(tmp_path: Path) -> None:
         assert ended["domid"] == 3 and ended["exit_code"] != 0
     finally:
         svc.xs.close()
+
+
+def test_instance_starts_at_introduction_when_the_guest_has_a_yaml(env: Any) -> None:
+    """Forked as soon as xenstored introduces the domain, the instance is ready when libxl
+    writes the entries; a domain with neither a YAML nor entries is none of our business."""
+    fake, svc, kids, log, _ = env
+    fake.name_domain(12, "web1")
+    svc.step(0.02)
+    assert kids.configs == []  # named, not introduced yet
+    fake.introduce(12, "web1")
+    fake.add_domain(13, "plain")  # no YAML, no virtio devices
+    settle(svc, lambda: 12 in svc.instances)
+    cfg = kids.configs[0]
+    assert cfg.guest.domid == 12 and cfg.hypervisor.require_entries  # type: ignore[union-attr]
+    assert not log.named("dom0_guest_unconfigured")

@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
+
 from tests.test_xen_adaptor import adaptor, dev_dir, make_config, prepare_fails  # noqa: F401
 from tests.test_xen_fakexen import FakeXen
 
@@ -81,3 +83,22 @@ def test_newest_introduced_domain_of_the_name_is_ours(dev_dir: str) -> None:  # 
         await a.stop()
 
     asyncio.run(scenario())
+
+
+def test_service_instance_waits_for_the_entry_of_an_explicit_window(dev_dir: str) -> None:  # noqa: F811
+    """Started at introduction (require_entries), an instance must not serve an explicit
+    window before the toolstack declared it: the irq check would be skipped."""
+    fake = FakeXen()
+    fake.add_domain(DOMID, "web")
+    a = adaptor(make_config([("blk", 0x2000000, 40)], domid=DOMID, name="web", domain_wait=5,
+                            require_entries=True), fake, dev_dir)
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        loop.call_later(0.3, fake.add_backend, "virtio_disk", DOMID, 51712, "33554432", 33)
+        await a.prepare()
+
+    with pytest.raises(Exception) as info:
+        asyncio.run(scenario())
+    assert getattr(info.value, "exit_code", None) == 78 and "irq 33" in str(info.value)
+    assert not fake.server_enabled

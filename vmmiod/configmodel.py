@@ -30,6 +30,9 @@ class XenConfig:
     map_cache_pages: int = 16384  # foreign-mapping cache bound (4 KiB pages)
     domain_wait: float = 30.0  # seconds to wait for the domain to appear
     backend_domid: int = 0  # where the backend xenstore keys live (0 = dom0)
+    # Not a YAML key: set by the dom0 service, whose instances start as soon as the domain is
+    # introduced and must then wait for the toolstack's entry of every device, explicit ones too.
+    require_entries: bool = False
 
 
 @dataclass(frozen=True)

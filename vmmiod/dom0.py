@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import gc
 import importlib
 import os
 import select
@@ -82,6 +83,8 @@ class Dom0Service:
         self.spawn: Spawner = spawn or self._fork_instance
         self.notifier = notifier or Notifier({})
         self.instances: dict[int, Instance] = {}  # running, by domid
+        self._guests: dict[int, Any] = {}  # the last scan (names are read once per domain)
+        self._configs: dict[Path, tuple[tuple[int, int, int], Config]] = {}
         self.settled: dict[int, str] = {}  # domid -> why it gets no (further) instance
         self.xs: Any = None
         self._wake_r = self._wake_w = -1
@@ -114,7 +117,9 @@ class Dom0Service:
             self._old_handlers[sig] = signal.signal(sig, self._on_signal)
 
     def preload(self) -> None:
-        """Import what an instance needs now, so a forked one starts without imports."""
+        """Import what an instance needs and parse the YAMLs now: from the toolstack's request
+        to InitWait, libxl's 10 s are running. Then freeze the heap for the garbage collector,
+        so that forked instances do not copy every page of it by walking it."""
         from vmmiod import daemon
 
         for module in ["vmmiod.bus", "vmmiod.mmio", "uvloop",
@@ -123,6 +128,25 @@ class Dom0Service:
                 importlib.import_module(module)
             except ImportError:
                 pass  # the instance reports it (uvloop is optional)
+        for path in sorted(self.config_dir.glob("*.yaml")):
+            try:
+                self._load(path)
+            except (ConfigError, OSError):
+                pass  # reported when a guest of that name appears
+        gc.collect()
+        gc.freeze()
+
+    def _load(self, path: Path) -> Config:
+        """The parsed YAML, parsed again only when the file changed (errors are not kept: a
+        missing image may have appeared since)."""
+        st = path.stat()
+        key = (st.st_mtime_ns, st.st_size, st.st_ino)
+        cached = self._configs.get(path)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        config = load(path)
+        self._configs[path] = (key, config)
+        return config
 
     def close(self) -> None:
         if self._wake_w >= 0:
@@ -200,7 +224,7 @@ class Dom0Service:
 
         assert self.xs is not None and self.backend_domid is not None
         try:
-            guests = scan(self.xs, self.backend_domid)
+            guests = self._guests = scan(self.xs, self.backend_domid, self._guests)
         except XenStoreError as exc:
             self.log.warning("dom0_scan_failed", error=str(exc))
             return
@@ -209,7 +233,16 @@ class Dom0Service:
         for domid, guest in sorted(guests.items()):
             if domid in self.instances or domid in self.settled or guest.name is None:
                 continue
-            self._start_guest(domid, guest.name)
+            if guest.entries or self._xen_yaml(guest.name):
+                self._start_guest(domid, guest.name)
+
+    def _xen_yaml(self, name: str) -> bool:
+        """A domain without virtio entries (yet) gets its instance early only when it has a
+        valid Xen YAML; anything else about it is reported once it has entries, if ever."""
+        try:
+            return self._load(self.config_dir / f"{name}.yaml").hypervisor.kind == "xen"
+        except (ConfigError, OSError):
+            return False
 
     def _start_guest(self, domid: int, name: str, restarts: int = 0) -> None:
         path = self.config_dir / f"{name}.yaml"
@@ -218,7 +251,7 @@ class Dom0Service:
             self.log.info("dom0_guest_unconfigured", guest=name, domid=domid, config=str(path))
             return
         try:
-            config = load(path)
+            config = self._load(path)
         except ConfigError as exc:
             self.settled[domid] = "invalid configuration"
             self.log.error("dom0_guest_config_invalid", guest=name, domid=domid,
@@ -234,7 +267,8 @@ class Dom0Service:
         assert self.backend_domid is not None
         config = dataclasses.replace(
             config, guest=dataclasses.replace(config.guest, name=name, domid=domid),
-            hypervisor=dataclasses.replace(config.hypervisor, backend_domid=self.backend_domid))
+            hypervisor=dataclasses.replace(config.hypervisor, backend_domid=self.backend_domid,
+                                           require_entries=True))
         try:
             pid = self.spawn(config)
         except OSError as exc:

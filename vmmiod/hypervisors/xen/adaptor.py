@@ -194,7 +194,7 @@ class XenAdaptor(Adaptor):
         announced = False
         while True:
             try:
-                done = self.backends.discover()
+                done = self.backends.discover(self.xen.require_entries)
             except backends.MismatchError as exc:
                 raise BackendMismatch(str(exc)) from None
             if done:
@@ -309,7 +309,7 @@ class XenAdaptor(Adaptor):
         except OSError as exc:
             self.log.warning("xen_server_record_failed", path=str(self._record), error=str(exc))
         self.backends.serving = True
-        self.backends.sync()
+        self.backends.sync_known()
 
     def _fast_path(self, loop: asyncio.AbstractEventLoop) -> None:
         """privcmd IRQFD for Arm SPIs, IOEVENTFD for QueueNotify; silently absent elsewhere."""

@@ -17,6 +17,7 @@ key would make it time out. On stop, Closed is written to entries that still exi
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -64,13 +65,18 @@ class Backends:
         self._fd: int | None = None
         self._on_release: Callable[[], None] | None = None
         self.state_writes = 0
+        self._require_all = False
         self.serving = False  # set by the adaptor once the IOREQ server is enabled
 
     # -- pairing ----------------------------------------------------------------------------------
-    def discover(self) -> bool:
-        """Pair entries with the config. False: not every auto device has an entry yet."""
+    def discover(self, require_all: bool = False) -> bool:
+        """Pair entries with the config. False: not every auto device has an entry yet (with
+        `require_all`, not every explicit window either)."""
         self._entries = entries = read_backend_entries(self.xs, self.backend_domid, self.domid,
                                                        self.log)
+        self._require_all = require_all
+        if require_all and set(self._explicit) - {e.base for e in entries}:
+            return False
         free = []
         for e in entries:
             dev = self._explicit.get(e.base)
@@ -98,12 +104,21 @@ class Backends:
         return True
 
     def missing_ids(self) -> list[str]:
-        return [d.id for d in self._auto[len(self._free_entries()):]]
+        have = {e.base for e in self._entries} if self._require_all else set(self._explicit)
+        return ([d.id for b, d in self._explicit.items() if b not in have]
+                + [d.id for d in self._auto[len(self._free_entries()):]])
 
     def _free_entries(self) -> list[BackendEntry]:
         return [e for e in self._entries if e.base not in self._explicit]
 
     def missing_message(self) -> str:
+        have_bases = {e.base for e in self._entries}
+        missing = [f"{d.id!r} at {b:#x}" for b, d in self._explicit.items()
+                   if self._require_all and b not in have_bases]
+        if missing:
+            return (f"the toolstack declared no virtio device for {', '.join(missing)}: the "
+                    "guest's xl config must declare a virtio disk (or device) for every "
+                    "window (vmmiod check prints the lines)")
         have = len(self._free_entries())
         roots = " and ".join(backend_root(self.backend_domid, k, self.domid)
                              for k in BACKEND_KINDS)
@@ -144,6 +159,14 @@ class Backends:
             elif (self.serving and e.state == XENBUS_STATE_INITIALISING
                     and e.path not in self._closed_paths):
                 self._write_state(e.path, XENBUS_STATE_INITWAIT)
+
+    def sync_known(self) -> None:
+        """sync() for the entries discover() found, re-reading only their `state` (the quick
+        way to InitWait once the server is enabled: libxl's 10 s are running); the backend
+        watch catches up on anything else."""
+        fresh = [dataclasses.replace(e, state=parse_number(self.xs.read(f"{e.path}/state")))
+                 for e in self._entries]
+        self.sync(fresh)
 
     def _write_state(self, path: str, state: int) -> None:
         try:
