@@ -102,3 +102,32 @@ def test_service_instance_waits_for_the_entry_of_an_explicit_window(dev_dir: str
         asyncio.run(scenario())
     assert getattr(info.value, "exit_code", None) == 78 and "irq 33" in str(info.value)
     assert not fake.server_enabled
+
+
+def test_service_instance_answers_each_entry_as_it_comes(dev_dir: str) -> None:  # noqa: F811
+    """libxl gives each entry its own 10 s from its own write: the first window is claimed and
+    answered InitWait while the last entry is still to come."""
+    fake = FakeXen()
+    fake.add_domain(DOMID, "web")
+    a = adaptor(make_config([("a", None, None), ("b", None, None)], domid=DOMID, name="web",
+                            domain_wait=5, require_entries=True), fake, dev_dir)
+    first = "/local/domain/0/backend/virtio_disk/9/51712"
+
+    async def scenario() -> None:
+        loop = asyncio.get_running_loop()
+        seen: list[tuple[str | None, list[tuple[int, int]]]] = []
+        fake.add_backend("virtio_disk", DOMID, 51712, "33554432", 33)
+
+        def second() -> None:
+            seen.append((fake.store.get(f"{first}/state"), list(fake.ranges)))
+            fake.add_backend("virtio_disk", DOMID, 51728, "33554944", 34)
+
+        loop.call_later(0.6, second)
+        await a.prepare()
+        assert seen == [("2", [(0x2000000, 0x20001FF)])]
+        assert fake.ranges == [(0x2000000, 0x20001FF), (0x2000200, 0x20003FF)]
+        assert fake.store["/local/domain/0/backend/virtio_disk/9/51728/state"] == "2"
+        assert a.windows() == [("a", 0x2000000, 33), ("b", 0x2000200, 34)]
+        await a.stop()
+
+    asyncio.run(scenario())

@@ -106,7 +106,13 @@ class XenAdaptor(Adaptor):
         if self._grants:
             self._check_nodes(["gntdev"])
         self._check_irqs()
-        self._create_server()
+        if self.server is None:
+            self._create_server()
+        else:  # created early (_serve_early): the windows whose entries came last
+            for _d, base, _i in self._all_windows():
+                if (base, base + MMIO_WINDOW_SIZE - 1) not in self.server.ranges:
+                    self.server.map_range(base, base + MMIO_WINDOW_SIZE - 1)
+            self.backends.sync_known()
         self.backends.watch(loop, self._on_domain_release)
         self.log.info("xen_prepared", vcpus=self._nr_vcpus, grants=self._grants,
                       interrupts=self._irq_method, windows=[
@@ -199,6 +205,8 @@ class XenAdaptor(Adaptor):
                 raise BackendMismatch(str(exc)) from None
             if done:
                 break
+            if self.xen.require_entries:
+                self._serve_early()
             if time.monotonic() >= deadline:
                 raise BackendMismatch(self.backends.missing_message())
             if not announced:
@@ -212,6 +220,31 @@ class XenAdaptor(Adaptor):
                     "the toolstack's virtio entries disagree on grant_usage; set hypervisor."
                     "grants explicitly or declare every device alike")
             self._grants = usage
+
+    def _serve_early(self) -> None:
+        """The dom0 service's instance: libxl writes the entries one by one and gives each its
+        own 10 s for InitWait from that moment, so each window is served (claimed by an enabled
+        IOREQ server) and answered InitWait as soon as its entry is there and surely ours."""
+        assert self.backends is not None
+        try:
+            early = self.backends.early_entries()
+        except backends.MismatchError as exc:
+            raise BackendMismatch(str(exc)) from None
+        if not early:
+            return
+        for e in early:
+            try:
+                check_irq(self._irq_method, e.irq)
+            except IrqRangeError as exc:
+                raise BackendMismatch(f"{e.path}: {exc} (hypervisor.interrupts: "
+                                      f"{self.xen.interrupts})") from None
+        if self.server is None:  # create() maps these ranges before InitWait is written
+            self._create_server(sorted({(e.base, e.base + MMIO_WINDOW_SIZE - 1) for e in early}))
+        assert self.server is not None
+        for e in early:
+            if (e.base, e.base + MMIO_WINDOW_SIZE - 1) not in self.server.ranges:
+                self.server.map_range(e.base, e.base + MMIO_WINDOW_SIZE - 1)
+        self.backends.sync_known()
 
     def _check_irqs(self) -> None:
         for dev_id, _base, irq in self._all_windows():
@@ -278,7 +311,7 @@ class XenAdaptor(Adaptor):
         self.log.info("xen_serving", server=self.server.sid, vcpus=self.server.nr_vcpus,
                       windows=len(self.server.ranges), grants=self._grants)
 
-    def _create_server(self) -> None:
+    def _create_server(self, ranges: list[tuple[int, int]] | None = None) -> None:
         """Create and enable the IOREQ server for every configured window.
 
         Done in prepare(), before devices exist: from the moment it is enabled, a guest access
@@ -289,7 +322,8 @@ class XenAdaptor(Adaptor):
         assert self.dm and self.evtchn and self.fmem and self.backends
         self.server = IoreqServer(self.domid, self.dm, self.evtchn, self.fmem, self.bus,
                                   self.log, self.counters)
-        ranges = sorted({(b, b + MMIO_WINDOW_SIZE - 1) for _d, b, _i in self._all_windows()})
+        if ranges is None:
+            ranges = sorted({(b, b + MMIO_WINDOW_SIZE - 1) for _d, b, _i in self._all_windows()})
         try:
             if record.take_over(self._record, self.domid, self.server, ranges, self.dm, self.log):
                 self.backends.serving = True

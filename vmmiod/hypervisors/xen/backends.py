@@ -103,6 +103,24 @@ class Backends:
         self.sync(entries)
         return True
 
+    def early_entries(self) -> list[BackendEntry]:
+        """While the toolstack is still writing entries (discover() said False): those already
+        certain to be served, checked: an explicit window's (its irq was checked by discover())
+        and the first free ones, one per auto device. They count as served from now on."""
+        out = []
+        free = 0
+        for e in self._entries:
+            if e.base not in self._explicit:
+                if free >= len(self._auto):
+                    continue
+                free += 1
+            problems = entry_problems(e, self.domid)
+            if problems:
+                raise MismatchError("; ".join(problems))
+            self._served_paths.add(e.path)
+            out.append(e)
+        return out
+
     def missing_ids(self) -> list[str]:
         have = {e.base for e in self._entries} if self._require_all else set(self._explicit)
         return ([d.id for b, d in self._explicit.items() if b not in have]
