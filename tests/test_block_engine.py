@@ -191,3 +191,42 @@ def test_io_uring_refused_by_seccomp_falls_back_with_the_same_results(tmp_path: 
     assert digest == mine[2]  # same statuses, same data read, same image afterwards
     refused = child(c, "io_uring")
     assert refused.startswith("refused:") and "io_engine" in refused
+
+
+@pytest.mark.usefixtures("io_engine")
+def test_worker_exception_fails_its_request_with_ioerr(image: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 15 item 7: a blocking call on an engine thread raising something other than
+    OSError (here the write-zeroes fallback) completes its request with IOERR, is logged, and
+    the device keeps serving."""
+    from vmmiod.blockio import engine as engine_mod
+    from vmmiod.devices.block_backend import Backing
+    from vmmiod.devices.block_request import VIRTIO_BLK_S_IOERR, VIRTIO_BLK_T_WRITE_ZEROES
+
+    def refuse(fd: int, mode: int, offset: int, length: int) -> None:
+        raise OSError(95, "Operation not supported")  # no ZERO_RANGE: the fallback runs
+
+    def bug(self: Backing, offset: int, length: int, unmap: bool) -> None:
+        raise ValueError("a bug in the fallback")
+
+    monkeypatch.setattr(engine_mod, "fallocate", refuse)
+    monkeypatch.setattr(Backing, "write_zeroes", bug)
+    dev = BlockDevice(block_config(image, io_engine="threads"), GuestConfig("g"))
+    events: list[str] = []
+
+    class Log:
+        def __getattr__(self, level: str) -> Any:
+            return lambda event, **kw: events.append(event)
+
+        def bind(self, **kw: Any) -> Log:
+            return self
+
+    dev.log = Log()
+    asyncio.run(dev.open())
+    g = Guest(dev)
+    r = g.run(VIRTIO_BLK_T_WRITE_ZEROES, ranges=[(8, 8, 0)])
+    assert r.status == VIRTIO_BLK_S_IOERR
+    assert "block_worker_exception" in events
+    assert g.run(VIRTIO_BLK_T_IN, 0, read=512).status == VIRTIO_BLK_S_OK
+    g.close()
+    asyncio.run(dev.close())

@@ -234,3 +234,23 @@ def test_call_exception_fails_its_op_only(engine: tuple[Engine, Collector]) -> N
     eng.kick()
     res = {op.owner: (op.result, type(op.error).__name__) for op in got.ops}
     assert res == {"bad": (-errno.EIO, "ValueError"), "good": (0, "NoneType")}
+
+
+def test_more_ops_than_ring_entries_in_one_batch(engine: tuple[Engine, Collector],
+                                                 image: Path) -> None:
+    """600 reads in one kick: io_uring's ring holds 256 entries, so the engine submits as it
+    fills them; every read completes."""
+    eng, got = engine
+    fd = os.open(image, os.O_RDWR)
+    before = image.read_bytes()
+    m, views = buffers(600, 512)
+    for i in range(600):
+        eng.submit(Op(READ, fd, [views[i]], i * 1024, 512, owner=i))
+    eng.kick()
+    assert sorted(op.owner for op in got.ops) == list(range(600))
+    assert all(op.result == 512 for op in got.ops)
+    assert all(bytes(views[i]) == before[i * 1024:i * 1024 + 512] for i in range(600))
+    os.close(fd)
+    views.clear()
+    got.batches.clear()
+    m.close()

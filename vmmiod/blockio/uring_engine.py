@@ -20,6 +20,7 @@ from vmmiod.blockio.uring import Ring, UringUnavailable
 
 REQUIRED_OPS = (uring.IORING_OP_READV, uring.IORING_OP_WRITEV, uring.IORING_OP_FSYNC)
 DEFAULT_ENTRIES = 256
+CANCEL_ROOM = 64  # CQ entries kept free for cancels' own completions
 
 
 class UringEngine(Engine):
@@ -48,7 +49,10 @@ class UringEngine(Engine):
         self._fallocate = uring.IORING_OP_FALLOCATE in ops
         self._tags: dict[int, Op] = {}
         self._next_tag = 1
-        self._backlog: list[Op] = []  # no free SQE: started at the next flush
+        self._backlog: list[Op] = []  # no free SQE or CQE: started when there is
+        # Completions the kernel owes us. Kept at most the CQ's size: an overflowed CQE would
+        # wait in the kernel's list, and only an io_uring_enter (not the eventfd) brings it.
+        self._owed = 0
 
     def offered(self) -> list[str]:
         return sorted(uring.OP_NAMES[o] for o in self.ops if o in uring.OP_NAMES)
@@ -65,11 +69,15 @@ class UringEngine(Engine):
         if k > FSYNC and not (k == FALLOCATE and self._fallocate):
             self._to_thread(op)
             return
+        if self._owed >= ring.cq_entries - CANCEL_ROOM:
+            self._backlog.append(op)
+            return
         if not ring.space():
             ring.submit()
             if not ring.space():  # the kernel still holds every entry
                 self._backlog.append(op)
                 return
+        self._owed += 1
         if k <= WRITE:
             views = op.current_views()
             offset = op.offset + op.done
@@ -94,7 +102,8 @@ class UringEngine(Engine):
 
     def _flush(self) -> None:
         self.ring.submit()
-        while self._backlog and self.ring.space():
+        while (self._backlog and self.ring.space()
+               and self._owed < self.ring.cq_entries - CANCEL_ROOM):
             backlog, self._backlog = self._backlog, []
             for op in backlog:
                 self._start(op)
@@ -104,11 +113,22 @@ class UringEngine(Engine):
         cqes: list[tuple[int, int]] = []
         if not self.ring.reap(cqes):
             return
+        self._owed -= len(cqes)
         tags = self._tags
         for tag, res in cqes:
             op = tags.pop(tag, None)
             if op is not None:  # None: a cancel's own completion
                 out.append((op, res))
+
+    def _wait(self) -> None:
+        if not self._owed:  # only helper-thread work is out: its eventfd write wakes us
+            super()._wait()
+            return
+        # Blocking in io_uring_enter also brings in any CQE the kernel had to keep aside
+        # (an overflow, if more than the CQ's size were ever owed).
+        self._flush()
+        self.ring.submit(wait=1)
+        self._read_efd()
 
     def _cancel_started(self, ops: list[Op]) -> None:
         started = {id(op) for op in ops}
@@ -124,6 +144,7 @@ class UringEngine(Engine):
                 if not self.ring.space():
                     self.ring.submit()
                 self.ring.prep_cancel(tag, 0)
+                self._owed += 1  # a cancel has a completion of its own
         self.ring.submit()
 
     def close(self) -> None:

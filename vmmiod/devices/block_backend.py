@@ -6,13 +6,17 @@ decides how I/O is done:
 
 - `writeback` / `writethrough`: one buffered fd; FLUSH (and, in writethrough, every write
   batch) ends with fdatasync.
-- `none`: O_DIRECT where the filesystem allows it. A request whose offset and length are
-  aligned goes straight from/to guest memory; if the kernel refuses the guest's buffers
-  (EINVAL: misaligned memory) it goes through an aligned bounce buffer; a request whose offset
-  or length is not aligned to the direct-I/O block uses a second, buffered fd (Linux keeps the
-  page cache coherent with direct I/O on the same file, and FLUSH still fdatasyncs both).
+- `none`: O_DIRECT where the filesystem allows it (`fd`). A request whose offset and length
+  are aligned goes straight from/to guest memory; if the kernel refuses the guest's buffers
+  (EINVAL: misaligned memory) the I/O engine redoes it through an aligned bounce buffer; a
+  request whose offset or length is not aligned to the direct-I/O block uses the second,
+  buffered fd (Linux keeps the page cache coherent with direct I/O on the same file; fdatasync
+  works on the file, through either fd).
 
-Every method raises OSError; the device turns that into IOERR. Nothing here knows virtio.
+Reads, writes and fdatasync go through the I/O engine (vmmiod/blockio/, driven by
+devices/block_io.py); discard and write zeroes are here because the engine's fallback for them
+is a blocking call. Every method raises OSError; the device turns that into IOERR. Nothing here
+knows virtio.
 """
 
 from __future__ import annotations
@@ -25,7 +29,6 @@ import mmap
 import os
 import stat
 import struct
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Literal
 
@@ -103,7 +106,6 @@ class Backing:
         self.is_block_device = False
         self.topology = Topology()
         self.discard_granularity = 4096
-        self._bounce: mmap.mmap | None = None
 
     # -- open / close ---------------------------------------------------------------------------
     def open(self) -> None:
@@ -196,86 +198,8 @@ class Backing:
             if fd >= 0:
                 os.close(fd)
         self.fd = self.buffered_fd = -1
-        if self._bounce is not None:
-            self._bounce.close()
-            self._bounce = None
         if err is not None:
             raise err
-
-    # -- data -----------------------------------------------------------------------------------
-    def readv(self, views: list[memoryview], offset: int, length: int) -> None:
-        """Fill `views` (total `length`) from `offset`; short reads are retried, EOF is EIO."""
-        if self.direct and not (offset | length) % self.direct_align:
-            try:
-                _full(os.preadv, self.fd, views, offset, length)
-                return
-            except OSError as exc:
-                if exc.errno not in (errno.EINVAL, errno.EFAULT):
-                    raise
-            self._bounce_read(self.fd, views, offset, length)  # guest memory not aligned
-            return
-        try:
-            _full(os.preadv, self.buffered_fd, views, offset, length)
-        except OSError as exc:
-            if exc.errno != errno.EFAULT:
-                raise
-            # Memory the kernel cannot pin (Xen foreign mappings are VM_IO|VM_PFNMAP) makes
-            # zero-copy paths fail with EFAULT: go through our own buffer instead.
-            self._bounce_read(self.buffered_fd, views, offset, length)
-
-    def writev(self, views: list[memoryview], offset: int, length: int) -> None:
-        if self.direct and not (offset | length) % self.direct_align:
-            try:
-                _full(os.pwritev, self.fd, views, offset, length)
-                return
-            except OSError as exc:
-                if exc.errno not in (errno.EINVAL, errno.EFAULT):
-                    raise
-            self._bounce_write(self.fd, views, offset, length)  # guest memory not aligned
-            return
-        try:
-            _full(os.pwritev, self.buffered_fd, views, offset, length)
-        except OSError as exc:
-            if exc.errno != errno.EFAULT:
-                raise
-            self._bounce_write(self.buffered_fd, views, offset, length)  # see readv
-
-    def _bounce_buffer(self, length: int) -> memoryview:
-        if self._bounce is None or len(self._bounce) < length:
-            if self._bounce is not None:
-                self._bounce.close()
-            self._bounce = mmap.mmap(-1, max(length, 1 << 16))  # page-aligned by mmap
-        return memoryview(self._bounce)[:length]
-
-    def _bounce_read(self, fd: int, views: list[memoryview], offset: int, length: int) -> None:
-        bounce = self._bounce_buffer(length)
-        try:
-            _full(os.preadv, fd, [bounce], offset, length)
-            pos = 0
-            for v in views:
-                n = len(v)
-                v[:] = bounce[pos:pos + n]
-                pos += n
-        finally:
-            bounce.release()
-
-    def _bounce_write(self, fd: int, views: list[memoryview], offset: int, length: int) -> None:
-        bounce = self._bounce_buffer(length)
-        try:
-            pos = 0
-            for v in views:
-                n = len(v)
-                bounce[pos:pos + n] = v
-                pos += n
-            _full(os.pwritev, fd, [bounce], offset, length)
-        finally:
-            bounce.release()
-
-    def flush(self) -> None:
-        """fdatasync: every completed write is on stable storage when this returns."""
-        os.fdatasync(self.buffered_fd)
-        if self.fd != self.buffered_fd:
-            os.fdatasync(self.fd)
 
     # -- discard / write zeroes -----------------------------------------------------------------
     def discard(self, offset: int, length: int) -> bool:
@@ -314,37 +238,3 @@ class Backing:
             n = min(len(zero), end - offset)
             offset += os.pwrite(self.buffered_fd, memoryview(zero)[:n], offset)
 
-
-def _full(op: object, fd: int, views: Sequence[memoryview], offset: int, length: int) -> None:
-    """One preadv/pwritev in the common case; loop over short transfers and IOV_MAX chunks."""
-    call = op  # os.preadv or os.pwritev: (fd, buffers, offset) -> int
-    if not length:
-        return
-    if len(views) <= IOV_MAX:
-        n = call(fd, views, offset)  # type: ignore[operator]
-        if n == length:
-            return
-    else:
-        n = 0
-    _full_slow(call, fd, list(views), offset, length, n)
-
-
-def _full_slow(call: object, fd: int, views: list[memoryview], offset: int, length: int,
-               done: int) -> None:
-    while True:
-        # Drop what has been transferred.
-        skip = done
-        while views and skip >= len(views[0]):
-            skip -= len(views[0])
-            views.pop(0)
-        if skip:
-            views[0] = views[0][skip:]
-        offset += done
-        length -= done
-        if length == 0:
-            return
-        if not views:
-            raise OSError(errno.EIO, "transfer longer than its buffers")
-        done = call(fd, views[:IOV_MAX], offset)  # type: ignore[operator]
-        if done == 0:
-            raise OSError(errno.EIO, "unexpected end of image")
