@@ -233,3 +233,21 @@ def test_instance_starts_at_introduction_when_the_guest_has_a_yaml(env: Any) -> 
     cfg = kids.configs[0]
     assert cfg.guest.domid == 12 and cfg.hypervisor.require_entries  # type: ignore[union-attr]
     assert not log.named("dom0_guest_unconfigured")
+
+
+def test_without_xen_the_service_says_so_and_exits_69(tmp_path: Path) -> None:
+    fake = FakeXen(missing=("libxenstore.so.4",))
+    log = Log()
+    svc = Dom0Service(tmp_path, log=log, loader=fake.loader, run_dir=tmp_path / "run")
+    assert svc.run() == 69
+    msg = log.named("dom0_unavailable")[0]["message"]
+    assert "libxenstore.so.4" in msg
+
+
+def test_cli_dom0_command(tmp_path: Path) -> None:
+    from vmmiod.cli import build_parser
+
+    args = build_parser().parse_args(["dom0", "--config-dir", str(tmp_path),
+                                      "--backend-domid", "3", "--log-format", "json"])
+    assert (args.command, args.config_dir, args.backend_domid, args.log_format) == \
+        ("dom0", tmp_path, 3, "json")
