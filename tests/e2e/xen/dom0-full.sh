@@ -216,22 +216,22 @@ result "domid name=web2 domid=$(domid_of web2)"
   echo done > /tmp/failing-done ) &
 
 # Boot 1 ends with the guest rebooting itself; xl builds a new domain, the service a new instance.
-wait_for 400 "boot 1" guest_says "E2E-R reboot-requested" || fail "guest did not finish boot 1"
+wait_for 900 "boot 1" guest_says "E2E-R reboot-requested" || fail "guest did not finish boot 1"
 result "boot1_finished=1"
 T0=$(cut -d' ' -f1 /proc/uptime)
-wait_for 120 "boot 2 domain" sh -c "[ -n \"\$(xl domid e2e 2>/dev/null)\" ] && grep -q 'E2E-R boot n=2' $CONSOLE_LOG_DIR/guest-e2e.log"
+wait_for 300 "boot 2 domain" sh -c "[ -n \"\$(xl domid e2e 2>/dev/null)\" ] && grep -q 'E2E-R boot n=2' $CONSOLE_LOG_DIR/guest-e2e.log"
 result "step name=guest_reboot rc=$? seconds=$(since $T0)"
 result "domid name=e2e boot=2 domid=$(domid_of e2e)"
 address_tap
-wait_for 400 "boot 2" guest_says "E2E-R boot n=2 done" || fail "guest did not finish boot 2"
+wait_for 600 "boot 2" guest_says "E2E-R boot n=2 done" || fail "guest did not finish boot 2"
 result "boot2_finished=1"
 
 step xl_reboot xl reboot e2e
-wait_for 200 "boot 3" guest_says "E2E-R boot n=3 done" || fail "guest did not come back after xl reboot"
+wait_for 400 "boot 3" guest_says "E2E-R boot n=3 done" || fail "guest did not come back after xl reboot"
 result "boot3_finished=1"
 result "domid name=e2e boot=3 domid=$(domid_of e2e)"
 
-wait_for 200 "web2" sh -c "cat $CONSOLE_LOG_DIR/guest-web2.log | grep -q 'E2E-R light done'" \
+wait_for 400 "web2" sh -c "cat $CONSOLE_LOG_DIR/guest-web2.log | grep -q 'E2E-R light done'" \
     || result "web2_light=timeout"
 step xl_shutdown xl shutdown -w web2
 step xl_destroy xl destroy e2e

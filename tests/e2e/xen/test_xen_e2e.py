@@ -241,7 +241,7 @@ def test_readonly_device_refuses_writes(run: Run) -> None:
 @pytest.mark.parametrize("label", ["boot1", "reprobe", "boot2"])
 def test_net_mac_ping_and_transfers(run: Run, label: str) -> None:
     boot = 2 if label == "boot2" else 1
-    size = run.params["NET_BYTES"] // (8 if label == "reprobe" else 1)
+    size = run.params["NET_BYTES"] // (1 if label == "boot1" else 8)
     nif = run.one(boot, "net_if", label=label)
     assert nif["mac"] == run.params["NET_MAC"]
     ping = run.one(boot, "net_ping", label=label)
