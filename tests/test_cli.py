@@ -102,6 +102,19 @@ def test_check_json(good: Path) -> None:
                                           "auto": False}
 
 
+def test_check_to_a_closed_pipe_says_nothing(good: Path) -> None:
+    """`vmmiod check --json F | head -1`: the reader is gone before vmmiod writes."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        run = subprocess.run([sys.executable, "-m", "vmmiod", "check", "--json", str(good)],
+                             stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=60)
+    finally:
+        os.close(write_end)
+    assert run.stderr == ""
+    assert run.returncode == 0
+
+
 def test_check_bad_config_lists_every_problem_and_exits_78(tmp_path: Path) -> None:
     bad = tmp_path / "web1.yaml"
     bad.write_text(GOOD.replace("0x10000200", "0x10000100").replace("irq: 7", "irq: 5")

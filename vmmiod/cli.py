@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict, is_dataclass
@@ -100,11 +101,18 @@ def check(path: Path, *, as_json: bool = False, check_files: bool = True) -> int
         print(f"{path}: {n} problem{'s' if n != 1 else ''}; nothing would be served",
               file=sys.stderr)
         return exc.exit_code
-    if as_json:
-        print(json.dumps(_plain(config), indent=2))
-    else:
-        print(describe(config))
+    _print(json.dumps(_plain(config), indent=2) if as_json else describe(config))
     return EX_OK
+
+
+def _print(text: str) -> None:
+    """Print, to a reader that may have gone (`vmmiod check --json F | head`): no traceback."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)  # the interpreter's last flush goes there
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
 
 
 def describe(config: Config) -> str:
