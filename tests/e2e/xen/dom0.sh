@@ -83,11 +83,14 @@ mkdir -p /tmp/domU-init
 cp "$E2E/domU-init.sh" /tmp/domU-init/init && chmod 755 /tmp/domU-init/init
 cp "$E2E/domU-workload.sh" /tmp/domU-init/e2e-workload.sh
 cp "$E2E/domU-netperf.sh" /tmp/domU-init/e2e-netperf.sh
-(cd /tmp/domU-init && printf 'init\ne2e-workload.sh\ne2e-netperf.sh\n' | cpio -o -H newc > /tmp/domU-init.cpio 2>/dev/null)
+cp "$E2E/domU-restart.sh" /tmp/domU-init/e2e-restart.sh
+(cd /tmp/domU-init && printf 'init\ne2e-workload.sh\ne2e-netperf.sh\ne2e-restart.sh\n' | cpio -o -H newc > /tmp/domU-init.cpio 2>/dev/null)
 cat /e2e/domU-base.cpio /tmp/domU-init.cpio > /tmp/domU.cpio
 
 if [ "$E2E_MODE" = probe ]; then
     . "$E2E/dom0-probe.sh"
+elif [ "$E2E_MODE" = restart ]; then
+    . "$E2E/dom0-restart.sh"
 else
     . "$E2E/dom0-full.sh"
 fi

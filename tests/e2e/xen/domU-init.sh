@@ -45,6 +45,8 @@ elif [ "$MODE" = light ]; then
     R light_blk ro_sha256=$ro written=$w read=$r
     R light done
     wait_for_toolstack
+elif [ "$MODE" = restart ]; then
+    . /e2e-restart.sh
 else
     for m in virtio_mmio virtio_blk failover net_failover virtio_net virtio_console; do
         modprobe "$m" && R module name=$m ok=1 || R module name=$m ok=0

@@ -1,0 +1,134 @@
+# Sourced by dom0.sh when E2E_MODE=restart (issue 17, docs/restart.md): vmmiod is killed and
+# restarted three times under a running domU, which must only see a pause.
+#   phase A: kill -9 while the guest writes a pattern (O_DIRECT, 1 MiB at a time)
+#   phase B: kill -9 while the guest is idle; then it uses disk, console and net
+#   phase C: SIGTERM (what `systemctl restart` sends) while the guest writes
+# After each, the next instance is started the way systemd would, and must take the IOREQ server
+# and the devices over (xen_ioreq_server_reattached, state_resumed). The guest reports on hvc0;
+# test_xen_restart.py judges. Windows (xl 4.17 knows only virtio disks, see dom0-full.sh):
+#   xvda -> 0x2000000 block   xvdb -> 0x2000200 net   xvdc -> 0x2000400 console
+IMG_RW=/tmp/disk-rw.img
+CON_SOCK=/run/vmmiod/e2e-console.sock
+PORT_SOCK=/run/vmmiod/e2e-port.sock
+WINDOWS_DIR=/run/vmmiod/e2e-windows
+mkdir -p /run/vmmiod $WINDOWS_DIR
+truncate -s "$((DISK_RW_MIB * 1048576))" "$IMG_RW"
+: > $WINDOWS_DIR/net0
+: > $WINDOWS_DIR/con0
+export PYTHONFAULTHANDLER=1
+
+cat > /tmp/guest.yaml <<YAML
+guest:
+  name: $GUEST
+hypervisor:
+  kind: xen
+  domain_wait: 120
+log:
+  level: info
+  format: json
+  stats_interval: 0
+devices:
+  - id: disk0
+    type: block
+    mmio: auto
+    path: $IMG_RW
+  - id: net0
+    type: net
+    mmio: auto
+    mac: "$NET_MAC"
+    backend:
+      kind: tap
+      ifname: $TAP_IF
+  - id: con0
+    type: console
+    mmio: auto
+    ports:
+      - name: console
+        backend:
+          kind: socket
+          path: $CON_SOCK
+      - name: $CONSOLE_PORT
+        backend:
+          kind: socket
+          path: $PORT_SOCK
+YAML
+cp /tmp/guest.yaml /out/guest.yaml
+
+VD="backendtype=standalone, specification=virtio, format=raw"
+cat > /tmp/guest.cfg <<CFG
+name = "$GUEST"
+kernel = "/e2e/vmlinuz"
+ramdisk = "/tmp/domU.cpio"
+extra = "console=hvc0 rdinit=/init e2e.mode=restart e2e.dom0ip=$DOM0_IP e2e.ip=$DOMU_IP e2e.token=$TOKEN e2e.port=$CONSOLE_PORT"
+memory = $DOMU_MEM
+vcpus = 2
+on_poweroff = "destroy"
+on_reboot = "destroy"
+on_crash = "destroy"
+disk = [ "$VD, vdev=xvda, access=rw, target=$IMG_RW",
+         "$VD, vdev=xvdb, access=rw, target=$WINDOWS_DIR/net0",
+         "$VD, vdev=xvdc, access=rw, target=$WINDOWS_DIR/con0" ]
+CFG
+cp /tmp/guest.cfg /out/guest.cfg
+
+python3 -m compileall -q /tmp/src/vmmiod > /out/compileall.txt 2>&1
+# Warm the page cache: under TCG a cold start of python3 takes long enough to miss libxl's 10 s.
+python3 -c "import vmmiod.daemon, vmmiod.hypervisors.xen.adaptor, vmmiod.devices.block, vmmiod.devices.net, vmmiod.devices.console, vmmiod.mmio, vmmiod.state.keeper, uvloop"
+VMMIOD_STARTS=0
+# start_vmmiod: one instance, as systemd starts it (the runtime directory is kept: /run/vmmiod/e2e).
+start_vmmiod() {
+    VMMIOD_STARTS=$((VMMIOD_STARTS + 1))
+    VMMIOD_LOG=/out/vmmiod-restart-$VMMIOD_STARTS.log
+    python3 -m vmmiod run /tmp/guest.yaml > "$VMMIOD_LOG" 2>&1 &
+    VMMIOD_PID=$!
+    VMMIOD_T0=$(cut -d' ' -f1 /proc/uptime)
+    say "vmmiod instance $VMMIOD_STARTS started, pid $VMMIOD_PID"
+}
+vmmiod_ready() { grep -q '"event": *"daemon_ready"' "$VMMIOD_LOG"; }
+address_tap() {
+    wait_for 30 "tap" ip link show "$TAP_IF" || { result "tap_present=0"; return 1; }
+    ip addr add "$DOM0_IP/24" dev "$TAP_IF" 2>/dev/null
+    ip link set "$TAP_IF" up
+}
+# restart SIGNAL PHASE: stop the running instance with SIGNAL, start the next, wait for it.
+restart() {
+    T_STOP=$(cut -d' ' -f1 /proc/uptime)
+    kill -"$1" "$VMMIOD_PID"
+    wait_for 30 "vmmiod $VMMIOD_STARTS exit" sh -c "! kill -0 $VMMIOD_PID" \
+        || { result "restart phase=$2 exit=timeout"; kill -9 "$VMMIOD_PID"; }
+    wait "$VMMIOD_PID" 2>/dev/null
+    STOP_RC=$?
+    start_vmmiod
+    wait_for 120 "vmmiod $VMMIOD_STARTS ready" vmmiod_ready || fail "vmmiod $VMMIOD_STARTS not ready"
+    result "restart phase=$2 signal=$1 exit=$STOP_RC ready_seconds=$(since $VMMIOD_T0) stop_to_ready_seconds=$(since $T_STOP)"
+    address_tap
+}
+
+python3 "$E2E/dom0_peer.py" --token "$TOKEN" --send /out/net-down.bin --out /out/peer.txt \
+    --console "console=$CON_SOCK" --console "$CONSOLE_PORT=$PORT_SOCK" --lifetime 900 &
+PEER_PID=$!
+
+start_vmmiod
+# The daemon up and waiting for the domain before xl starts its 10 s wait for InitWait.
+wait_for 120 "vmmiod up" grep -q xen_domain_waiting "$VMMIOD_LOG" || fail "vmmiod did not start"
+timeout 90 xl create -p /tmp/guest.cfg > /out/xl-create.log 2>&1 || fail "xl create -p"
+wait_for 90 "vmmiod ready" vmmiod_ready || fail "vmmiod not ready"
+result "vmmiod_ready=1 domid=$(xl domid $GUEST)"
+address_tap
+xl unpause "$GUEST" || fail "xl unpause"
+
+wait_for 300 "phase A" guest_says "E2E-R restart_io phase=A started" || fail "guest never started phase A"
+sleep 1
+restart 9 A
+wait_for 300 "phase B" guest_says "E2E-R restart_idle phase=B idle" || fail "guest never reached phase B"
+restart 9 B
+wait_for 300 "phase C" guest_says "E2E-R restart_io phase=C started" || fail "guest never started phase C"
+sleep 1
+restart TERM C
+wait_for 300 "guest done" guest_says "E2E-R restart done" || fail "guest did not finish after the restarts"
+result "guest_done=1"
+wait_for 60 "domain gone" sh -c "! xl domid $GUEST" || timeout 60 xl destroy "$GUEST" > /out/xl-destroy.log 2>&1
+wait_for 60 "vmmiod exit" sh -c "! kill -0 $VMMIOD_PID" || { result "vmmiod_final_exit=timeout"; kill "$VMMIOD_PID"; }
+wait "$VMMIOD_PID" 2>/dev/null
+result "vmmiod_final_exit=$?"
+kill $PEER_PID 2>/dev/null
