@@ -47,14 +47,19 @@ def serve_ioreq_slot(page: WritableBuffer, vcpu: int, bus: MmioBus, resume: bool
     byte (data_is_ptr, dir, df, the reserved bit 7). State NONE and vp_eport belong to the
     hypervisor (or the VMM) and are never written: moving the state backwards crashes a Xen
     guest. With `resume` (a new daemon taking over, docs/restart.md) an INPROCESS slot is served
-    too: the daemon that took it died before answering, and the vCPU still waits.
+    too: the daemon that took it died before answering, and the vCPU still waits; and a slot
+    left IORESP_READY returns True untouched: that daemon answered but died before signalling,
+    so the vCPU waits for the signal.
     """
     base = vcpu * IOREQ_SIZE
     flags_at = base + SLOT_FLAGS_OFFSET
     flags = page[flags_at]
     state = flags & STATE_MASK
-    if state != STATE_IOREQ_READY and not (resume and state == STATE_IOREQ_INPROCESS):
-        return False
+    if state != STATE_IOREQ_READY:
+        if resume and state == STATE_IORESP_READY:
+            return True
+        if not (resume and state == STATE_IOREQ_INPROCESS):
+            return False
     barrier.rmb()
     keep = flags & ~STATE_MASK
     page[flags_at] = keep | STATE_IOREQ_INPROCESS
