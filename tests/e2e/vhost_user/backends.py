@@ -124,6 +124,8 @@ def vmmiod_config(results: Path, socks: dict[str, Path], params: dict[str, Any],
                   "    cache: none", f"    vhost_user: {socks[ident]}"]
         if not lock:  # qemu-storage-daemon serves the same image in the side-by-side benchmark
             lines.append("    lock: false")
+        if params.get("VMMIOD_IO_ENGINE"):  # vmmiod's default otherwise (docs/configuration.md)
+            lines.append(f"    io_engine: {params['VMMIOD_IO_ENGINE']}")
     if net:
         lines += ["  - type: net", "    id: net0", f"    mac: \"{params['NET_MAC']}\"",
                   f"    backend: {{kind: tap, ifname: {params['TAP_IF']}, create: false}}",
