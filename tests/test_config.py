@@ -13,6 +13,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from vmmiod import config as c
+from vmmiod.cli import describe
 from vmmiod.config import ConfigError, load, load_text
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -156,6 +157,27 @@ devices:
 """, tmp_path)
     assert [(p.name, p.buffer) for p in cfg.devices[0].ports] == [("console", 1024),
                                                                    ("second", 1024)]
+
+
+def test_a_dgram_address_is_named_as_written(tmp_path: Path) -> None:
+    """IPv6 in brackets, as configuration.md writes it, in problems and in `check`'s output."""
+    text = """
+guest: g1
+hypervisor: generic
+devices:
+  - {type: net, id: n0, mmio: {base: 0x1000, irq: 1},
+     backend: {kind: dgram, local: "udp:[::1]:5555", remote: "udp:[::1]:5556"}}
+  - {type: net, id: n1, mmio: {base: 0x1200, irq: 2},
+     backend: {kind: dgram, local: "udp:[::1]:5555"}}
+"""
+    with pytest.raises(ConfigError) as err:
+        parse(text, tmp_path)
+    assert err.value.problems == [("t.yaml:8: devices[1].backend.local: address "
+                                   "udp:[::1]:5555 is already used by devices[0].backend.local "
+                                   "(line 6)")]
+    cfg = parse(text.replace("5555\"}}\n", "5557\"}}\n"), tmp_path)
+    assert "dgram udp:[::1]:5555 -> udp:[::1]:5556," in describe(cfg)
+    assert str(c.SocketAddress("unix", path=Path("/run/n.sock"))) == "unix:/run/n.sock"
 
 
 def test_missing_image_is_skipped_without_file_checks(tmp_path: Path) -> None:

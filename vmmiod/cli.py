@@ -166,8 +166,8 @@ def _backend(dev: Any) -> str:
         if b.kind == "tap":
             tap = f"tap {b.ifname or 'auto'}" + (f" on bridge {b.bridge}" if b.bridge else "")
             return f"{tap}{'' if b.create else ' (existing)'}, mac {mac}, mtu {dev.mtu}"
-        remote = _addr(b.remote) if b.remote else "learned"
-        return f"dgram {_addr(b.local)} -> {remote}, mac {mac}, mtu {dev.mtu}"
+        remote = str(b.remote) if b.remote else "learned"
+        return f"dgram {b.local} -> {remote}, mac {mac}, mtu {dev.mtu}"
     ports = []
     for p in dev.ports:
         b = p.backend
@@ -176,10 +176,6 @@ def _backend(dev: Any) -> str:
                  "file": f"file {getattr(b, 'path', '')}"}[b.kind]
         ports.append(f"{p.name}: {where}")
     return "ports " + "; ".join(ports) + (" (multiport)" if dev.multiport else "")
-
-
-def _addr(a: Any) -> str:
-    return f"unix:{a.path}" if a.family == "unix" else f"udp:{a.host}:{a.port}"
 
 
 def _plain(obj: Any) -> Any:

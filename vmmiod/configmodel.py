@@ -107,6 +107,13 @@ class SocketAddress:
     port: int = 0
     path: Path | None = None
 
+    def __str__(self) -> str:
+        """As written in the config: `udp:127.0.0.1:5555`, `udp:[::1]:5555`, `unix:PATH`."""
+        if self.family == "unix":
+            return f"unix:{self.path}"
+        return f"udp:[{self.host}]:{self.port}" if ":" in self.host else \
+            f"udp:{self.host}:{self.port}"
+
 
 @dataclass(frozen=True)
 class TapBackend:

@@ -70,8 +70,7 @@ def net_backend(s: SchemaBase, node: Node, path: str) -> c.NetBackend | None:
     kw = s.fields(m, path, {"local": r.address, "remote": r.address})
     local, remote = kw.get("local"), kw.get("remote")
     if local is not None and (local.port or local.path):
-        s.claim("address", f"{local.family}:{local.host}:{local.port}:{local.path}",
-                   m["local"], child(path, "local"))
+        s.claim("address", str(local), m["local"], child(path, "local"))
     if local is not None and remote is not None and local.family != remote.family:
         r.problem(m["remote"], child(path, "remote"),
                   f"remote is {remote.family} but local is {local.family}")

@@ -26,9 +26,7 @@ RECV_FOREIGN = -1  # recv() result: a datagram from someone other than the remot
 
 
 def _describe(addr: SocketAddress | None) -> str | None:
-    if addr is None:
-        return None
-    return f"unix:{addr.path}" if addr.family == "unix" else f"udp:{addr.host}:{addr.port}"
+    return None if addr is None else str(addr)
 
 
 class DgramSocket:
