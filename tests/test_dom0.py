@@ -61,10 +61,10 @@ class Children:
             null = os.open(os.devnull, os.O_RDWR)
             for fd in (0, 1, 2):
                 os.dup2(null, fd)
-            if code is None:  # serve until SIGTERM
-                signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})
-                signal.sigwait({signal.SIGTERM})
-                os._exit(0)
+            if code is None:  # serve until SIGTERM (SIGUSR1: exit 10, to show it arrived)
+                signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGUSR1})
+                got = signal.sigwait({signal.SIGTERM, signal.SIGUSR1})
+                os._exit(10 if got == signal.SIGUSR1 else 0)
             os._exit(code)
         self.pids.append(pid)
         return pid
@@ -192,6 +192,20 @@ def test_rebooted_guest_gets_a_new_instance(env: Any) -> None:
     assert [c.guest.domid for c in kids.configs] == [10, 11]
     # The old domain's entries are gone: it is forgotten.
     assert 10 not in svc.settled
+
+
+def test_sigusr1_is_passed_on_to_every_instance(env: Any) -> None:
+    """`systemctl kill -s USR1 vmmiod-dom0` asks every instance for its counters; the service
+    itself must not die of it (SIGUSR1's default action)."""
+    fake, svc, _kids, log, _ = env
+    create(fake, 10, "web1")
+    create(fake, 11, "web2")
+    settle(svc, lambda: {10, 11} <= set(svc.instances))
+    svc._on_signal(signal.SIGUSR1, None)
+    # The scripted children leave with status 10 when SIGUSR1 reaches them.
+    settle(svc, lambda: len(log.named("dom0_guest_restarting")) == 2)
+    assert sorted(e["domid"] for e in log.named("dom0_guest_restarting")) == [10, 11]
+    assert all(e["exit_code"] == 10 for e in log.named("dom0_guest_restarting"))
 
 
 def test_forked_instance_runs_the_daemon(tmp_path: Path) -> None:

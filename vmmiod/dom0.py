@@ -44,7 +44,7 @@ RESTART_LIMIT = 3  # restarts of a crashed instance per domain
 STOP_GRACE = 20.0  # seconds the instances get to stop after SIGTERM (each stops within 10 s)
 TICK = 1.0  # select() timeout: watchdog pings and a rescan that needs no watch
 WATCH_TOKEN = "vmmiod-dom0"
-SERVICE_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD)
+SERVICE_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGCHLD)
 REASONS = {
     EX_CONFIG: "configuration: the YAML is invalid or does not match the toolstack's devices "
                "(the instance's startup_failed event says which)",
@@ -89,7 +89,7 @@ class Dom0Service:
         self.xs: Any = None
         self._wake_r = self._wake_w = -1
         self._stopping = False
-        self._hup = False
+        self._forward: set[int] = set()  # SIGHUP, SIGUSR1 (counters): for every instance
         self._old_handlers: dict[int, Any] = {}
 
     # -- set-up -----------------------------------------------------------------------------------
@@ -203,9 +203,8 @@ class Dom0Service:
         while self.xs.check_watch() is not None:
             pass
         self.reap()
-        if self._hup:
-            self._hup = False
-            self._signal_all(signal.SIGHUP)
+        while self._forward:
+            self._signal_all(self._forward.pop())
         if not self._stopping:
             self.scan()
 
@@ -214,8 +213,8 @@ class Dom0Service:
             if self._stopping:  # a second one: do not wait for the instances
                 self._signal_all(signal.SIGKILL)
             self._stopping = True
-        elif sig == signal.SIGHUP:
-            self._hup = True
+        elif sig in (signal.SIGHUP, signal.SIGUSR1):
+            self._forward.add(sig)
 
     # -- guests -----------------------------------------------------------------------------------
     def scan(self) -> None:
@@ -362,6 +361,7 @@ class Dom0Service:
         signal.set_wakeup_fd(-1)
         for sig in SERVICE_SIGNALS:
             signal.signal(sig, signal.SIG_DFL)
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # until the daemon takes it (counters)
         signal.pthread_sigmask(signal.SIG_SETMASK, mask)
         # The service's own descriptors: its xenstore connection (whose reader thread did not
         # survive the fork; the instance opens its own) and its wake-up pipe.
