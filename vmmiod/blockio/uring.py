@@ -226,11 +226,14 @@ class Ring:
     def submit(self, wait: int = 0) -> int:
         """Show the queued entries to the kernel and submit them in one io_uring_enter; with
         `wait`, also block until that many completions are posted."""
-        n = (self._tail - self._submitted) & 0xFFFFFFFF
-        if n:
+        if self._tail != self._submitted:
             barrier.wmb()  # the SQEs are written before the tail that publishes them
             U32.pack_into(self.sq, self._sq_tail_off, self._tail)
             self._submitted = self._tail
+        # Everything the kernel has not consumed yet, including entries an earlier call left
+        # (EAGAIN/EBUSY): the kernel takes them from its SQ head on.
+        head: int = U32.unpack_from(self.sq, self._sq_head_off)[0]
+        n = (self._tail - head) & 0xFFFFFFFF
         if not n and not wait:
             return 0
         flags = IORING_ENTER_GETEVENTS if wait else 0
