@@ -23,8 +23,6 @@ from vmmiod.devices.console import (
     VIRTIO_CONSOLE_F_MULTIPORT,
     VIRTIO_CONSOLE_F_SIZE,
     ConsoleDevice,
-    receiveq_index,
-    transmitq_index,
 )
 from vmmiod.devices.console_control import (
     CONTROL,
@@ -32,6 +30,7 @@ from vmmiod.devices.console_control import (
     VIRTIO_CONSOLE_BAD_ID,
     ControlEvent,
 )
+from vmmiod.devices.console_port import receiveq_index, transmitq_index
 from vmmiod.memory import memfd_memory
 from vmmiod.sim.vring import Allocator, DriverQueue
 from vmmiod.transport import VIRTIO_F_EVENT_IDX, VIRTIO_F_VERSION_1, bit

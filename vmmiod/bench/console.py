@@ -22,7 +22,8 @@ from typing import Any
 import structlog
 
 from vmmiod.config import ConsoleConfig, ConsolePortConfig, GuestConfig, MmioConfig, SocketBackend
-from vmmiod.devices.console import RECEIVEQ0, TRANSMITQ0, ConsoleDevice
+from vmmiod.devices.console import ConsoleDevice
+from vmmiod.devices.console_port import RECEIVEQ0, TRANSMITQ0
 from vmmiod.memory import memfd_memory
 from vmmiod.sim.vring import Allocator, DriverQueue
 from vmmiod.transport import VIRTIO_F_EVENT_IDX, VIRTIO_F_VERSION_1, bit

@@ -3,7 +3,8 @@
 Queues (5.3.2): 0 receiveq0, 1 transmitq0; with MULTIPORT 2 control receiveq (c_ivq, device to
 driver), 3 control transmitq (c_ovq), then receiveq/transmitq per extra port (4, 5 for port 1,
 ...). Linux shows port 0 as /dev/hvc0 and the others as /dev/vport<dev>p<port> with the name
-from PORT_NAME in /sys/class/virtio-ports/*/name. The control flow is in console_control.py.
+from PORT_NAME in /sys/class/virtio-ports/*/name. The control flow is in console_control.py,
+the ports (queue indexes, backends) in console_port.py.
 
 Back-pressure both ways, nothing unbounded on the host:
 - host to guest: the backend's fd is watched only while the port may take input (queue ready,
@@ -23,16 +24,16 @@ import struct
 from collections import deque
 from typing import Any
 
-from vmmiod.config import ConsoleConfig, ConsolePortConfig, GuestConfig
-from vmmiod.config import FileBackend as FileBackendConfig
-from vmmiod.config import PtyBackend as PtyBackendConfig
-from vmmiod.config import SocketBackend as SocketBackendConfig
+from vmmiod.config import ConsoleConfig, GuestConfig
 from vmmiod.devices import console_control as ctl
 from vmmiod.devices.base import BackendError, VirtioDevice, bit
-from vmmiod.devices.console_backends import Counters, FileBackend, PortBackend
 from vmmiod.devices.console_control import ControlError, ControlEvent, ControlMessage
-from vmmiod.devices.console_pty import PtyBackend
-from vmmiod.devices.console_socket import SocketBackend
+from vmmiod.devices.console_port import (
+    CONTROL_RECEIVEQ,
+    CONTROL_TRANSMITQ,
+    Port,
+    port_of_queue,
+)
 from vmmiod.state.store import COPY as RING_COPY
 from vmmiod.state.store import Slot
 
@@ -49,64 +50,7 @@ VIRTIO_CONSOLE_F_EMERG_WRITE = 2
 CONFIG = struct.Struct("<HHII")
 CONFIG_EMERG_WR = 8
 
-RECEIVEQ0 = 0
-TRANSMITQ0 = 1
-CONTROL_RECEIVEQ = 2
-CONTROL_TRANSMITQ = 3
-
 CONTROL_BACKLOG_BASE = 32  # queued device-to-driver control messages: base + 8 per port
-
-
-def receiveq_index(port: int) -> int:
-    return RECEIVEQ0 if port == 0 else 2 + 2 * port
-
-
-def transmitq_index(port: int) -> int:
-    return TRANSMITQ0 if port == 0 else 3 + 2 * port
-
-
-def port_of_queue(index: int) -> tuple[int, bool]:
-    """(port, is_transmitq) of a data queue index (not a control queue)."""
-    if index < 2:
-        return 0, index == TRANSMITQ0
-    return index // 2 - 1, bool(index & 1)
-
-
-class Port:
-    """One console port: its backend and the guest's view of it. Listens to the backend."""
-
-    def __init__(self, device: ConsoleDevice, index: int, cfg: ConsolePortConfig,
-                 backend_factory: Any) -> None:
-        self.device = device
-        self.index = index
-        self.cfg = cfg
-        self.name = cfg.name
-        self.count = Counters(device.counters, index)
-        self.backend: PortBackend = backend_factory(self)
-        self.rxq = receiveq_index(index)
-        self.txq = transmitq_index(index)
-        self.guest_ready = False  # PORT_READY(1) seen (multiport)
-        self.guest_open = False  # PORT_OPEN(1) seen (multiport)
-        self.tx_pending: tuple[Any, int] | None = None  # (chain, bytes already written)
-
-    def forget_guest(self) -> None:
-        self.guest_ready = self.guest_open = False
-        self.tx_pending = None
-        self.backend.set_input(False)
-
-    # PortListener
-    def backend_readable(self) -> None:
-        self.device._run_queue(self.rxq)
-
-    def backend_writable(self) -> None:
-        self.device.schedule(self.txq)
-
-    def backend_connection(self, connected: bool) -> None:
-        self.device.host_connection_changed(self, connected)
-
-    def backend_resize(self, cols: int, rows: int) -> None:
-        if self.index == 0:
-            self.device.resize(cols, rows)
 
 
 class ConsoleDevice(VirtioDevice):
@@ -126,7 +70,7 @@ class ConsoleDevice(VirtioDevice):
         super().__init__(cfg.id, [cfg.queue_size] * nqueues,
                          access_platform=access_platform, log=log)
         self.cols, self.rows = cfg.cols, cfg.rows
-        self.ports = [Port(self, i, p, self._backend_factory(i, p))
+        self.ports = [Port(self, i, p, (self.cols, self.rows), self.log)
                       for i, p in enumerate(cfg.ports)]
         self.control_out: deque[bytes] = deque()  # device-to-driver messages not yet delivered
         self.control_backlog = CONTROL_BACKLOG_BASE + 8 * len(self.ports)
@@ -136,21 +80,6 @@ class ConsoleDevice(VirtioDevice):
             for name in ("bytes_to_guest", "bytes_from_guest", "dropped_bytes",
                          "client_connects"):
                 self.counters[f"port{port.index}_{name}"] = 0
-
-    def _backend_factory(self, index: int, pcfg: ConsolePortConfig) -> Any:
-        b = pcfg.backend
-        size = pcfg.buffer
-
-        def make(port: Port) -> PortBackend:
-            common = (index, size, port, port.count, self.log)
-            if isinstance(b, PtyBackendConfig):
-                return PtyBackend(b.link, (self.cols, self.rows), *common)
-            if isinstance(b, SocketBackendConfig):
-                return SocketBackend(b.path, b.takeover, *common)
-            if isinstance(b, FileBackendConfig):
-                return FileBackend(b.path, *common)
-            raise ValueError(f"console {self.cfg.id}: unknown backend {b!r}")
-        return make
 
     # -- features and config --------------------------------------------------------------------
     def device_features(self) -> int:
