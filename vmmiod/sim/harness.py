@@ -94,12 +94,15 @@ class DaemonProcess:
         self.files = files
         self.proc: subprocess.Popen[bytes] | None = None
         self._stderr = files.dir / "daemon.stderr"
+        self._notify: socket.socket | None = None  # kept, as systemd keeps it, until the end
 
     def start(self, timeout: float = 15.0) -> Self:
         """Start it as systemd would (Type=notify) and return once it sent READY=1."""
+        self._close_notify()  # a daemon started again on the same object
         notify_path = self.files.dir / "notify.sock"
         notify_path.unlink(missing_ok=True)
         notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+        ready = False
         try:
             notify.bind(str(notify_path))
             # RUNTIME_DIRECTORY as systemd gives it: the device state record lives there.
@@ -118,14 +121,23 @@ class DaemonProcess:
                 notify.settimeout(0.05)
                 try:
                     if b"READY=1" in notify.recv(4096).split(b"\n"):
+                        ready = True
+                        self._notify = notify  # STOPPING=1 and the rest still arrive
                         return self
                 except TimeoutError:
                     pass
             self.kill()
             raise DaemonError(f"the daemon did not report READY=1 within {timeout} s")
         finally:
-            notify.close()
-            notify_path.unlink(missing_ok=True)
+            if not ready:
+                notify.close()
+                notify_path.unlink(missing_ok=True)
+
+    def _close_notify(self) -> None:
+        if self._notify is not None:
+            self._notify.close()
+            self._notify = None
+            (self.files.dir / "notify.sock").unlink(missing_ok=True)
 
     @property
     def pid(self) -> int:
@@ -141,10 +153,12 @@ class DaemonProcess:
     def wait(self, timeout: float = 15.0) -> int:
         assert self.proc is not None
         try:
-            return self.proc.wait(timeout)
+            status = self.proc.wait(timeout)
         except subprocess.TimeoutExpired:
             self.kill()
             raise DaemonError(f"the daemon did not exit within {timeout} s") from None
+        self._close_notify()
+        return status
 
     def stop(self, timeout: float = 15.0) -> int:
         """SIGTERM and wait: the daemon's orderly stop."""
@@ -157,6 +171,7 @@ class DaemonProcess:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.kill()
             self.proc.wait()
+        self._close_notify()
 
     def why(self) -> str:
         """The daemon's own words on a failure: its last error record, else its stderr."""
