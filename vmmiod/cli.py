@@ -37,8 +37,9 @@ def _common(parser: argparse.ArgumentParser, suppress: bool) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="vmmiod", description="virtio-mmio device backends (block, net, console) for Xen "
-                                   "guests and for any VMM speaking the generic IOREQ channel.")
+        prog="vmmiod", description="virtio device backends (block, net, console): virtio-mmio "
+                                   "for Xen guests and for any VMM speaking the generic IOREQ "
+                                   "channel, and vhost-user for QEMU and other VMMs.")
     parser.add_argument("--version", action="version", version=f"vmmiod {__version__}")
     _common(parser, suppress=False)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
