@@ -5,6 +5,7 @@ own checks from them alone. This keeps the cheapest of their claims true mechani
   there is accepted, in the same section, with the choices, defaults, ranges and length limits
   the tables give;
 - every `vmmiod` subcommand and flag the docs show exists (and every `python -m` module);
+- every name docs/logging.md lists for the logs is one the code uses;
 - every repository path they cite exists (files, globs, tests named with `::`);
 - every example in config/ passes `vmmiod check --no-files`.
 
@@ -16,6 +17,7 @@ and not to the doc (or the reverse) fails here.
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
 import re
 import subprocess
@@ -516,3 +518,25 @@ def test_the_path_scan_reads_links_globs_and_tests() -> None:
     found = [(m.group(1), m.group(2)) for m in REPO_PATH.finditer(text)]
     assert found == [("tests/test_a.py", "::test_b"), ("vmmiod/sim/{block,net}.py", None)]
     assert _expand("vmmiod/sim/{block,net}.py") == ["vmmiod/sim/block.py", "vmmiod/sim/net.py"]
+
+
+# -- log events ------------------------------------------------------------------------------------
+def test_every_documented_log_name_is_in_the_code() -> None:
+    """The reverse of test_daemon's check: each name docs/logging.md lists under "Event names"
+    (events, their keys, their stable values) is a string or a keyword argument in vmmiod/, so
+    a renamed or removed event cannot stay documented."""
+    words: set[str] = set()
+    for path in (ROOT / "vmmiod").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                words.add(node.value)
+            elif isinstance(node, ast.keyword) and node.arg:
+                words.add(node.arg)
+            elif isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+                words.update(a.arg for a in node.args.kwonlyargs + node.args.args)
+    text = (ROOT / "docs" / "logging.md").read_text()
+    names = set(re.findall(r"`([a-z][a-z0-9]*(?:_[a-z0-9<>]+)+|[a-z]+)`",
+                           text[text.index("## Event names"):]))
+    assert len(names) > 150, "the scan finds the documented names"
+    missing = sorted(n for n in names if "<" not in n and n not in words)
+    assert not missing, "docs/logging.md names what vmmiod/ never logs: " + ", ".join(missing)
