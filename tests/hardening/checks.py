@@ -15,7 +15,18 @@ move started (queue work, the block worker's flushes, frames from the peer), the
 4. violations: every `guest_protocol_violation` leaves its window in DEVICE_NEEDS_RESET, every
    window newly in DEVICE_NEEDS_RESET has one, every VirtqueueError a queue raised ends there,
    and every access the memory layer refused (`memory.rejected`) shows up as a violation or a
-   failed request (the device's error counters).
+   failed request (the device's error counters); no violation is the device's own completion
+   bookkeeping (`UsedIdNotInFlight`: completing a head that is not in flight is never the
+   guest's doing);
+5. taken back means taken back: when a queue is reset (QueueReady=0, QueueReset, Status 0,
+   disconnect) the device-writable buffers of the chains it still held are "reclaimed"; no byte
+   of them changes afterwards unless the guest wrote it, a newly popped chain covers it, or it
+   lies in a live used ring (a late completion writing a status byte there is the bug this
+   catches).
+
+With delayed completions (`held`, vmmiod/sim/hostile.py HeldCompletions) a move settles when
+the block I/O engine has nothing running (what it finished may be parked), not when every
+request is answered: the next move runs while work is in flight.
 """
 
 from __future__ import annotations
@@ -29,7 +40,7 @@ from typing import Any
 from tests.hardening.stack import WINDOW_SIZE, Stack
 from vmmiod.hypervisors.generic.protocol import Window
 from vmmiod.mmio_regs import DEVICE_NEEDS_RESET, STATUS
-from vmmiod.sim.hostile import BusVmm, WalkMeter
+from vmmiod.sim.hostile import BusVmm, HeldCompletions, WalkMeter
 from vmmiod.sim.virtio_mmio import VirtioMmioDriver
 from vmmiod.virtqueue import VirtqueueError
 
@@ -40,6 +51,9 @@ FAILURE_COUNTERS = ("errors", "malformed", "io_errors", "requests_unsupported", 
                     "control_dropped", "dropped_bytes")
 SETTLE_YIELDS = 3
 BLK_HDR = struct.Struct("<IIQ")
+RECLAIM_MAX_LEN = 65536  # longer (hostile) buffers are not tracked
+RECLAIM_MAX = 512  # ranges tracked at once (the oldest go first)
+DEVICE_BUGS = {"UsedIdNotInFlight"}  # violations only a device's own bookkeeping can cause
 
 
 @dataclass
@@ -52,6 +66,10 @@ class Stats:
     failed_requests: int = 0
     queue_errors: int = 0
     recoveries: int = 0
+    reclaimed: int = 0  # buffers taken back by a queue reset while the device held them
+    stale_dropped: int = 0  # completions of an older queue generation dropped
+    parked: int = 0  # completions held back for later moves
+    late_delivered: int = 0  # parked completions delivered by a later move
     audited: int = 0
     descriptors_read: int = 0
     max_walk: int = 0  # most descriptors one walk read
@@ -65,17 +83,88 @@ METER = WalkMeter()
 
 
 class Checks:
-    def __init__(self, stack: Stack, loop: asyncio.AbstractEventLoop) -> None:
+    def __init__(self, stack: Stack, loop: asyncio.AbstractEventLoop,
+                 held: HeldCompletions | None = None) -> None:
         self.stack = stack
         self.loop = loop
+        self.held = held
         self.loop_errors: list[dict[str, Any]] = []
         loop.set_exception_handler(lambda _loop, ctx: self.loop_errors.append(ctx))
         self.queue_errors: list[tuple[int, VirtqueueError]] = []
         self.walk_problems: list[str] = []
         self.pops: dict[tuple[int, int], int] = {}
+        # Chains each queue popped and has not completed; buffers taken back by a reset.
+        self.outstanding: dict[tuple[int, int], list[Any]] = {}
+        self.reclaimed: list[tuple[int, int, bytes]] = []  # gpa, length, bytes at last check
         for wi, w in enumerate(stack.windows):
             for q in w.queues:
                 q.pop = self._metered(wi, q)  # type: ignore[method-assign]
+                q.add_used = self._completed(wi, q)  # type: ignore[method-assign]
+                q.reset = self._resetting(wi, q)  # type: ignore[method-assign]
+
+    # -- taken-back buffers (invariant 5) -------------------------------------------------------
+    def _completed(self, wi: int, q: Any) -> Callable[..., Any]:
+        orig = q.add_used
+
+        def add_used(head: int, length: int, *rest: Any) -> Any:
+            out = orig(head, length, *rest)
+            if out is not False:  # False: a stale completion the queue dropped
+                chains = self.outstanding.get((wi, q.index), [])
+                for k, c in enumerate(chains):
+                    if c.head == head:
+                        del chains[k]
+                        break
+            return out
+        return add_used
+
+    def _resetting(self, wi: int, q: Any) -> Callable[[], None]:
+        orig = q.reset
+
+        def reset() -> None:
+            guest = self.stack.memory.guest
+            for chain in self.outstanding.pop((wi, q.index), []):
+                for gpa, n in chain.writable:
+                    if 0 < n <= RECLAIM_MAX_LEN and self._in_ram(gpa, n):
+                        self.reclaimed.append((gpa, n, guest.read(gpa, n)))
+                        STATS.reclaimed += 1
+            del self.reclaimed[:-RECLAIM_MAX]
+            orig()
+        return reset
+
+    def _in_ram(self, gpa: int, n: int) -> bool:
+        return any(b.region.writable and b.region.gpa <= gpa and gpa + n <= b.region.end
+                   for b in self.stack.memory.backings)
+
+    def _forget_overlapping(self, ranges: list[tuple[int, int]]) -> None:
+        if not self.reclaimed or not ranges:
+            return
+        self.reclaimed = [r for r in self.reclaimed
+                          if not any(r[0] < g + n and g < r[0] + r[1] for g, n in ranges)]
+
+    def _refresh_reclaimed(self) -> None:
+        """Before a move: what the guest wrote between moves is the guest's business."""
+        guest = self.stack.memory.guest
+        self.reclaimed = [(g, n, guest.read(g, n)) for g, n, _ in self.reclaimed]
+
+    def _check_reclaimed(self, name: str) -> None:
+        st = self.stack
+        live = [(q.used_addr, 6 + 8 * q.size) for w in st.windows for q in w.queues if q.ready]
+        self._forget_overlapping(live)
+        guest = st.memory.guest
+        bad = []
+        for gpa, n, old in self.reclaimed:
+            cur = guest.read(gpa, n)
+            if cur != old:
+                region = next(b.region for b in st.memory.backings
+                              if b.region.gpa <= gpa < b.region.end)
+                dirty = guest.dirty[region.gpa]
+                off = gpa - region.gpa
+                changed = [k for k in range(n) if cur[k] != old[k] and not dirty[off + k]]
+                if changed:
+                    bad.append(f"{gpa + changed[0]:#x} ({old[changed[0]]:#x} -> "
+                               f"{cur[changed[0]]:#x})")
+        assert not bad, (f"{name}: the device wrote into buffers the driver had taken back "
+                         f"(a completion after a queue/device reset): {bad[:4]}")
 
     def _metered(self, wi: int, q: Any) -> Callable[[], Any]:
         orig = q.pop
@@ -101,16 +190,20 @@ class Checks:
             if chain is not None:
                 key = (wi, q.index)
                 self.pops[key] = self.pops.get(key, 0) + 1
+                self.outstanding.setdefault(key, []).append(chain)
+                self._forget_overlapping(chain.writable)  # the device owns these again
             return chain
         return pop
 
     # -- one move -------------------------------------------------------------------------------
     async def settle(self) -> None:
+        """Quiet, not finished: the block worker idle, or all it still owes is parked."""
         for _ in range(SETTLE_YIELDS):
             await asyncio.sleep(0)
         blk = self.stack.devices[0]
         deadline = self.loop.time() + 5.0
-        while blk.counters.get("in_flight") and blk.active and self.loop.time() < deadline:
+        engine = blk.engine  # ops still running in the kernel or on helper threads
+        while engine is not None and engine.in_flight and self.loop.time() < deadline:
             await asyncio.sleep(0.0005)
         for _ in range(SETTLE_YIELDS):
             await asyncio.sleep(0)
@@ -126,6 +219,7 @@ class Checks:
         self.pops.clear()
         mem.guest.clean()
         snap = mem.snapshot()
+        self._refresh_reclaimed()
 
         async def run() -> Any:
             out = fn()
@@ -161,6 +255,9 @@ class Checks:
             assert n <= 2 * size + 2, f"{name}: window {wi} queue {qi} popped {n} chains"
         violations = [e for e in new if e.get("event") == "guest_protocol_violation"]
         STATS.violations += len(violations)
+        own = [e for e in violations if e.get("error") in DEVICE_BUGS]
+        assert not own, f"{name}: the device blamed the guest for its own bookkeeping: {own}"
+        self._check_reclaimed(name)
         now = [bool(w.status & DEVICE_NEEDS_RESET) for w in st.windows]
         flagged = {DEVICE_INDEX[str(e.get("device"))] for e in violations}
         for wi in flagged:

@@ -5,7 +5,9 @@ size, a raw IOREQ of any kind, a Linux-like bring-up with any feature set, a wel
 request, a descriptor or ring entry pointing anywhere (guards, the hole, the read-only region,
 past 2**64), avail.idx jumps, notifications of any queue, resets mid-I/O, INVALIDATE, frames from
 the network peer, console clients that come and go. After every rule `Checks` (checks.py)
-proves the invariants; the `recover` rule proves a reset device always works again.
+proves the invariants; the `recover` rule proves a reset device always works again. Work
+stays in flight across moves (fuzz_async.py): block completions are parked and delivered by
+later moves, console backends stall, and queues, devices and memory are taken away meanwhile.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition, rule
 
 from tests.hardening.checks import STATS, Checks
+from tests.hardening.fuzz_async import AsyncMoves
 from tests.hardening.stack import (
     RAM2_GPA,
     RAM2_SIZE,
@@ -65,7 +68,7 @@ u32 = st.one_of(st.sampled_from(U32S), st.integers(0, 0xFFFF_FFFF))
 dev_index = st.integers(0, 2)
 
 
-class HostileGuest(RuleBasedStateMachine):
+class HostileGuest(AsyncMoves, RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
         STATS.runs += 1
@@ -76,11 +79,13 @@ class HostileGuest(RuleBasedStateMachine):
         self.client: socket.socket | None = None
 
     # -- plumbing -------------------------------------------------------------------------------
-    @initialize(versions=st.tuples(*[st.sampled_from([2, 2, 1])] * 3))
-    def build(self, versions: tuple[int, int, int]) -> None:
+    @initialize(versions=st.tuples(*[st.sampled_from([2, 2, 1])] * 3),
+                seed=st.integers(0, 2**32 - 1), hold=st.sampled_from([0.0, 0.5, 0.9, 1.0]))
+    def build(self, versions: tuple[int, int, int], seed: int, hold: float) -> None:
         self.stack = Stack(versions)
         self.loop.run_until_complete(self.stack.open())
-        self.checks = Checks(self.stack, self.loop)
+        held = self.start_async(seed, hold)
+        self.checks = Checks(self.stack, self.loop, held)
 
     @property
     def rig(self) -> Stack:
@@ -96,6 +101,7 @@ class HostileGuest(RuleBasedStateMachine):
             if self.client is not None:
                 self.client.close()
             if self.stack is not None:
+                self.stop_async()
                 self.loop.run_until_complete(self.rig.close())
         finally:
             self.loop.close()
@@ -295,13 +301,15 @@ class HostileGuest(RuleBasedStateMachine):
     def block_request(self, rtype: int, sector: int, n: int, indirect: bool,
                       split_header: bool) -> None:
         dq = self._queue(0, 0)
-        assert dq is not None
+        if dq is None:  # the guest took its queue back (queue_off)
+            return
         mem, alloc = self.rig.memory.guest, self.drv[0].vmm.alloc  # type: ignore[union-attr]
         try:
             hdr, data, status = alloc.alloc(16), alloc.alloc(max(n, 1)), alloc.alloc(1)
         except MemoryError:
             return
         mem.write(hdr, BLK_HDR.pack(rtype, 0, sector))
+        mem.write(status, b"\xff")  # not a status: a late write of one shows (checks.py, 5)
         if rtype in (11, 13) and n >= 16:
             mem.write(data, struct.pack("<QII", sector, 8, 0))
         out = [(hdr, 8), (hdr + 8, 8)] if split_header else [(hdr, 16)]
@@ -450,9 +458,21 @@ class HostileGuest(RuleBasedStateMachine):
     def recover(self, i: int) -> None:
         """After any history: reset, a plain Linux probe and one request; it must complete."""
         assert self.checks is not None
-        if i == 2 and self.client is not None:
-            self.client.close()
-            self.client = None
+        if i == 2:
+            stalls = self.stalls
+            if stalls is not None and stalls.stalled:  # liveness needs a backend taking output
+                self.act("console_stall", lambda: stalls.set(False))  # (its queue work in a move)
+            if self.client is not None:
+                self.client.close()
+                self.client = None
         self.drv[i] = None
-        self.drv[i] = self.checks.recover(i, self._vmm(i))
+        held = self.held
+        if i == 0 and held is not None:  # what is parked comes back; the probe's read is not held
+            self.act("finish_io", lambda: held.release(len(held.held)))
+            held.paused = True
+        try:
+            self.drv[i] = self.checks.recover(i, self._vmm(i))
+        finally:
+            if held is not None:
+                held.paused = False
         STATS.recoveries += 1

@@ -44,9 +44,14 @@ def test_hostile_guest_campaign() -> None:
     print(f"  audited memory lookups {STATS.audited}, descriptors read {STATS.descriptors_read},"
           f" longest walk {STATS.max_walk}, most chains popped in one move {STATS.max_pops}, "
           f"recoveries {STATS.recoveries}")
+    print(f"  in flight across moves: completions parked {STATS.parked}, delivered late "
+          f"{STATS.late_delivered}, stale completions dropped {STATS.stale_dropped}, buffers "
+          f"taken back by a reset while held {STATS.reclaimed}")
     print(f"  moves by rule: {dict(sorted(STATS.rules.items()))}")
     print(f"  error-level events: {STATS.error_events}")
     print(f"  fds {fds} -> {fd_count()}, mappings {maps} -> {map_count()}")
     assert STATS.steps >= TARGET
     assert STATS.violations and STATS.rejected and STATS.recoveries  # the campaign bit
+    # ... and interleaved: late completions met resets of what they belonged to
+    assert STATS.late_delivered and STATS.reclaimed and STATS.stale_dropped
     assert fd_count() <= fds + 2  # hypothesis may keep a file or two; devices keep none

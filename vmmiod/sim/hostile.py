@@ -15,11 +15,18 @@ the means to prove three things after every move:
 
 `BusVmm` lets the simulated guest's Linux-like transport driver (vmmiod/sim/virtio_mmio.py)
 drive the bus directly, so well-behaved and hostile moves mix freely.
+
+Asynchrony: `HeldCompletions` parks a device's completions (block: the I/O engine's handler,
+through which finished ops reach `BlockDevice._completed` on the loop) for a seeded random
+number of moves, so resets, queue
+disables and disconnects run while work is in flight; `StalledWrites` makes console backends
+take nothing until released, so transmit chains stay pending across the same moves.
 """
 
 from __future__ import annotations
 
 import ctypes
+import random
 import struct
 from collections.abc import Iterator, MutableMapping
 from contextlib import contextmanager
@@ -275,3 +282,81 @@ class BusVmm:
 
     def write(self, addr: int, value: int, size: int = 4, vcpu: int = 0) -> None:
         self.bus.access(addr, size, True, value)
+
+
+class HeldCompletions:
+    """Completions delayed by moves: calls to `obj.<method>` are parked (each with probability
+    `hold`, from a seeded generator: the same run holds the same calls) until `release()`.
+
+    For block, `obj` is the device's I/O engine and `method` its `_handler`: finished ops come
+    back on the loop through it, so a parked call is a batch of completions that is late by as
+    many moves as it stays (even past a reset that cancelled its ops: the device's queue
+    generations must then drop it).
+    """
+
+    def __init__(self, obj: Any, method: str, seed: int, *, hold: float = 0.75) -> None:
+        self.obj = obj
+        self.method = method
+        self.orig = getattr(obj, method)
+        self.rng = random.Random(seed)
+        self.hold = hold
+        self.held: list[tuple[Any, ...]] = []
+        self.parked = 0  # calls ever held
+        self.delivered = 0  # held calls released later
+        self.forced = 0  # the next calls to hold whatever the draw
+        self.paused = False  # every call passes (a liveness check needs its answer)
+        setattr(obj, method, self._call)
+
+    def hold_next(self, n: int = 1) -> None:
+        self.forced = n
+
+    def _call(self, *args: Any) -> Any:
+        if self.paused:
+            return self.orig(*args)
+        if self.forced:
+            self.forced -= 1
+        elif self.rng.random() >= self.hold:
+            return self.orig(*args)
+        self.held.append(args)
+        self.parked += 1
+        return None
+
+    def release(self, n: int, pick: int = 0) -> int:
+        """Deliver up to `n` parked calls, the first from position `pick` (out of order)."""
+        done = 0
+        while self.held and done < n:
+            args = self.held.pop(pick % len(self.held))
+            self.orig(*args)
+            done += 1
+            self.delivered += 1
+        return done
+
+    def drop(self) -> None:
+        """Forget every parked call (the stack is torn down)."""
+        self.held.clear()
+
+
+class StalledWrites:
+    """Console port backends that take nothing while stalled (a client that stops reading)."""
+
+    def __init__(self, ports: list[Any]) -> None:
+        self.ports = ports
+        self.stalled = False
+        self.refused = 0  # writes refused while stalled
+        for port in ports:
+            orig = port.backend.write
+
+            def write(data: Any, orig: Any = orig) -> int:
+                if self.stalled:
+                    self.refused += 1
+                    return 0
+                n: int = orig(data)
+                return n
+            port.backend.write = write
+
+    def set(self, stalled: bool) -> None:
+        was, self.stalled = self.stalled, stalled
+        if was and not stalled:
+            for port in self.ports:
+                port.backend_writable()  # what the backend's writable watch would call
+
