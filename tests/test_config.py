@@ -100,7 +100,8 @@ devices:
     backend: {kind: dgram, remote: "udp:[::1]:5556"}
 """, tmp_path)
     assert cfg.guest == c.GuestConfig("g1", None)
-    assert cfg.hypervisor == c.GenericConfig()
+    # No socket: the guest's runtime directory (writable under vmmiod@g1, unlike /run/vmmiod).
+    assert cfg.hypervisor == c.GenericConfig(socket=Path("/run/vmmiod/g1/vmm.sock"))
     assert cfg.log == c.LogConfig()
     con, net0, net1, net2 = cfg.devices
     assert con.ports == (c.ConsolePortConfig("console", c.PtyBackend()),)
@@ -130,7 +131,8 @@ guest: g1
 hypervisor: {{kind: generic, socket_mode: {written}}}
 devices: [{{type: console, id: c, mmio: {{base: 0x1000, irq: 1}}, backend: pty}}]
 """, tmp_path)
-    assert cfg.hypervisor == c.GenericConfig(socket_mode=0o600)
+    assert isinstance(cfg.hypervisor, c.GenericConfig)
+    assert cfg.hypervisor.socket_mode == 0o600
 
 
 def test_auto_window_and_domid_with_xen(tmp_path: Path) -> None:

@@ -15,6 +15,8 @@ from pathlib import Path
 import yaml
 
 from vmmiod.configmodel import (
+    GENERIC_RUN_DIR,
+    GENERIC_SOCKET_NAME,
     MMIO_WINDOW_SIZE,
     NO_WINDOW,
     BlockConfig,
@@ -45,6 +47,8 @@ from vmmiod.configschema import Schema
 
 __all__ = [
     "EX_CONFIG",
+    "GENERIC_RUN_DIR",
+    "GENERIC_SOCKET_NAME",
     "MMIO_WINDOW_SIZE",
     "NO_WINDOW",
     "BlockConfig",

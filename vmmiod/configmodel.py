@@ -35,10 +35,15 @@ class XenConfig:
     require_entries: bool = False
 
 
+GENERIC_RUN_DIR = Path("/run/vmmiod")
+GENERIC_SOCKET_NAME = "vmm.sock"
+
+
 @dataclass(frozen=True)
 class GenericConfig:
     kind: Literal["generic"] = "generic"
-    socket: Path = Path("/run/vmmiod/guest.sock")
+    # The YAML's default is GENERIC_RUN_DIR/<guest name>/vmm.sock (the schema derives it).
+    socket: Path = GENERIC_RUN_DIR / "guest" / GENERIC_SOCKET_NAME
     on_disconnect: Literal["wait", "exit"] = "wait"
     socket_mode: int = 0o600
 

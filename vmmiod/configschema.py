@@ -40,6 +40,7 @@ class Schema(SchemaBase):
     def __init__(self, reader: Reader, check_files: bool) -> None:
         super().__init__(reader, check_files)
         self.kind: str | None = None  # hypervisor kind, once known
+        self.socket_given = True  # False: the generic socket is derived from the guest's name
         self.interrupts = "auto"
         self.windows: list[tuple[int, str]] = []  # (base, "devices[i] ('id')")
         self.irqs: dict[int, str] = {}
@@ -56,6 +57,8 @@ class Schema(SchemaBase):
             return None
         hyp = self.hypervisor(top["hypervisor"]) if "hypervisor" in top else None
         guest = self.guest(top["guest"]) if "guest" in top else None
+        if isinstance(hyp, c.GenericConfig) and guest is not None:
+            hyp = self.generic_socket(hyp, guest.name, top["hypervisor"])
         log = self.log(top["log"]) if "log" in top else c.LogConfig()
         devices = self.devices(top["devices"]) if "devices" in top else ()
         if guest is None or hyp is None or log is None:
@@ -103,9 +106,20 @@ class Schema(SchemaBase):
             "on_disconnect": lambda n, q: r.choice(n, q, ("wait", "exit")),
             "socket_mode": lambda n, q: r.integer(n, q, 0, 0o777, octal_strings=True),
         })
-        sock = kw.get("socket", c.GenericConfig.socket)
-        self.claim("path", str(sock), m.get("socket", node), child(p, "socket"))
+        if "socket" in kw:
+            self.claim("path", str(kw["socket"]), m["socket"], child(p, "socket"))
+        else:
+            self.socket_given = False
         return c.GenericConfig(**kw)
+
+    def generic_socket(self, hyp: c.GenericConfig, guest: str, node: Node) -> c.GenericConfig:
+        """No `socket`: the guest's runtime directory, the one writable place in /run under the
+        template unit (vmmiod@<guest>: RuntimeDirectory=vmmiod/%i) and the state record's."""
+        if self.socket_given:
+            return hyp
+        sock = c.GENERIC_RUN_DIR / guest / c.GENERIC_SOCKET_NAME
+        self.claim("path", str(sock), node, child("hypervisor", "socket"))
+        return dataclasses.replace(hyp, socket=sock)
 
     def log(self, node: Node) -> c.LogConfig | None:
         r = self.r
