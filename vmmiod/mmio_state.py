@@ -138,10 +138,10 @@ class WindowState:
             for index, heads in done.items():
                 for head, length in heads:
                     w.queues[index].add_used(head, length)
-            device.resume(found)
-            for q in w.queues:
+            for q in w.queues:  # before any new work: the one interrupt below covers these
                 if q.ready:
                     q.publish_used()
+            device.resume(found)
             resumed = sum(len(c) for c in found.values())
         self.save()
         if status & DRIVER_OK:
