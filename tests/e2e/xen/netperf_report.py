@@ -178,7 +178,11 @@ def main() -> int:
     if not (results / "netperf.jsonl").exists():
         print(f"netperf: no netperf.jsonl in {results or '(no results dir given)'}")
         return 1
-    f = figures(load(results))
+    try:
+        f = figures(load(results))
+    except KeyError as exc:  # the guest's netperf phases did not all run
+        print(f"netperf: {exc.args[0]}")
+        return 1
     text = table(f)
     (results / "netperf-summary.txt").write_text(text + "\n")
     (results / "netperf-summary.json").write_text(json.dumps(f, indent=1) + "\n")
