@@ -174,9 +174,13 @@ def _kv(d: dict[str, Any], *skip: str) -> str:
 
 def main() -> int:
     arg = sys.argv[1] if len(sys.argv) > 1 else os.environ.get("VMMIOD_E2E_RESULTS", "")
-    results = Path(arg)
+    return report(Path(arg))
+
+
+def report(results: Path) -> int:
+    """Print the figures of the run in `results` (summary.py calls this) and write them."""
     if not (results / "netperf.jsonl").exists():
-        print(f"netperf: no netperf.jsonl in {results or '(no results dir given)'}")
+        print(f"netperf: no netperf.jsonl in {results}")
         return 1
     try:
         f = figures(load(results))

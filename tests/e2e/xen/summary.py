@@ -5,7 +5,8 @@
 
 One line per xl step of dom0-full.sh (status and seconds), and for each instance the dom0
 service forked: the time from the service's fork to the instance's InitWait (libxl waits 10 s
-for it) and the instance's exit status. Figures from one run, for reading, not asserting.
+for it) and the instance's exit status; then the network figures (netperf_report.py). Figures
+from one run, for reading, not asserting.
 """
 
 from __future__ import annotations
@@ -46,6 +47,10 @@ def main(results: Path) -> int:
         wait = f"{_time(initwait[0]) - _time(started):.2f} s" if initwait else "never"
         status = ended[0].get("exit_code") if ended else "running"
         print(f"  instance {key[0]} domid {key[1]}: fork -> InitWait {wait}, exit {status}")
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    import netperf_report  # the network figures (domU-netperf.sh, issue 14)
+
+    netperf_report.report(results)
     return 0
 
 
