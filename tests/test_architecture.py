@@ -42,7 +42,6 @@ KNOWN: frozenset[tuple[str, str]] = frozenset({
     # sim/hostile.py instruments the device's descriptor codec (a test tool; goes to tests/).
     ("guest-model-own-constants", "vmmiod.sim.hostile -> vmmiod.virtqueue.split"),
     ("size", "vmmiod.devices.net"),
-    ("size", "vmmiod.hypervisors.xen.adaptor"),
 })
 
 # The layers of docs/architecture.md, top to bottom: a module imports its own layer or lower ones.

@@ -4,8 +4,8 @@ prepare(): libraries, /dev/xen nodes, xenstore, the guest's domid (waited for), 
 dm_op probe (ENOSYS = hypervisor without IOREQ support), barriers, the toolstack's backend
 entries paired with the config, the IOREQ server created and enabled for every window, then
 InitWait for the toolstack (xl waits 10 s for it, then unpauses a rebooted guest).
-start(): guest memory on the bus, serving the event channels, the optional eventfd fast path,
-xentoolcore_restrict_all(domid). stop(): Closed, teardown.
+start(): guest memory on the bus, serving the event channels, the optional eventfd fast path
+(fastpath.py), xentoolcore_restrict_all(domid). stop(): Closed, teardown.
 """
 
 from __future__ import annotations
@@ -21,27 +21,16 @@ from vmmiod.config import MMIO_WINDOW_SIZE, Config, XenConfig
 from vmmiod.fences import is_arm64
 from vmmiod.hypervisors.base import Adaptor, PlatformUnavailable
 from vmmiod.hypervisors.xen import backends, record
+from vmmiod.hypervisors.xen.fastpath import open_fast_path
 from vmmiod.hypervisors.xen.guestmem import XenGuestMemory, XenMapper
 from vmmiod.hypervisors.xen.handles import DeviceModel, EventChannels, ForeignMemory, GrantTable
 from vmmiod.hypervisors.xen.irq import IrqRangeError, Privcmd, XenInterruptLine, check_irq
 from vmmiod.hypervisors.xen.libs import Loader, XenLibs, load_libraries
+from vmmiod.hypervisors.xen.platform import NO_IOREQ_SERVER, check_nodes, probe_dm_op
 from vmmiod.hypervisors.xen.server import IoreqServer
 from vmmiod.hypervisors.xen.xenstore import XenStore, XenStoreError, find_domids_by_name
 
 POLL_INTERVAL = 0.2  # seconds between looks for the domain / backend entries
-
-NO_IOREQ_SERVER = (
-    "the Xen hypervisor has no IOREQ server support (dm_op failed with ENOSYS). Debian's arm64 "
-    "Xen is built without CONFIG_IOREQ_SERVER: rebuild the hypervisor from Debian's xen source "
-    "package with CONFIG_EXPERT=y and CONFIG_IOREQ_SERVER=y (see docs/xen.md), or use a Xen "
-    "built with it (amd64 builds have it)")
-
-NODES = {
-    "privcmd": "load the xen-privcmd module (modprobe xen-privcmd)",
-    "evtchn": "load the xen-evtchn module (modprobe xen-evtchn)",
-    "gntdev": "load the xen-gntdev module (modprobe xen-gntdev); needed for grants",
-}
-
 
 class BackendMismatch(PlatformUnavailable):
     """The toolstack's devices and the YAML config disagree (a configuration problem)."""
@@ -88,7 +77,7 @@ class XenAdaptor(Adaptor):
         loop = asyncio.get_running_loop()
         self.finished = loop.create_future()
         self.libs = load_libraries(self._loader) if self._loader else load_libraries()
-        self._check_nodes(["privcmd", "evtchn"])
+        check_nodes(self.dev_dir, ["privcmd", "evtchn"])
         try:
             self.xs = XenStore(self.libs)
         except XenStoreError as exc:
@@ -99,12 +88,13 @@ class XenAdaptor(Adaptor):
         self.domid = await self._resolve_domid()
         self.log = self.log.bind(domid=self.domid)
         self._open_handles()
-        self._probe_dm_op()
+        assert self.dm is not None
+        self._nr_vcpus = probe_dm_op(self.dm, self.domid)
         self.backends = backends.Backends(self.xs, self.xen.backend_domid, self.domid,
                                           self.config.devices, self.log)
         await self._discover()
         if self._grants:
-            self._check_nodes(["gntdev"])
+            check_nodes(self.dev_dir, ["gntdev"])
         self._check_irqs()
         if self.server is None:
             self._create_server()
@@ -117,17 +107,6 @@ class XenAdaptor(Adaptor):
         self.log.info("xen_prepared", vcpus=self._nr_vcpus, grants=self._grants,
                       interrupts=self._irq_method, windows=[
                           {"device": d, "base": hex(b), "irq": i} for d, b, i in self.windows()])
-
-    def _check_nodes(self, names: list[str]) -> None:
-        if not os.path.isdir(self.dev_dir):
-            raise PlatformUnavailable(
-                f"{self.dev_dir} does not exist: vmmiod's Xen adaptor must run in a Xen dom0 (or "
-                "a driver domain) with the Xen kernel modules loaded (modprobe xen-privcmd "
-                "xen-evtchn xen-gntdev)")
-        for name in names:
-            path = os.path.join(self.dev_dir, name)
-            if not os.path.exists(path):
-                raise PlatformUnavailable(f"{path} is missing: {NODES[name]}")
 
     async def _resolve_domid(self) -> int:
         """The guest's domid, once xenstored has it introduced.
@@ -175,24 +154,6 @@ class XenAdaptor(Adaptor):
             raise PlatformUnavailable(
                 f"cannot open the Xen interfaces ({exc}): run vmmiod as root in dom0 with "
                 "/dev/xen/privcmd and /dev/xen/evtchn available") from None
-
-    def _probe_dm_op(self) -> None:
-        assert self.dm is not None
-        try:
-            self._nr_vcpus = self.dm.nr_vcpus()
-        except OSError as exc:
-            if exc.errno == errno.ENOSYS:
-                raise PlatformUnavailable(NO_IOREQ_SERVER) from None
-            if exc.errno == errno.EOPNOTSUPP:
-                raise PlatformUnavailable(
-                    "the hypervisor does not know XEN_DMOP_nr_vcpus: Xen >= 4.15 is needed"
-                ) from None
-            if exc.errno in (errno.EPERM, errno.EACCES):
-                raise PlatformUnavailable(
-                    f"not allowed to act as device model for domain {self.domid} ({exc}): run "
-                    "vmmiod in dom0, or in a driver domain that is the guest's target "
-                    "(and with xsm=dummy on Debian's arm64 Xen)") from None
-            raise PlatformUnavailable(f"dm_op on domain {self.domid} failed: {exc}") from None
 
     async def _discover(self) -> None:
         assert self.backends is not None
@@ -306,7 +267,9 @@ class XenAdaptor(Adaptor):
             self.on_guest(f"xen:{self.domid}:{self.xs.read(f'/local/domain/{self.domid}/vm')}")
         self.server.attach_loop(loop)  # requests held since prepare() are served from here
         self.server.serve_pending()  # and those a predecessor left in their slots
-        self._fast_path(loop)
+        self.privcmd = open_fast_path(self.domid, os.path.join(self.dev_dir, "privcmd"),
+                                      self._irq_method, self._lines, self.bus, self.server,
+                                      loop, self.counters, self.log)
         self._restrict()
         self.log.info("xen_serving", server=self.server.sid, vcpus=self.server.nr_vcpus,
                       windows=len(self.server.ranges), grants=self._grants)
@@ -344,57 +307,6 @@ class XenAdaptor(Adaptor):
             self.log.warning("xen_server_record_failed", path=str(self._record), error=str(exc))
         self.backends.serving = True
         self.backends.sync_known()
-
-    def _fast_path(self, loop: asyncio.AbstractEventLoop) -> None:
-        """privcmd IRQFD for Arm SPIs, IOEVENTFD for QueueNotify; silently absent elsewhere."""
-        path = os.path.join(self.dev_dir, "privcmd")
-        try:
-            self.privcmd = Privcmd(self.domid, path)
-        except OSError:
-            return
-        irqfds = 0
-        if self._irq_method == "spi":
-            for irq, line in self._lines.items():
-                try:
-                    line.eventfd = self.privcmd.irqfd(irq)
-                    irqfds += 1
-                except OSError:
-                    break  # the kernel has no IRQFD: every line keeps its dm_op
-        ioeventfds = self._ioeventfds(loop)
-        if irqfds or ioeventfds:
-            self.log.info("xen_eventfd_fast_path", irqfds=irqfds, ioeventfds=ioeventfds)
-        else:  # the kernel offers neither: nothing to keep the extra handle for
-            self.privcmd.close()
-            self.privcmd = None
-
-    def _ioeventfds(self, loop: asyncio.AbstractEventLoop) -> int:
-        assert self.privcmd is not None and self.server is not None
-        from vmmiod.hypervisors.xen.abi import VIRTIO_MMIO_QUEUE_NOTIFY
-
-        count = 0
-        for base, _size, window in self.bus.windows():
-            device = getattr(window, "device", None)
-            nq = len(getattr(device, "queue_max_sizes", ()))
-            notify = base + VIRTIO_MMIO_QUEUE_NOTIFY
-            for vq in range(nq):
-                try:
-                    # The kernel matches ioreq.addr against addr + QueueNotify: pass the base.
-                    efd = self.privcmd.ioeventfd(self.server.page_addr, self.server.ports,
-                                                 base, vq)
-                except OSError:
-                    return count
-                loop.add_reader(efd, self._on_ioeventfd, efd, notify, vq)
-                count += 1
-        return count
-
-    def _on_ioeventfd(self, efd: int, notify: int, vq: int) -> None:
-        try:
-            os.eventfd_read(efd)
-        except BlockingIOError:
-            return
-        # The kernel already answered the guest's write; replay it on the bus for the window.
-        self.counters["ioeventfd_notifies"] = self.counters.get("ioeventfd_notifies", 0) + 1
-        self.bus.access(notify, 4, True, vq)
 
     def _restrict(self) -> None:
         """xentoolcore_restrict_all(domid): every handle may then touch only this guest.
