@@ -46,7 +46,8 @@ def main(results: Path) -> int:
                  and (r.get("guest"), r.get("domid")) == key]
         wait = f"{_time(initwait[0]) - _time(started):.2f} s" if initwait else "never"
         status = ended[0].get("exit_code") if ended else "running"
-        print(f"  instance {key[0]} domid {key[1]}: fork -> InitWait {wait}, exit {status}")
+        print(f"  instance {key[0]} domid {key[1]}: fork -> first InitWait {wait} (the fork comes "
+              f"at the domain's introduction, before libxl writes entries), exit {status}")
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     import netperf_report  # the network figures (domU-netperf.sh, issue 14)
 
