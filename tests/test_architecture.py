@@ -41,7 +41,6 @@ KNOWN: frozenset[tuple[str, str]] = frozenset({
     # (rule, subject): subject is "importer -> imported", a cycle "a <-> b <-> ...", or a module.
     # sim/hostile.py instruments the device's descriptor codec (a test tool; goes to tests/).
     ("guest-model-own-constants", "vmmiod.sim.hostile -> vmmiod.virtqueue.split"),
-    ("size", "vmmiod.devices.net"),
 })
 
 # The layers of docs/architecture.md, top to bottom: a module imports its own layer or lower ones.

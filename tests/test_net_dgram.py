@@ -398,7 +398,7 @@ def test_device_without_backend_drops_and_returns(tmp_path: Path) -> None:
         await g.driver.flush_tx()
         assert g.driver.txq.pending() == 0
         assert g.device.counters["tx_dropped_link_down"] == 1
-        assert g.device.read_config(6, 2) == 0 and not g.device._reading
+        assert g.device.read_config(6, 2) == 0 and not g.device.rx.reading
         g.device.reset()
         os.close(g.fd)
     run(body)

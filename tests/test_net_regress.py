@@ -109,7 +109,7 @@ def test_receive_queue_reset_forgets_held_chains(tmp_path: Path) -> None:
             first = ether(b.device.mac, a.device.mac, ETH_P_IP, b"one" * 100)
             a.driver.send(first)
             assert [f for _h, f in await b.driver.recv(1, repost=False)] == [first]
-            assert len(b.device._rx_held) > 0  # the device holds chains of the old ring
+            assert len(b.device.rx.held) > 0  # the device holds chains of the old ring
             b.reset_queue(RX_QUEUE)
             b.driver.post_rx(3)  # heads 0..2 again, in a new ring
             second = ether(b.device.mac, a.device.mac, ETH_P_IP, b"two" * 100)
@@ -200,12 +200,12 @@ def test_avail_slot_changed_after_a_chain_was_given_back_is_reported(tmp_path: P
             d = a.driver
             frame = ether(b.device.mac, a.device.mac, ETH_P_IP, bytes(1400))
             for _ in range(200):  # b posts nothing and reads nothing: its socket fills
-                if not a.device._tx_waiting:
+                if not a.device.tx.waiting:
                     d.send(frame)
                 await asyncio.sleep(0)
-                if a.device._tx_waiting:
+                if a.device.tx.waiting:
                     break
-            assert a.device._tx_waiting and a.device._tx_undone >= 0
+            assert a.device.tx.waiting and a.device.tx.undone >= 0
             sq = a.device.queues[TX_QUEUE]
             slot = sq.next_avail
             assert sq.next_avail != d.txq.avail_idx  # the given-back chain is still exposed

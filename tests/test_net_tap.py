@@ -302,7 +302,7 @@ def test_flood_waits_in_the_kernel_until_buffers_come() -> None:
             await asyncio.sleep(0.2)
             grown = tracemalloc.get_traced_memory()[0] - base
             tracemalloc.stop()
-            assert g.device.counters["rx_frames"] == 0 and not g.device._reading
+            assert g.device.counters["rx_frames"] == 0 and not g.device.rx.reading
             assert grown < 1 << 20  # the daemon kept none of it
             assert tap_tx_dropped(ns) > 0  # the kernel's bounded TAP queue overflowed
             marker = ether(g.device.mac, b"\x02" * 6, 0x88B5, b"marker" + bytes(60))
@@ -420,7 +420,7 @@ def test_guest_offloads_switch_at_run_time_and_after_reset() -> None:
             for i in range(g.driver.rxq.size + 50):
                 host.sendto(b"queued %d" % i, (GUEST_IP, 4000))
             await asyncio.sleep(0.2)
-            assert g.device._rx_held.cap == 0 and not g.device._reading  # ring exhausted
+            assert g.device.rx.held.cap == 0 and not g.device.rx.reading  # ring exhausted
             g.device.reset()
             g.driver = NetDriver(g.device, g.memory, g.alloc, want=~GUEST_OFFLOAD_MASK)
             g.driver.post_rx()

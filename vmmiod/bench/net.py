@@ -127,13 +127,13 @@ class Rig:
         await self.device.open()
         self.driver = NetDriver(self.device, self.memory, self.alloc, queue_size=QUEUE_SIZE,
                                 rx_buf_size=self.rx_buf_size)
-        inner = self.device._rx_ready
+        inner = self.device.rx.ready
 
         def timed() -> None:  # time inside the device's reader callback only
             t0 = time.perf_counter()
             inner()
             self.device_time += time.perf_counter() - t0
-        self.device._rx_ready = timed  # type: ignore[method-assign]
+        self.device.rx.ready = timed  # type: ignore[method-assign]
 
     async def stop(self) -> None:
         self.device.reset()
@@ -265,7 +265,7 @@ async def bench_tap(ns: NetNamespace, quick: bool) -> dict[str, Any]:
                 c0 = tap_counts(ns)
                 got, dev_s, wall_s = await rig.rx(secs)
                 offered = (tap_counts(ns) - c0) / wall_s
-                rig.device._rx_stop()
+                rig.device.rx.stop()
                 drain(rig.device.backend.fd)
                 t0 = time.perf_counter()
                 plain_n = plain_rx(rig.device.backend.fd, secs)
@@ -323,7 +323,7 @@ async def bench_dgram(quick: bool) -> dict[str, Any]:
             try:
                 await asyncio.sleep(0.2)
                 got, dev_s, wall_s = await rx_rig.rx(secs)
-                rx_rig.device._rx_stop()
+                rx_rig.device.rx.stop()
                 fd = rx_rig.device.backend.fd
                 drain(fd)
                 t0 = time.perf_counter()
