@@ -300,6 +300,11 @@ class Engine:
             self._barrier_active = False
         if not op.cancelled:
             self._done.append(op)
+        if self._blocked:
+            self._unblock()
+
+    def _unblock(self) -> None:
+        """Start the ops waiting behind a barrier that may start now, in order."""
         blocked = self._blocked
         while blocked and not self._barrier_active:
             nxt = blocked[0]

@@ -162,6 +162,9 @@ class Ring:
             U32.pack_into(self.sq, sq_array + 4 * i, i)
         self._tail: int = U32.unpack_from(self.sq, sq_tail)[0]  # our next free SQE (not shown)
         self._submitted: int = self._tail  # tail the kernel has been told about
+        # The kernel's SQ head as last read: never ahead of the real one, so a free-slot count
+        # from it is never too high (the engine's fast path trusts it, space() re-reads).
+        self._khead: int = self._tail
         self.closed = False
 
     # -- registration ---------------------------------------------------------------------------
@@ -193,6 +196,7 @@ class Ring:
     def space(self) -> int:
         """Free SQEs (the kernel consumes entries at submit, so this is what we have queued)."""
         head: int = U32.unpack_from(self.sq, self._sq_head_off)[0]
+        self._khead = head
         return self.sq_entries - ((self._tail - head) & 0xFFFFFFFF)
 
     def _prep(self, opcode: int, flags: int, fd: int, off: int, addr: int, length: int,
@@ -233,6 +237,7 @@ class Ring:
         # Everything the kernel has not consumed yet, including entries an earlier call left
         # (EAGAIN/EBUSY): the kernel takes them from its SQ head on.
         head: int = U32.unpack_from(self.sq, self._sq_head_off)[0]
+        self._khead = head
         n = (self._tail - head) & 0xFFFFFFFF
         if not n and not wait:
             return 0
@@ -240,6 +245,7 @@ class Ring:
         while True:
             ret = _syscall(SYS_IO_URING_ENTER, self.fd, n, wait, flags, None, 0)
             if ret >= 0:
+                self._khead = (head + ret) & 0xFFFFFFFF  # consumed in the call (no SQPOLL)
                 return int(ret)
             e = ctypes.get_errno()
             if e == errno.EINTR:

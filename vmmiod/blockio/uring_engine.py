@@ -14,9 +14,10 @@ import ctypes
 import errno
 import os
 
+from vmmiod import barrier
 from vmmiod.blockio import uring
 from vmmiod.blockio.engine import FALLOCATE, FSYNC, READ, WRITE, Engine, Handler, Op
-from vmmiod.blockio.uring import Ring, UringUnavailable
+from vmmiod.blockio.uring import CQE_SIZE, SQE_SIZE, U32, Ring, UringUnavailable
 
 REQUIRED_OPS = (uring.IORING_OP_READV, uring.IORING_OP_WRITEV, uring.IORING_OP_FSYNC)
 DEFAULT_ENTRIES = 256
@@ -53,9 +54,76 @@ class UringEngine(Engine):
         # Completions the kernel owes us. Kept at most the CQ's size: an overflowed CQE would
         # wait in the kernel's list, and only an io_uring_enter (not the eventfd) brings it.
         self._owed = 0
+        self._owed_max = self.ring.cq_entries - CANCEL_ROOM
 
     def offered(self) -> list[str]:
         return sorted(uring.OP_NAMES[o] for o in self.ops if o in uring.OP_NAMES)
+
+    # -- the hot path: one plain read or write, one buffer -----------------------------------
+    def submit(self, op: Op) -> None:
+        """A read or write of one buffer goes straight to an SQE (one pack_into); everything
+        else (ordering, iovecs, a full ring, helper-thread work) takes the general path."""
+        ring = self.ring
+        views = op.views
+        tail = ring._tail
+        if (op.kind > WRITE or op.barrier or len(views) != 1 or not self._single
+                or self._blocked or self._barrier_active or self._backlog
+                or self._owed >= self._owed_max
+                or (tail - ring._khead) & 0xFFFFFFFF >= ring.sq_entries):
+            super().submit(op)
+            return
+        self._inflight += 1
+        self._live.add(op)
+        v = views[0]
+        op.keep = v
+        tag = self._next_tag
+        self._next_tag = tag + 1 if tag < 0xFFFF_FFFF_FFFF else 1
+        self._tags[tag] = op
+        self._owed += 1
+        uring.SQE.pack_into(ring.sqes, (tail & ring.sq_mask) * SQE_SIZE,
+                            uring.IORING_OP_READ if op.kind == READ else uring.IORING_OP_WRITE,
+                            0, 0, op.fd, op.offset, uring.buffer_address(v), len(v), 0, tag,
+                            0, 0, 0, 0, 0)
+        ring._tail = (tail + 1) & 0xFFFFFFFF
+
+    def _collect(self) -> int:
+        """Reap the ring in one loop: a read or write that transferred all of its bytes at once
+        is finished here; anything else (errors, short transfers, bounces, cancels) goes through
+        the general `_result`, with the helper threads' results."""
+        ring = self.ring
+        cq = ring.cq
+        head: int = U32.unpack_from(cq, ring._cq_head_off)[0]
+        tail: int = U32.unpack_from(cq, ring._cq_tail_off)[0]
+        barrier.rmb()  # the CQEs are read after the tail that published them
+        n = (tail - head) & 0xFFFFFFFF
+        if n:
+            mask, base, unpack = ring.cq_mask, ring._cqes_off, uring.CQE.unpack_from
+            tags, live, done, raw = self._tags, self._live, self._done, self._raw
+            finished = 0
+            for i in range(n):
+                tag, res, _flags = unpack(cq, base + ((head + i) & mask) * CQE_SIZE)
+                op = tags.pop(tag, None)
+                if op is None:
+                    continue  # a cancel's own completion
+                if (res > 0 and res == op.length and op.kind <= WRITE and not op.done
+                        and op.bounce is None and not op.cancelled and not op.barrier):
+                    op.result = res
+                    op.keep = None
+                    op.views = []  # no reference to the caller's memory outlives the op
+                    live.discard(op)
+                    done.append(op)
+                    finished += 1
+                else:
+                    raw.append((op, res))
+            barrier.mb()  # the CQEs are read before the head that frees their slots
+            U32.pack_into(cq, ring._cq_head_off, tail)
+            self._owed -= n
+            if finished:
+                self._inflight -= finished
+                if self._blocked:
+                    self._unblock()
+            return finished + super()._collect()
+        return super()._collect()
 
     def _tag(self, op: Op) -> int:
         tag = self._next_tag
@@ -69,7 +137,7 @@ class UringEngine(Engine):
         if k > FSYNC and not (k == FALLOCATE and self._fallocate):
             self._to_thread(op)
             return
-        if self._owed >= ring.cq_entries - CANCEL_ROOM:
+        if self._owed >= self._owed_max:
             self._backlog.append(op)
             return
         if not ring.space():
@@ -103,22 +171,11 @@ class UringEngine(Engine):
     def _flush(self) -> None:
         self.ring.submit()
         while (self._backlog and self.ring.space()
-               and self._owed < self.ring.cq_entries - CANCEL_ROOM):
+               and self._owed < self._owed_max):
             backlog, self._backlog = self._backlog, []
             for op in backlog:
                 self._start(op)
             self.ring.submit()
-
-    def _poll(self, out: list[tuple[Op, int]]) -> None:
-        cqes: list[tuple[int, int]] = []
-        if not self.ring.reap(cqes):
-            return
-        self._owed -= len(cqes)
-        tags = self._tags
-        for tag, res in cqes:
-            op = tags.pop(tag, None)
-            if op is not None:  # None: a cancel's own completion
-                out.append((op, res))
 
     def _wait(self) -> None:
         if not self._owed:  # only helper-thread work is out: its eventfd write wakes us

@@ -98,7 +98,7 @@ class BlockIo(VirtioDevice):
                 views += mem.views(gpa, n, not write)
         b = self.backing
         offset, length = req.sector << SECTOR_SHIFT, req.data_len
-        p = Pending(index, gen, req, used, sync=write and self._writethrough)
+        p = Pending(index, gen, req, used, 1, write and self._writethrough)
         self._inflight_q[index] += 1
         if b.direct and not (offset | length) % b.direct_align:
             op = Op(WRITE if write else READ, b.fd, views, offset, length, owner=p, direct=True)
@@ -142,28 +142,37 @@ class BlockIo(VirtioDevice):
         touched: set[int] = set()
         syncs: list[Pending] = []
         queues, mem, c = self.queues, self.memory, self.counters
+        # The queues' generations, read once per batch (nothing in here resets a queue).
+        gens = [q.generation for q in queues]
+        ngens = len(gens)
+        inflight_q = self._inflight_q
+        locate = mem.locate
+        n_fast = read_bytes = written_bytes = 0
         try:
             for op in ops:
-                owner = op.owner
-                if isinstance(owner, list):  # the fdatasync of writethrough requests
+                p = op.owner
+                if type(p) is not Pending:  # the fdatasync of writethrough requests (a list)
                     err = self._sync_result(op)
-                    for p in owner:
-                        if p.error is None:
-                            p.error = err
-                        if self._current(p):
-                            self._finish(p, touched)
+                    for w in p:
+                        if w.error is None:
+                            w.error = err
+                        if self._current(w):
+                            self._finish(w, touched)
                     continue
-                p = owner
-                if not self._current(p):
+                index = p.queue
+                if index >= ngens or gens[index] != p.gen:
+                    self.counters["stale_completions"] += 1
                     continue  # an older generation of its queue: nothing is written
                 res = op.result
                 if op.kind <= WRITE and res >= 0 and not p.sync:  # the common case, written out
                     req = p.req
-                    index = p.queue
-                    c["in_flight"] -= 1
-                    self._inflight_q[index] -= 1
-                    c["bytes_read" if op.kind == READ else "bytes_written"] += res
-                    buf, off = mem.locate(req.status_gpa, 1, True)
+                    n_fast += 1
+                    inflight_q[index] -= 1
+                    if op.kind == READ:
+                        read_bytes += res
+                    else:
+                        written_bytes += res
+                    buf, off = locate(req.status_gpa, 1, True)
                     buf[off] = VIRTIO_BLK_S_OK
                     queues[index].add_used(req.head, p.used)
                     touched.add(index)
@@ -188,6 +197,11 @@ class BlockIo(VirtioDevice):
                     syncs.append(p)
                     continue
                 self._finish(p, touched)
+            if n_fast:
+                c["in_flight"] -= n_fast
+                c["bytes_read"] += read_bytes
+                c["bytes_written"] += written_bytes
+                n_fast = 0
             sticky = self._sticky
             if sticky:
                 for p in sticky:
@@ -199,6 +213,10 @@ class BlockIo(VirtioDevice):
             for index in touched:
                 self.notify_used(index)
         except (VirtqueueError, GuestMemoryError) as exc:
+            if n_fast:  # the counters of what completed before the fault
+                c["in_flight"] -= n_fast
+                c["bytes_read"] += read_bytes
+                c["bytes_written"] += written_bytes
             self.fault(f"{exc}", error=type(exc).__name__)
             return
         assert self.engine is not None
