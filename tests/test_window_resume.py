@@ -51,8 +51,9 @@ def test_window_resumes_where_the_dead_one_left(tmp_path: Path, version: int) ->
     dqs = bring_up(rig)
     assert roundtrip(rig, dqs[0], b"before") == b"erofeb"  # the echo device reverses
     regs = {name: getattr(rig.window, name) for name in (
-        "status", "features", "driver_features", "config_generation", "guest_page_size")}
-    pfns = list(rig.window.queue_pfn)
+        "status", "features", "driver_features", "config_generation")}
+    page_size = rig.window.queue_regs.guest_page_size
+    pfns = list(rig.window.queue_regs.queue_pfn)
     store.close()  # the process dies: the file is all that is left
     # The next instance: a new device and window on the same guest memory.
     log = structlog.get_logger()
@@ -68,7 +69,8 @@ def test_window_resumes_where_the_dead_one_left(tmp_path: Path, version: int) ->
     assert window.state.resume(data, rig.memory) == 0
     assert {name: getattr(window, name) for name in regs} == regs
     assert window.status & DRIVER_OK and device.active
-    assert window.queue_pfn == pfns
+    assert window.queue_regs.queue_pfn == pfns
+    assert window.queue_regs.guest_page_size == page_size
     for q in range(len(dqs)):
         window.write(QUEUE_SEL, 4, q)
         if version == 2:

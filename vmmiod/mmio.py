@@ -7,28 +7,19 @@ logged (rate-limited, `mmio_access_ignored`), a broken queue configuration sets
 DEVICE_NEEDS_RESET (`guest_protocol_violation`); nothing raises out of the window.
 
 Offsets, bits and the status transition table are in vmmiod/mmio_regs.py; the queue
-registers in vmmiod/mmio_queues.py.
+registers are a QueueRegisters (vmmiod/mmio_queues.py) the window owns.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
-from vmmiod.devices.base import (
-    VIRTIO_F_ACCESS_PLATFORM,
-    VIRTIO_F_EVENT_IDX,
-    VIRTIO_F_INDIRECT_DESC,
-    VIRTIO_F_VERSION_1,
-    InterruptLine,
-    VirtioDevice,
-)
+from vmmiod.devices.base import VirtioDevice
 from vmmiod.memory import GuestMemory
-from vmmiod.mmio_queues import QueueRegisters
+from vmmiod.mmio_queues import U32_MASK, QueueRegisters, Readers, Writers
 from vmmiod.mmio_regs import (
     CONFIG,
     CONFIG_GENERATION,
-    DEFAULT_QUEUE_ALIGN,
     DEVICE_FEATURES,
     DEVICE_FEATURES_SEL,
     DEVICE_ID,
@@ -39,25 +30,10 @@ from vmmiod.mmio_regs import (
     DRIVER_OK,
     FAILED,
     FEATURES_OK,
-    GUEST_PAGE_SIZE,
     INTERRUPT_ACK,
     INTERRUPT_STATUS,
     MAGIC_VALUE,
     MAGIC_VALUE_VIRT,
-    QUEUE_ALIGN,
-    QUEUE_DESC_HIGH,
-    QUEUE_DESC_LOW,
-    QUEUE_DEVICE_HIGH,
-    QUEUE_DEVICE_LOW,
-    QUEUE_DRIVER_HIGH,
-    QUEUE_DRIVER_LOW,
-    QUEUE_NOTIFY,
-    QUEUE_NUM,
-    QUEUE_NUM_MAX,
-    QUEUE_PFN,
-    QUEUE_READY,
-    QUEUE_RESET,
-    QUEUE_SEL,
     SHM_BASE_HIGH,
     SHM_BASE_LOW,
     SHM_LEN_HIGH,
@@ -75,23 +51,22 @@ from vmmiod.mmio_regs import (
     VIRTIO_MMIO_INT_VRING,
     register_name,
 )
+from vmmiod.transport import (
+    VIRTIO_F_ACCESS_PLATFORM,
+    VIRTIO_F_EVENT_IDX,
+    VIRTIO_F_INDIRECT_DESC,
+    VIRTIO_F_VERSION_1,
+    InterruptLine,
+)
+from vmmiod.virtqueue import SplitQueue
 from vmmiod.virtqueue.recorded import RecordedQueue
 
-U32_MASK = 0xFFFF_FFFF
 _CONFIG_SIZES = {1: 0xFF, 2: 0xFFFF, 4: 0xFFFF_FFFF, 8: 0xFFFF_FFFF_FFFF_FFFF}
 _VERSION_1 = 1 << VIRTIO_F_VERSION_1
 _ACCESS_PLATFORM = 1 << VIRTIO_F_ACCESS_PLATFORM
 
 
-def _set_low(old: int, value: int) -> int:
-    return (old & ~U32_MASK) | value
-
-
-def _set_high(old: int, value: int) -> int:
-    return (old & U32_MASK) | value << 32
-
-
-class VirtioMmio(QueueRegisters):
+class VirtioMmio:
     """One device's register window. Implements `Transport` for its device."""
 
     def __init__(self, device: VirtioDevice, irq_line: InterruptLine, *, version: int = 2,
@@ -103,60 +78,42 @@ class VirtioMmio(QueueRegisters):
         self.version = version
         self.legacy = version == 1
         self.log = log if log is not None else device.log
-        self.queues = [RecordedQueue(n, i) for i, n in enumerate(device.queue_max_sizes)]
+        self.queues: list[SplitQueue] = [
+            RecordedQueue(n, i) for i, n in enumerate(device.queue_max_sizes)]
         self.state: Any = None  # vmmiod.mmio_state.WindowState: the daemon keeps a record
         self.memory: GuestMemory | None = None
         self.config_generation = 0
-        self.guest_page_size = 0  # legacy; written once by Linux at probe, so it survives resets
         self.ignored: dict[str, int] = {}  # reason -> count of ignored accesses
         self.interrupts = self.reads = self.writes = 0  # raised; register accesses (IOREQs)
+        self.queue_regs = QueueRegisters(self, device, self.queues, legacy=self.legacy,
+                                         log=self.log)
         self._readers, self._writers = self._register_tables()
         self._reset_registers()
 
     # -- register tables ---------------------------------------------------------------------------
-    def _register_tables(self) -> tuple[dict[int, Callable[[], int]],
-                                        dict[int, Callable[[int], None]]]:
-        readers: dict[int, Callable[[], int]] = {
+    def _register_tables(self) -> tuple[Readers, Writers]:
+        readers: Readers = {
             MAGIC_VALUE: lambda: MAGIC_VALUE_VIRT,
             VERSION: lambda: self.version,
             DEVICE_ID: lambda: self.device.device_id,
             VENDOR_ID: lambda: VENDOR_ID_VALUE,
             DEVICE_FEATURES: self._read_device_features,
-            QUEUE_NUM_MAX: self._read_queue_num_max,
             INTERRUPT_STATUS: lambda: self.interrupt_status,
             STATUS: lambda: self.status,
         }
-        writers: dict[int, Callable[[int], None]] = {
+        writers: Writers = {
             DEVICE_FEATURES_SEL: self._write_device_features_sel,
             DRIVER_FEATURES: self._write_driver_features,
             DRIVER_FEATURES_SEL: self._write_driver_features_sel,
-            QUEUE_SEL: self._write_queue_sel,
-            QUEUE_NUM: self._write_queue_num,
-            QUEUE_NOTIFY: self._write_queue_notify,
             INTERRUPT_ACK: self._write_interrupt_ack,
             STATUS: self._write_status,
         }
-        if self.legacy:
-            readers[QUEUE_PFN] = self._read_queue_pfn
-            writers[GUEST_PAGE_SIZE] = self._write_guest_page_size
-            writers[QUEUE_ALIGN] = self._write_queue_align
-            writers[QUEUE_PFN] = self._write_queue_pfn
-        else:
-            readers[QUEUE_READY] = self._read_queue_ready
+        if not self.legacy:
             readers[CONFIG_GENERATION] = lambda: self.config_generation
-            readers[QUEUE_RESET] = lambda: 0  # a queue reset completes inside the write
             for off in (SHM_LEN_LOW, SHM_LEN_HIGH, SHM_BASE_LOW, SHM_BASE_HIGH):
                 readers[off] = lambda: SHM_NO_REGION
-            writers[QUEUE_READY] = self._write_queue_ready
-            writers[QUEUE_RESET] = self._write_queue_reset
             writers[SHM_SEL] = self._write_shm_sel
-            for off, attr, setter in ((QUEUE_DESC_LOW, "desc_addr", _set_low),
-                                      (QUEUE_DESC_HIGH, "desc_addr", _set_high),
-                                      (QUEUE_DRIVER_LOW, "avail_addr", _set_low),
-                                      (QUEUE_DRIVER_HIGH, "avail_addr", _set_high),
-                                      (QUEUE_DEVICE_LOW, "used_addr", _set_low),
-                                      (QUEUE_DEVICE_HIGH, "used_addr", _set_high)):
-                writers[off] = self._queue_address_writer(off, attr, setter)
+        self.queue_regs.add_registers(readers, writers)
         return readers, writers
 
     def _reset_registers(self) -> None:
@@ -165,11 +122,9 @@ class VirtioMmio(QueueRegisters):
         self.driver_features_sel = 0
         self.driver_features = 0  # as written so far, masked to the offer
         self.features = 0  # committed at FEATURES_OK (legacy: at DRIVER_OK)
-        self.queue_sel = 0
         self.shm_sel = 0
         self.interrupt_status = 0
-        self.queue_align = [DEFAULT_QUEUE_ALIGN] * len(self.queues)
-        self.queue_pfn = [0] * len(self.queues)
+        self.queue_regs.reset()
         offered = self.device.device_features()
         if self.legacy:  # a legacy transport cannot carry a VERSION_1 device
             offered &= ~_VERSION_1
@@ -181,15 +136,15 @@ class VirtioMmio(QueueRegisters):
         if offset >= CONFIG:
             mask = _CONFIG_SIZES.get(size)
             if mask is None:
-                self._ignore("access_size", offset, size)
+                self.ignore("access_size", offset, size)
                 return 0
             return self.device.read_config(offset - CONFIG, size) & mask
         if size != 4:  # QEMU and Firecracker ignore these too; Linux never makes them
-            self._ignore("access_size", offset, size)
+            self.ignore("access_size", offset, size)
             return 0
         reader = self._readers.get(offset)
         if reader is None:
-            self._ignore("write_only" if offset in self._writers else "unknown_register",
+            self.ignore("write_only" if offset in self._writers else "unknown_register",
                          offset, size)
             return 0
         return reader()
@@ -199,16 +154,16 @@ class VirtioMmio(QueueRegisters):
         if offset >= CONFIG:
             mask = _CONFIG_SIZES.get(size)
             if mask is None:
-                self._ignore("access_size", offset, size, value)
+                self.ignore("access_size", offset, size, value)
                 return
             self.device.write_config(offset - CONFIG, size, value & mask)
             return
         if size != 4:
-            self._ignore("access_size", offset, size, value)
+            self.ignore("access_size", offset, size, value)
             return
         writer = self._writers.get(offset)
         if writer is None:
-            self._ignore("read_only" if offset in self._readers else "unknown_register",
+            self.ignore("read_only" if offset in self._readers else "unknown_register",
                          offset, size, value)
             return
         writer(value & U32_MASK)
@@ -220,7 +175,7 @@ class VirtioMmio(QueueRegisters):
         """The VMM (and with it guest memory) went away: reset as if the driver wrote Status 0."""
         self._reset()
         self.memory = None
-        self.guest_page_size = 0
+        self.queue_regs.guest_page_size = 0
 
     # -- Transport (called by the device) ----------------------------------------------------------
     def queue_count(self) -> int:
@@ -252,7 +207,7 @@ class VirtioMmio(QueueRegisters):
         self.interrupts += 1
         self.irq_line.raise_()
 
-    def _ignore(self, reason: str, offset: int, size: int, value: int | None = None,
+    def ignore(self, reason: str, offset: int, size: int, value: int | None = None,
                 **context: Any) -> None:
         n = self.ignored.get(reason, 0) + 1
         self.ignored[reason] = n
@@ -261,7 +216,7 @@ class VirtioMmio(QueueRegisters):
                              register=register_name(offset), offset=offset, size=size,
                              value=value, count=n, **context)
 
-    def _fault(self, reason: str, **context: Any) -> None:
+    def protocol_fault(self, reason: str, **context: Any) -> None:
         """A guest protocol violation the window itself found (bad queue configuration)."""
         if self.device.active:
             self.device.fault(reason, **context)  # logs, stops the device, calls device_fault
@@ -303,15 +258,15 @@ class VirtioMmio(QueueRegisters):
     def _write_driver_features(self, value: int) -> None:
         sel = self.driver_features_sel
         if sel > 1:
-            self._ignore("features_sel_out_of_range", DRIVER_FEATURES, 4, value, sel=sel)
+            self.ignore("features_sel_out_of_range", DRIVER_FEATURES, 4, value, sel=sel)
             return
         if not self._negotiating():
-            self._ignore("features_outside_negotiation", DRIVER_FEATURES, 4, value,
+            self.ignore("features_outside_negotiation", DRIVER_FEATURES, 4, value,
                          status=self.status)
             return
         offered = self.offered_features >> (32 * sel) & U32_MASK
         if value & ~offered:
-            self._ignore("features_not_offered", DRIVER_FEATURES, 4, value,
+            self.ignore("features_not_offered", DRIVER_FEATURES, 4, value,
                          not_offered=value & ~offered, sel=sel)
         half = value & offered  # replaced, not OR-ed: Linux may write the set twice
         shift = 32 * sel
@@ -361,7 +316,7 @@ class VirtioMmio(QueueRegisters):
             return
         table = TRANSITIONS_V1 if self.legacy else TRANSITIONS_V2
         if old & (FAILED | DEVICE_NEEDS_RESET) or new not in table.get(current, ()):
-            self._ignore("status_transition", STATUS, 4, value, status=old)
+            self.ignore("status_transition", STATUS, 4, value, status=old)
             return
         added = new & ~current
         if added == FEATURES_OK and not self._commit_features():
@@ -375,21 +330,21 @@ class VirtioMmio(QueueRegisters):
         if self.legacy and not self.status & FEATURES_OK:
             # Legacy drivers have no FEATURES_OK step: commit (and let the device veto) here.
             if not self._commit_features():
-                self._fault("legacy driver features refused at DRIVER_OK")
+                self.protocol_fault("legacy driver features refused at DRIVER_OK")
                 return
             for q in self.queues:  # enabled at QueuePFN with the features of that moment
                 q.event_idx = bool(self.features >> VIRTIO_F_EVENT_IDX & 1)
                 q.indirect = bool(self.features >> VIRTIO_F_INDIRECT_DESC & 1)
         memory = self.memory
         if memory is None:
-            self._fault("DRIVER_OK with no guest memory attached")
+            self.protocol_fault("DRIVER_OK with no guest memory attached")
             return
         self.status = new
         try:
             self.device.activate(memory, self.queues, self.features, self)
         except Exception as exc:  # a device bug must not take the daemon down
             self.log.exception("device_activate_error", error=type(exc).__name__)
-            self._fault(f"device activation failed: {exc}")
+            self.protocol_fault(f"device activation failed: {exc}")
             return
         self.log.info("device_activated", features=self.features,
                       queues=[q.index for q in self.queues if q.ready])

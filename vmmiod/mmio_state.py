@@ -41,6 +41,7 @@ if TYPE_CHECKING:
 STATE_VERSION = 1  # of the JSON below; a reader of a later one keeps reading this
 _REGS = ("status", "device_features_sel", "driver_features_sel", "driver_features", "features",
          "queue_sel", "shm_sel", "config_generation", "guest_page_size")
+_QUEUE_REGS = ("queue_sel", "guest_page_size")  # held by the window's QueueRegisters
 U32 = 0xFFFF_FFFF
 
 
@@ -49,6 +50,11 @@ def _int(data: dict[str, Any], key: str, limit: int = (1 << 64) - 1) -> int:
     if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= limit:
         raise RecordRefused("corrupt", f"window state {key!r} is {value!r}")
     return value
+
+
+def _owner(w: VirtioMmio, name: str) -> Any:
+    """The object holding register `name`: the window, or its queue registers."""
+    return w.queue_regs if name in _QUEUE_REGS else w
 
 
 class WindowState:
@@ -69,10 +75,11 @@ class WindowState:
     # -- recording ---------------------------------------------------------------------------------
     def export(self) -> dict[str, Any]:
         w = self.window
-        out: dict[str, Any] = {name: getattr(w, name) for name in _REGS}
+        out: dict[str, Any] = {name: getattr(_owner(w, name), name) for name in _REGS}
         out.update({
             "v": STATE_VERSION, "type": w.device.type_name, "version": w.version,
-            "queue_align": list(w.queue_align), "queue_pfn": list(w.queue_pfn),
+            "queue_align": list(w.queue_regs.queue_align),
+            "queue_pfn": list(w.queue_regs.queue_pfn),
             "config_interrupt": bool(w.interrupt_status & VIRTIO_MMIO_INT_CONFIG),
             "queues": [[q.size, q.desc_addr, q.avail_addr, q.used_addr, int(q.ready),
                         int(q.event_idx), int(q.indirect)] for q in w.queues],
@@ -107,13 +114,13 @@ class WindowState:
             raise RecordRefused("features", "the guest negotiated features this vmmiod no longer "
                                 f"offers ({regs['features'] & ~w.offered_features:#x})")
         for name, value in regs.items():
-            setattr(w, name, value)
+            setattr(_owner(w, name), name, value)
         for name in ("queue_align", "queue_pfn"):
             values = data.get(name)
             if not isinstance(values, list) or len(values) != len(w.queues) or not all(
                     isinstance(v, int) and 0 <= v <= U32 for v in values):
                 raise RecordRefused("corrupt", f"window state {name!r}")
-            setattr(w, name, list(values))
+            setattr(w.queue_regs, name, list(values))
         w.memory = memory
         found: dict[int, list[DescriptorChain]] = {}
         done: dict[int, list[tuple[int, int]]] = {}
