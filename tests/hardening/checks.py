@@ -24,7 +24,7 @@ move started (queue work, the block worker's flushes, frames from the peer), the
    lies in a live used ring (a late completion writing a status byte there is the bug this
    catches).
 
-With delayed completions (`held`, vmmiod/sim/hostile.py HeldCompletions) a move settles when
+With delayed completions (`held`, tests/hardening/hostile.py HeldCompletions) a move settles when
 the block I/O engine has nothing running (what it finished may be parked), not when every
 request is answered: the next move runs while work is in flight.
 """
@@ -37,10 +37,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from tests.hardening.hostile import BusVmm, HeldCompletions, WalkMeter
 from tests.hardening.stack import WINDOW_SIZE, Stack
 from vmmiod.hypervisors.generic.protocol import Window
 from vmmiod.mmio_regs import DEVICE_NEEDS_RESET, STATUS
-from vmmiod.sim.hostile import BusVmm, HeldCompletions, WalkMeter
 from vmmiod.sim.virtio_mmio import VirtioMmioDriver
 from vmmiod.virtqueue import VirtqueueError
 

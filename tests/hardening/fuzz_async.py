@@ -19,9 +19,9 @@ from hypothesis import strategies as st
 from hypothesis.stateful import precondition, rule
 
 from tests.hardening.checks import STATS, Checks
+from tests.hardening.hostile import HeldCompletions, StalledWrites
 from tests.hardening.stack import Stack
 from vmmiod import mmio_regs as R
-from vmmiod.sim.hostile import HeldCompletions, StalledWrites
 from vmmiod.sim.virtio_mmio import VirtioMmioDriver
 
 dev_index = st.integers(0, 2)

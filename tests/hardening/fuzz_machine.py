@@ -23,6 +23,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, precondition,
 
 from tests.hardening.checks import STATS, Checks
 from tests.hardening.fuzz_async import AsyncMoves
+from tests.hardening.hostile import BusVmm
 from tests.hardening.stack import (
     RAM2_GPA,
     RAM2_SIZE,
@@ -38,7 +39,6 @@ from tests.hardening.stack import (
 from vmmiod import mmio_regs as R
 from vmmiod.hypervisors.generic.protocol import Window
 from vmmiod.ioreq import IoRequest
-from vmmiod.sim.hostile import BusVmm
 from vmmiod.sim.virtio_mmio import VirtioMmioDriver
 from vmmiod.sim.vring import Allocator, DriverQueue
 from vmmiod.virtqueue.split import VIRTQ_DESC_F_INDIRECT, VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_WRITE

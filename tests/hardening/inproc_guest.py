@@ -13,6 +13,7 @@ import socket
 from pathlib import Path
 from typing import Any, Self
 
+from tests.hardening.hostile import EventLog
 from tests.inproc import ThreadedDaemon
 from vmmiod.config import (
     BlockConfig,
@@ -29,7 +30,6 @@ from vmmiod.devices.block import BlockDevice
 from vmmiod.devices.console import ConsoleDevice
 from vmmiod.devices.net import NetDevice
 from vmmiod.hypervisors.generic.protocol import Window
-from vmmiod.sim.hostile import EventLog
 from vmmiod.sim.vmm import SimVmm
 
 BLOCK_BASE, NET_BASE, CON_BASE = 0x0200_0000, 0x0200_0200, 0x0200_0400

@@ -3,7 +3,7 @@
 MmioBus + one VirtioMmio window per device; block on a sparse image file, net on the dgram
 backend (UDP on loopback, with a peer socket the test holds), console with two ports (a Unix
 socket and a file) so the multiport control queues are in play. Guest memory is a
-`GuardedMemory` (vmmiod/sim/hostile.py): two adjacent RAM regions and a read-only "ROM"
+`GuardedMemory` (tests/hardening/hostile.py): two adjacent RAM regions and a read-only "ROM"
 region after a hole, each between guard bytes. Every logger is an `EventLog`.
 """
 
@@ -16,6 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from tests.hardening.hostile import EventLog, GuardedMemory, RecordingLine
 from vmmiod.bus import MmioBus
 from vmmiod.config import (
     BlockConfig,
@@ -33,7 +34,6 @@ from vmmiod.devices.block import BlockDevice
 from vmmiod.devices.console import ConsoleDevice
 from vmmiod.devices.net import NetDevice
 from vmmiod.mmio import VirtioMmio
-from vmmiod.sim.hostile import EventLog, GuardedMemory, RecordingLine
 
 RAM_GPA = 0x4000_0000
 RAM_SIZE = 512 << 10

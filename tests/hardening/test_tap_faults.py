@@ -14,10 +14,10 @@ from typing import Any
 
 import pytest
 
+from tests.hardening.hostile import EventLog
 from vmmiod.config import GuestConfig, MmioConfig, NetConfig, TapBackend
 from vmmiod.devices.net import NetDevice
 from vmmiod.memory import memfd_memory
-from vmmiod.sim.hostile import EventLog
 from vmmiod.sim.net_model import NetDriver
 from vmmiod.sim.net_testkit import NetNamespace
 from vmmiod.sim.vring import Allocator

@@ -1,6 +1,7 @@
 """A hostile guest's workbench: the whole device stack over guarded, audited guest memory.
 
-Used by the fuzzing campaign (tests/hardening/) and nothing in the daemon. It builds what the
+Used by the fuzzing campaign (tests/hardening/) and nothing in the daemon (a test helper: it
+ships in no package). It builds what the
 daemon builds for one guest (an MmioBus, one VirtioMmio window per device, block on an image
 file, net on the dgram backend, console on a Unix socket and a file) and gives the guest side
 the means to prove three things after every move:
@@ -36,8 +37,7 @@ from typing import Any
 import structlog
 
 from vmmiod.memory import MappedMemory, Region
-from vmmiod.virtqueue import split as split_module
-from vmmiod.virtqueue.split import DESC_SIZE, VIRTQ_DESC_F_INDIRECT
+from vmmiod.virtqueue import split as split_module  # the codec WalkMeter stands in for
 
 GUARD_SIZE = 4096
 GUARD_PATTERN = bytes((i * 131 + 7) & 0xFF for i in range(GUARD_SIZE))  # not a fill a bug makes
@@ -195,6 +195,13 @@ class GuestAlias(MappedMemory):
         return out
 
 
+# A descriptor as the guest writes it (VIRTIO 1.2, 2.7.5): addr, len, flags, next; its own
+# constants, not the device's, so a mistake in the device's layout is not shared.
+_DESC = struct.Struct("<QIHH")
+DESC_SIZE = 16
+VIRTQ_DESC_F_INDIRECT = 4
+
+
 class WalkMeter:
     """Counts descriptors read by each chain walk (patches the split ring's descriptor codec)."""
 
@@ -225,9 +232,6 @@ class WalkMeter:
             yield self
         finally:
             split_module.DESC = saved
-
-
-_DESC = struct.Struct("<QIHH")
 
 
 class RecordingLine:
