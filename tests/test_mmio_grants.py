@@ -10,8 +10,8 @@ from __future__ import annotations
 import structlog.testing
 
 from tests.test_mmio_rig import Rig, bring_up, make_rig, negotiate
-from vmmiod.devices.base import VIRTIO_F_ACCESS_PLATFORM, bit
 from vmmiod.mmio_regs import DRIVER_OK, FEATURES_OK, STATUS
+from vmmiod.transport import VIRTIO_F_ACCESS_PLATFORM, bit
 
 AP = bit(VIRTIO_F_ACCESS_PLATFORM)
 

@@ -26,7 +26,6 @@ from tests.test_mmio_rig import (
     roundtrip,
     setup_queue,
 )
-from vmmiod.devices.base import VIRTIO_F_RING_RESET, VIRTIO_F_VERSION_1, bit
 from vmmiod.mmio_regs import (
     ACKNOWLEDGE,
     CONFIG,
@@ -67,6 +66,7 @@ from vmmiod.mmio_regs import (
     VIRTIO_MMIO_INT_CONFIG,
     VIRTIO_MMIO_INT_VRING,
 )
+from vmmiod.transport import VIRTIO_F_RING_RESET, VIRTIO_F_VERSION_1, bit
 
 V1 = bit(VIRTIO_F_VERSION_1)
 

@@ -24,22 +24,11 @@ from vmmiod.transport import (
     VIRTIO_F_ACCESS_PLATFORM,
     VIRTIO_F_EVENT_IDX,
     VIRTIO_F_INDIRECT_DESC,
-    VIRTIO_F_RING_PACKED,
-    VIRTIO_F_RING_RESET,
     VIRTIO_F_VERSION_1,
-    InterruptLine,
     Transport,
     bit,
 )
 from vmmiod.virtqueue import DescriptorChain, SplitQueue, VirtqueueError
-
-# The neutral names (vmmiod/transport.py) stay importable from here for the devices and tests
-# that take them from this module.
-__all__ = [
-    "VIRTIO_F_ACCESS_PLATFORM", "VIRTIO_F_EVENT_IDX", "VIRTIO_F_INDIRECT_DESC",
-    "VIRTIO_F_RING_PACKED", "VIRTIO_F_RING_RESET", "VIRTIO_F_VERSION_1", "BackendError",
-    "InterruptLine", "Transport", "VirtioDevice", "bit",
-]
 
 
 def queue_fault_reason(index: int, exc: Exception) -> str:

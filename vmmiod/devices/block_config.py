@@ -6,9 +6,9 @@ import hashlib
 import math
 import struct
 
-from vmmiod.devices.base import bit
 from vmmiod.devices.block_backend import Backing
 from vmmiod.devices.block_request import ID_BYTES, SECTOR_SHIFT
+from vmmiod.transport import bit
 
 # Feature bits (5.2.3).
 VIRTIO_BLK_F_SIZE_MAX = 1

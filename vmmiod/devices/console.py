@@ -26,7 +26,7 @@ from typing import Any
 
 from vmmiod.config import ConsoleConfig, GuestConfig
 from vmmiod.devices import console_control as ctl
-from vmmiod.devices.base import BackendError, VirtioDevice, bit
+from vmmiod.devices.base import BackendError, VirtioDevice
 from vmmiod.devices.console_control import ControlError, ControlEvent, ControlMessage
 from vmmiod.devices.console_port import (
     CONTROL_RECEIVEQ,
@@ -36,6 +36,7 @@ from vmmiod.devices.console_port import (
 )
 from vmmiod.state.store import COPY as RING_COPY
 from vmmiod.state.store import Slot
+from vmmiod.transport import bit
 
 RING_COPY_HEAD = RING_COPY.size
 

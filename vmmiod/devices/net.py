@@ -18,7 +18,7 @@ from typing import Any
 import structlog
 
 from vmmiod.config import GuestConfig, NetConfig, TapBackend
-from vmmiod.devices.base import VIRTIO_F_VERSION_1, BackendError, VirtioDevice, queue_fault_reason
+from vmmiod.devices.base import BackendError, VirtioDevice, queue_fault_reason
 from vmmiod.devices.net_ctrl import CtrlResult, RxFilter, serve_controlq
 from vmmiod.devices.net_dgram import DgramSocket
 from vmmiod.devices.net_proto import (
@@ -51,6 +51,7 @@ from vmmiod.devices.net_rx import RX_BUDGET, RX_QUEUE, NetReceiver, report_incon
 from vmmiod.devices.net_tap import TapInterface
 from vmmiod.devices.net_tx import TX_BUDGET, TX_QUEUE, NetTransmitter
 from vmmiod.memory import GuestMemoryError
+from vmmiod.transport import VIRTIO_F_VERSION_1
 from vmmiod.virtqueue import DescriptorChain, SplitQueue, VirtqueueError
 
 CTRL_QUEUE = 2
