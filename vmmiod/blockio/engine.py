@@ -57,7 +57,7 @@ class Op:
                  "kind", "length", "mode", "offset", "owner", "result", "views")
 
     def __init__(self, kind: int, fd: int = -1, views: list[memoryview] | None = None,
-                 offset: int = 0, length: int = 0, *, owner: Any = None, barrier: bool = False,
+                 offset: int = 0, length: int = 0, owner: Any = None, barrier: bool = False,
                  direct: bool = False, mode: int = 0,
                  fn: Callable[[], object] | None = None) -> None:
         self.kind = kind

@@ -101,9 +101,9 @@ class BlockIo(VirtioDevice):
         p = Pending(index, gen, req, used, 1, write and self._writethrough)
         self._inflight_q[index] += 1
         if b.direct and not (offset | length) % b.direct_align:
-            op = Op(WRITE if write else READ, b.fd, views, offset, length, owner=p, direct=True)
+            op = Op(WRITE if write else READ, b.fd, views, offset, length, p, False, True)
         else:
-            op = Op(WRITE if write else READ, b.buffered_fd, views, offset, length, owner=p)
+            op = Op(WRITE if write else READ, b.buffered_fd, views, offset, length, p)
         self.counters["in_flight"] += 1
         engine.submit(op)
 
