@@ -169,7 +169,10 @@ class UringEngine(Engine):
             ring.prep_fallocate(op.fd, op.mode, op.offset, op.length, self._tag(op))
 
     def _flush(self) -> None:
-        self.ring.submit()
+        ring = self.ring
+        if ring._tail == ring._khead and not self._backlog:
+            return  # nothing queued, and the kernel took everything it was shown
+        ring.submit()
         while (self._backlog and self.ring.space()
                and self._owed < self._owed_max):
             backlog, self._backlog = self._backlog, []
