@@ -56,15 +56,21 @@ class Children:
     def __call__(self, config: Config) -> int:
         self.configs.append(config)
         code = self.codes.popleft() if self.codes else None
+        # The signals the child waits for are blocked across the fork: one sent before the
+        # child got to sigwait() must not kill it instead (exit -15, not 0).
+        waited = {signal.SIGTERM, signal.SIGUSR1}
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, waited)
         pid = os.fork()
+        if pid:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
         if pid == 0:
             null = os.open(os.devnull, os.O_RDWR)
             for fd in (0, 1, 2):
                 os.dup2(null, fd)
             if code is None:  # serve until SIGTERM (SIGUSR1: exit 10, to show it arrived)
-                signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM, signal.SIGUSR1})
-                got = signal.sigwait({signal.SIGTERM, signal.SIGUSR1})
+                got = signal.sigwait(waited)
                 os._exit(10 if got == signal.SIGUSR1 else 0)
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
             os._exit(code)
         self.pids.append(pid)
         return pid
