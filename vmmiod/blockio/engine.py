@@ -105,10 +105,7 @@ def run_blocking(op: Op) -> int:
         if k == WRITE:
             return os.pwritev(op.fd, op.current_views(), op.offset + op.done)
         if k == FSYNC:
-            if op.mode:
-                os.fdatasync(op.fd)
-            else:
-                os.fsync(op.fd)
+            (os.fdatasync if op.mode else os.fsync)(op.fd)
             return 0
         if k == FALLOCATE:
             fallocate(op.fd, op.mode, op.offset, op.length)
@@ -324,13 +321,8 @@ class Engine:
         """Drop every op `match` selects: not started ones at once; started ones are cancelled
         where the engine can, and this returns only when no matching read or write is running.
         None of them is delivered. Returns how many were dropped."""
-        kept: deque[Op] = deque()
-        dropped = 0
-        for op in self._blocked:
-            if match(op):
-                dropped += 1
-            else:
-                kept.append(op)
+        kept = deque(op for op in self._blocked if not match(op))
+        dropped = len(self._blocked) - len(kept)
         self._blocked = kept
         victims = [op for op in self._live if match(op)]
         for op in victims:
