@@ -254,3 +254,18 @@ def test_more_ops_than_ring_entries_in_one_batch(engine: tuple[Engine, Collector
     views.clear()
     got.batches.clear()
     m.close()
+
+
+def test_write_from_read_only_memory(engine: tuple[Engine, Collector], image: Path) -> None:
+    """A write's source may be read-only memory (a read-only guest region): the kernel gets
+    its address all the same (io_uring's fast path cannot take a ctypes view of it)."""
+    eng, got = engine
+    fd = os.open(image, os.O_RDWR)
+    try:
+        data = os.urandom(4096)
+        eng.submit(Op(WRITE, fd, [memoryview(data)], 8192, 4096, owner="w"))
+        eng.kick()
+        assert [op.result for op in got.ops] == [4096]
+        assert image.read_bytes()[8192:8192 + 4096] == data
+    finally:
+        os.close(fd)

@@ -19,6 +19,8 @@ from vmmiod.blockio import uring
 from vmmiod.blockio.engine import FALLOCATE, FSYNC, READ, WRITE, Engine, Handler, Op
 from vmmiod.blockio.uring import CQE_SIZE, SQE_SIZE, U32, Ring, UringUnavailable
 
+_pack_sqe = uring.SQE.pack_into
+
 REQUIRED_OPS = (uring.IORING_OP_READV, uring.IORING_OP_WRITEV, uring.IORING_OP_FSYNC)
 DEFAULT_ENTRIES = 256
 CANCEL_ROOM = 64  # CQ entries kept free for cancels' own completions
@@ -80,10 +82,9 @@ class UringEngine(Engine):
         self._next_tag = tag + 1 if tag < 0xFFFF_FFFF_FFFF else 1
         self._tags[tag] = op
         self._owed += 1
-        uring.SQE.pack_into(ring.sqes, (tail & ring.sq_mask) * SQE_SIZE,
-                            uring.IORING_OP_READ if op.kind == READ else uring.IORING_OP_WRITE,
-                            0, 0, op.fd, op.offset, uring.buffer_address(v), len(v), 0, tag,
-                            0, 0, 0, 0, 0)
+        _pack_sqe(ring.sqes, (tail & ring.sq_mask) * SQE_SIZE,
+                  uring.IORING_OP_READ if op.kind == READ else uring.IORING_OP_WRITE,
+                  0, 0, op.fd, op.offset, uring.buffer_address(v), len(v), 0, tag, 0, 0, 0, 0, 0)
         ring._tail = (tail + 1) & 0xFFFFFFFF
 
     def _collect(self) -> int:
