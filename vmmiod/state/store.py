@@ -60,7 +60,7 @@ class RecordRefused(Exception):
 
 
 def state_dir(guest: str, run_dir: str | None = None) -> Path:
-    """systemd's RuntimeDirectory (kept across restarts by RuntimeDirectoryPreserve=restart),
+    """systemd's RuntimeDirectory (kept across restarts and stops by RuntimeDirectoryPreserve=yes),
     or /run/vmmiod/<guest> outside systemd."""
     base = run_dir or os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0] or \
         f"/run/vmmiod/{guest}"

@@ -8,7 +8,7 @@ server exists, and the next one takes the recorded server of the same domain ove
 left READY or INPROCESS answered. A server that cannot be taken over (Xen refuses: it is gone,
 or the domain was rebuilt) is destroyed, as is done for any server nobody will serve, and the
 log says why; a record of another domain is dropped. The record lives in systemd's
-RuntimeDirectory (kept across restarts by RuntimeDirectoryPreserve=restart), or in
+RuntimeDirectory (kept across restarts and stops by RuntimeDirectoryPreserve=yes), or in
 /run/vmmiod/<guest>/ outside systemd.
 """
 
