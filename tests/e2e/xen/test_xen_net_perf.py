@@ -98,7 +98,11 @@ def test_the_device_saw_what_the_guest_sent_and_got(snaps: dict[str, dict[str, A
         d = netperf_report.delta(snaps, phase)
         assert abs(d["net.tx_frames"] - d["guest.tx_packets"]) <= slack, (phase, d)
         assert abs(d["net.rx_frames"] - d["guest.rx_packets"]) <= slack, (phase, d)
-        assert d["net.tx_frames"] > 100 and d["net.rx_frames"] > 100, (phase, d)
+        # 1 MiB crosses in at least 1 MiB / 64 KiB (the largest GSO frame) = 16 data frames;
+        # how many more, and how many ACK frames go back, depends on the segment sizes both
+        # kernels pick (a CI run saw 42 guest ACK frames for 99 frames of ~10 KB downstream).
+        sent, got = ("tx", "rx") if phase == "up" else ("rx", "tx")
+        assert d[f"net.{sent}_frames"] >= 16 and d[f"net.{got}_frames"] > 0, (phase, d)
 
 
 def test_figures_are_printed(figures: dict[str, Any], results: Path) -> None:
