@@ -17,7 +17,7 @@ import asyncio
 import errno
 from typing import Any
 
-from vmmiod.blockio import UringUnavailable, open_engine
+from vmmiod.blockio import READ, WRITE, Op, UringUnavailable, open_engine
 from vmmiod.config import BlockConfig, GuestConfig
 from vmmiod.devices.base import BackendError
 from vmmiod.devices.block_backend import IOV_MAX, Backing, ImageLocked
@@ -266,8 +266,27 @@ class BlockDevice(BlockIo):
             else:
                 c["requests_out"] += 1
                 used = 1
-            if req.data_len:
-                self._submit_io(index, chain.generation, mem, req, used)
+            if req.data_len:  # one op straight between the image and guest memory
+                write = t == VIRTIO_BLK_T_OUT
+                data = req.data
+                if len(data) == 1:
+                    views = mem.views(data[0][0], data[0][1], not write)
+                else:
+                    views = []
+                    for gpa, n in data:
+                        views += mem.views(gpa, n, not write)
+                b = self.backing
+                offset, length = req.sector << SECTOR_SHIFT, req.data_len
+                p = Pending(index, chain.generation, req, used, 1, write and self._writethrough)
+                self._inflight_q[index] += 1
+                if b.direct and not (offset | length) % b.direct_align:
+                    op = Op(WRITE if write else READ, b.fd, views, offset, length, p, False, True)
+                else:
+                    op = Op(WRITE if write else READ, b.buffered_fd, views, offset, length, p)
+                c["in_flight"] += 1
+                engine = self.engine
+                assert engine is not None
+                engine.submit(op)
             else:  # nothing to transfer
                 self._complete(q, mem, req.head, req.status_gpa, VIRTIO_BLK_S_OK, used)
         elif t == VIRTIO_BLK_T_FLUSH:

@@ -83,30 +83,6 @@ class BlockIo(VirtioDevice):
     _sticky: list[Pending]  # failed by the sticky flush error: completed at the batch's end
 
     # -- submission (from process_queue) ---------------------------------------------------------
-    def _submit_io(self, index: int, gen: int, mem: GuestMemory, req: Request,
-                   used: int) -> None:
-        """IN or OUT with data: one op straight between the image and guest memory."""
-        engine = self.engine
-        assert engine is not None
-        write = req.type == VIRTIO_BLK_T_OUT
-        data = req.data
-        if len(data) == 1:
-            views = mem.views(data[0][0], data[0][1], not write)
-        else:
-            views = []
-            for gpa, n in data:
-                views += mem.views(gpa, n, not write)
-        b = self.backing
-        offset, length = req.sector << SECTOR_SHIFT, req.data_len
-        p = Pending(index, gen, req, used, 1, write and self._writethrough)
-        self._inflight_q[index] += 1
-        if b.direct and not (offset | length) % b.direct_align:
-            op = Op(WRITE if write else READ, b.fd, views, offset, length, p, False, True)
-        else:
-            op = Op(WRITE if write else READ, b.buffered_fd, views, offset, length, p)
-        self.counters["in_flight"] += 1
-        engine.submit(op)
-
     def _submit_flush(self, index: int, gen: int, req: Request) -> None:
         assert self.engine is not None
         p = Pending(index, gen, req, 1)
