@@ -7,7 +7,9 @@ fixes (IORING_OFF_SQ_RING, IORING_OFF_CQ_RING, IORING_OFF_SQES). The layouts bel
 include/uapi/linux/io_uring.h; nothing here knows devices or files beyond an fd.
 
 A `Ring` is used from one thread (the event loop's). Entries are queued with `prep_*` (no system
-call) and handed to the kernel by one `submit()`; completions are read in batches by `reap()`.
+call) and handed to the kernel by one `submit()`. The completion ring is read by its user in one
+loop over `cq` (UringEngine._collect: head and tail at `_cq_head_off`/`_cq_tail_off`, the CQEs
+from `_cqes_off`, read barrier after the tail, full barrier before the head is stored).
 """
 
 from __future__ import annotations
@@ -253,24 +255,6 @@ class Ring:
             if e in (errno.EAGAIN, errno.EBUSY):  # CQ full: the caller reaps, then retries
                 return 0
             raise OSError(e, f"io_uring_enter: {os.strerror(e)}")
-
-    # -- completion -----------------------------------------------------------------------------
-    def reap(self, out: list[tuple[int, int]]) -> int:
-        """Append every posted completion as (user_data, res); returns how many."""
-        cq = self.cq
-        head: int = U32.unpack_from(cq, self._cq_head_off)[0]
-        tail: int = U32.unpack_from(cq, self._cq_tail_off)[0]
-        barrier.rmb()  # the CQEs are read after the tail that published them
-        n = (tail - head) & 0xFFFFFFFF
-        if not n:
-            return 0
-        mask, base, unpack = self.cq_mask, self._cqes_off, CQE.unpack_from
-        for i in range(n):
-            user_data, res, _flags = unpack(cq, base + ((head + i) & mask) * CQE_SIZE)
-            out.append((user_data, res))
-        barrier.mb()  # the CQEs are read before the head that frees their slots
-        U32.pack_into(cq, self._cq_head_off, tail)
-        return n
 
     def close(self) -> None:
         if self.closed:
