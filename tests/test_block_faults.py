@@ -218,3 +218,26 @@ def test_write_zeroes_on_tmpfs_without_zero_range(tmp_path: Path) -> None:
         assert img.read_bytes()[512 * 512:768 * 512] == bytes(256 * 512)
         assert os.stat(img).st_blocks < blocks  # unmap allowed: a hole
         close(dev, g)
+
+
+def test_status_byte_outside_guest_memory_faults_the_device(tmp_path: Path) -> None:
+    """A read whose status byte lies outside guest memory: the read itself is done (its data
+    buffer is real), then writing the status fails and the device asks for a reset (nothing of
+    the batch is published). The read completed before it got its status byte, and the counters
+    add up: nothing is left in flight."""
+    from tests.test_block_harness import GPA, MEM_SIZE
+    img = tmp_path / "disk.img"
+    img.write_bytes(os.urandom(1 << 20))
+    dev = open_device(img)
+    g = Guest(dev)
+    try:
+        good = g.submit(VIRTIO_BLK_T_IN, 0, read=4096)
+        hdr, data = g.header(VIRTIO_BLK_T_IN, 8), g.buf(4096)
+        g.dq[0].add([(hdr, 16)], [(data, 4096), (GPA + MEM_SIZE + 4096, 1)], 999, None)
+        g.kick()
+        assert g.transport.faults  # the status write was refused: a reset is asked for
+        assert g.mem.read(g.pending[good][2], 1)[0] == VIRTIO_BLK_S_OK  # written, unpublished
+        assert dev.counters["in_flight"] == 0
+        assert dev.counters["bytes_read"] == 8192
+    finally:
+        close(dev, g)
