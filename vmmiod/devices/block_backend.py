@@ -21,8 +21,6 @@ knows virtio.
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import errno
 import fcntl
 import mmap
@@ -31,6 +29,8 @@ import stat
 import struct
 from pathlib import Path
 from typing import Literal
+
+from vmmiod.blockio import fallocate
 
 # Linux ioctls on block devices (include/uapi/linux/fs.h).
 BLKGETSIZE64 = 0x80081272  # _IOR(0x12, 114, size_t)
@@ -50,18 +50,6 @@ ZERO_CHUNK = 1 << 20  # write-zeroes fallback writes at most this much per call
 # struct flock on Linux 64-bit: short l_type, short l_whence, off_t l_start, off_t l_len,
 # pid_t l_pid, padding (32 bytes).
 FLOCK = struct.Struct("hhqqi4x")
-
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-_fallocate = _libc.fallocate
-_fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-_fallocate.restype = ctypes.c_int
-
-
-def fallocate(fd: int, mode: int, offset: int, length: int) -> None:
-    """fallocate(2) with a mode (os.posix_fallocate has none)."""
-    if _fallocate(fd, mode, offset, length) != 0:
-        e = ctypes.get_errno()
-        raise OSError(e, os.strerror(e))
 
 
 class ImageLocked(Exception):
