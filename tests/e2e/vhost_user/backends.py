@@ -109,7 +109,8 @@ def qsd_command(exports: list[tuple[str, Path, Path]]) -> list[str]:
     return cmd
 
 
-def vmmiod_config(results: Path, socks: dict[str, Path], params: dict[str, Any], net: bool) -> str:
+def vmmiod_config(results: Path, socks: dict[str, Path], params: dict[str, Any], net: bool,
+                  disks: tuple[str, ...] = ("ext4", "verify", "bench")) -> str:
     """vmmiod's YAML for the devices it serves (docs/vhost-user.md)."""
     lines = [
         "# Written by tests/e2e/vhost_user/run for one run.",
@@ -120,16 +121,22 @@ def vmmiod_config(results: Path, socks: dict[str, Path], params: dict[str, Any],
     ]
     for ident, image, lock in (("ext4", "ext4.img", True), ("verify", "verify.img", True),
                                ("bench", "bench.img", False)):
+        if ident not in disks:
+            continue
         lines += ["  - type: block", f"    id: {ident}", f"    path: {results / image}",
                   "    cache: none", f"    vhost_user: {socks[ident]}"]
         if not lock:  # qemu-storage-daemon serves the same image in the side-by-side benchmark
             lines.append("    lock: false")
         if params.get("VMMIOD_IO_ENGINE"):  # vmmiod's default otherwise (docs/configuration.md)
             lines.append(f"    io_engine: {params['VMMIOD_IO_ENGINE']}")
+        if params.get("QUEUE_SIZE"):
+            lines.append(f"    queue_size: {params['QUEUE_SIZE']}")
     if net:
         lines += ["  - type: net", "    id: net0", f"    mac: \"{params['NET_MAC']}\"",
                   f"    backend: {{kind: tap, ifname: {params['TAP_IF']}, create: false}}",
                   f"    vhost_user: {socks['net']}"]
+        if params.get("QUEUE_SIZE"):
+            lines.append(f"    queue_size: {params['QUEUE_SIZE']}")
     return "\n".join(lines) + "\n"
 
 
@@ -137,8 +144,10 @@ class Stack:
     """Everything the guest talks to, started before QEMU and torn down after it."""
 
     def __init__(self, results: Path, params: dict[str, Any], *, dut: str, bench: list[str],
-                 net: bool, repo: Path) -> None:
+                 net: bool, repo: Path,
+                 disks: tuple[str, ...] = ("ext4", "verify", "bench")) -> None:
         self.results, self.params, self.dut_kind, self.net = results, params, dut, net
+        self.disks = disks  # the microvm pass: ("verify",) and no benchmark backend
         self.repo = repo
         self.sockdir = Path(tempfile.mkdtemp(prefix="vu-e2e-"))  # short: sun_path has 108 bytes
         self.netns = f"vmmiod-vu-{os.getpid()}" if net else None
@@ -177,17 +186,18 @@ class Stack:
                     self.in_ns(["iperf3", "-s", "-B", str(host_ip), "--forceflush"]),
                     stdin=subprocess.DEVNULL, stdout=f, stderr=f, start_new_session=True)
         r = self.results
-        self.procs["qsd"] = Proc("qemu-storage-daemon (benchmark)",
-                                 qsd_command([("bench", r / "bench.img", self.sock("qsd-bench"))]),
-                                 r / "qsd-bench.log", [self.sock("qsd-bench")])
+        if self.bench:
+            self.procs["qsd"] = Proc("qemu-storage-daemon (benchmark)",
+                qsd_command([("bench", r / "bench.img", self.sock("qsd-bench"))]),
+                r / "qsd-bench.log", [self.sock("qsd-bench")])
         if self.dut_kind == "vmmiod":
             socks = {n: self.sock(f"dut-{n}") for n in ("ext4", "verify", "bench", "net")}
             cfg = r / "vmmiod.yaml"
-            cfg.write_text(vmmiod_config(r, socks, self.params, self.net))
+            cfg.write_text(vmmiod_config(r, socks, self.params, self.net, self.disks))
             py = self.repo / ".venv/bin/python"
             cmd = self.in_ns([str(py if py.exists() else "python3"), "-m", "vmmiod", "run",
                               str(cfg)])
-            wanted = [socks["ext4"], socks["verify"], socks["bench"]]
+            wanted = [socks[d] for d in self.disks]
             self.procs["dut"] = Proc("vmmiod", cmd, r / "dut-1.log",
                                      wanted + ([socks["net"]] if self.net else []),
                                      cwd=self.repo)  # `python -m vmmiod` from the checkout

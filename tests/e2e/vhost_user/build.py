@@ -53,10 +53,11 @@ HOST_TOOLS = {  # command -> Debian package providing it on the host
 # Host binaries copied into the guest with their library closure: (host path, guest path).
 GUEST_BINARIES = [("/usr/bin/fio", "usr/bin/fio"), ("/usr/sbin/mke2fs", "usr/sbin/mke2fs"),
                   ("/usr/bin/iperf3", "usr/bin/iperf3")]
-# virtio over PCI, the three drivers, ext4 (+ crc32c through the crypto API: crc32c_intel needs
-# SSE4.2, which TCG's default CPU lacks), 9p for the results share.
+# virtio over PCI (q35) and over MMIO (microvm: devices found in the ACPI tables), the three
+# drivers, ext4 (+ crc32c through the crypto API: crc32c_intel needs SSE4.2, which TCG's default
+# CPU lacks), 9p for the results share.
 GUEST_MODULES = [
-    "virtio_pci", "virtio_blk", "failover", "net_failover", "virtio_net", "virtio_console",
+    "virtio_pci", "virtio_mmio", "virtio_blk", "failover", "net_failover", "virtio_net", "virtio_console",
     "crc32c_generic", "ext4", "9pnet_virtio", "9p",
 ]
 GUEST_INIT = r"""#!/bin/busybox sh
@@ -65,7 +66,7 @@ mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 mkdir -p /out /mnt /tmp /run
-for m in virtio_pci virtio_blk virtio_net virtio_console crc32c_generic ext4 9pnet_virtio 9p; do
+for m in virtio_pci virtio_mmio virtio_blk virtio_net virtio_console crc32c_generic ext4 9pnet_virtio 9p; do
     modprobe $m || echo "E2E-R init module=$m failed"
 done
 if mount -t 9p -o trans=virtio,version=9p2000.L,msize=262144 out /out && [ -f /out/guest.sh ]; then

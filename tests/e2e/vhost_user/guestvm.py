@@ -65,11 +65,42 @@ def qemu_command(out: Path, results: Path, params: dict[str, Any], stack: Stack,
     return wrapped
 
 
+def microvm_command(out: Path, results: Path, params: dict[str, Any], stack: Stack,
+                    net: bool) -> list[str]:
+    """microvm (virtio-mmio, devices in the ACPI tables): one vhost-user-blk disk, the vhost-user
+    NIC and the results share, all virtio-mmio devices. Its transports default to legacy (v1),
+    which a vhost-user backend refuses: force-legacy=off. The console is the default ISA serial.
+    """
+    cmd = [
+        "qemu-system-x86_64", "-machine", "microvm,memory-backend=mem", "-accel", "tcg",
+        "-smp", "1", "-m", "512M",
+        "-object", "memory-backend-memfd,id=mem,size=512M,share=on",
+        "-global", "virtio-mmio.force-legacy=off",
+        "-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio",
+        "-monitor", "none", "-no-reboot",
+        "-kernel", str(out / "vmlinuz"), "-initrd", str(out / "initramfs.cpio"),
+        "-append", "console=ttyS0 rdinit=/init panic=-1 quiet loglevel=4",
+        "-chardev", f"socket,id=c-verify,path={stack.sock('dut-verify')},reconnect=1",
+        # queue-size=1024: QEMU's virtio-mmio offers QueueNumMax 1024 whatever the device's
+        # queue-size, Linux takes it, and the inflight record QEMU sizes by queue-size must match.
+        "-device", "vhost-user-blk,chardev=c-verify,num-queues=1,queue-size=1024",
+    ]
+    if net:
+        cmd += ["-chardev", f"socket,id=c-net,path={stack.sock('dut-net')},reconnect=1",
+                "-netdev", "vhost-user,id=n0,chardev=c-net",
+                "-device", f"virtio-net-device,netdev=n0,mac={params['NET_MAC']}"]
+    cmd += ["-fsdev", f"local,id=out,path={results},security_model=none",
+            "-device", "virtio-9p-device,fsdev=out,mount_tag=out"]
+    wrapped: list[str] = stack.in_ns(cmd)
+    return wrapped
+
+
 class Guest:
     def __init__(self, out: Path, results: Path, params: dict[str, Any], stack: Stack,
-                 net: bool) -> None:
+                 net: bool, machine: str = "q35") -> None:
         self.results, self.params, self.stack = results, params, stack
-        self.cmd = qemu_command(out, results, params, stack, net)
+        make = microvm_command if machine == "microvm" else qemu_command
+        self.cmd = make(out, results, params, stack, net)
         self.last_line = time.monotonic()
         self.done = False
         self.lines: list[dict[str, Any]] = []

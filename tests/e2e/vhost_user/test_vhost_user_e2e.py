@@ -247,3 +247,63 @@ def test_side_by_side_figures(run: Run) -> None:
     print("\n" + backends.bench_table(figures))
     if "vmmiod" not in run.info["bench_backends"]:
         pytest.skip(f"qemu-storage-daemon's figures only: {run.info['dut_reason']}")
+
+
+# -- the microvm pass (`run --machine microvm`, results in DIR/microvm): virtio-mmio ------------
+@pytest.fixture(scope="module")
+def microvm() -> Run:
+    d = _results_dir()
+    if d is None:
+        pytest.skip("vhost-user e2e results not requested (see docs/e2e.md)")
+    if not (d / "microvm" / "run.json").exists():
+        pytest.skip(f"the microvm pass was not run: no {d / 'microvm' / 'run.json'} "
+                    "(tests/e2e/vhost_user/run --machine microvm --results DIR/microvm)")
+    return Run(d / "microvm")
+
+
+def test_microvm_guest_finished(microvm: Run) -> None:
+    assert microvm.info["status"] == "ok", (microvm.info["status"], microvm.info["attempts"])
+    microvm.result("done")
+
+
+def test_microvm_devices_are_virtio_mmio(microvm: Run) -> None:
+    devices = {kv["id"]: kv["transport"] for _, name, kv in microvm.lines if name == "device"}
+    want = {"0x0002": "virtio-mmio", "0x0009": "virtio-mmio"}  # block, 9p share
+    if microvm.params["NET"] == 1:
+        want["0x0001"] = "virtio-mmio"
+    assert {k: devices.get(k) for k in want} == want, devices
+
+
+def test_microvm_blk_fio_crc32c_write_and_verify(microvm: Run) -> None:
+    kv = microvm.result("verify")
+    assert kv == {"rc": "0", "error": "0"}, kv
+    job = microvm.fio("fio-verify.json")
+    blocks = microvm.params["VERIFY_MIB"] * 256  # 4 KiB each
+    assert job["write"]["total_ios"] == blocks
+    assert job["read"]["total_ios"] == blocks
+
+
+def test_microvm_net_ping_host_tap(microvm: Run) -> None:
+    if microvm.params["NET"] != 1:
+        pytest.skip(f"net: {microvm.info['net']}")
+    assert microvm.result("net")["mac"] == microvm.params["NET_MAC"]
+    assert microvm.result("ping", size="56")["received"] == "5"
+
+
+def test_microvm_vmmiod_served_and_logged_no_problem(microvm: Run) -> None:
+    events = []
+    for line in (microvm.dir / "dut-1.log").read_text(errors="replace").splitlines():
+        try:
+            events.append(json.loads(line))
+        except ValueError:
+            continue
+    seen = {e.get("event") for e in events}
+    assert not (seen & BAD_EVENTS), sorted(seen & BAD_EVENTS)
+    loud = [e for e in events if e.get("level") not in ("debug", "info")]
+    assert not loud, loud[:5]
+    blk = [e for e in events if e.get("event") == "block_closed" and e.get("device") == "verify"]
+    assert blk and blk[-1]["requests_out"] >= microvm.params["VERIFY_MIB"] * 256, blk
+    if microvm.params["NET"] == 1:
+        net = [e for e in events if e.get("event") == "net_device_closed"]
+        assert net and net[-1]["tx_frames"] >= 5 and net[-1]["rx_frames"] >= 5, net
+    assert microvm.info["backends"]["dut"]["history"][-1].get("rc") == 0
