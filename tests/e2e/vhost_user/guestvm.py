@@ -78,8 +78,10 @@ def microvm_command(out: Path, results: Path, params: dict[str, Any], stack: Sta
         "-global", "virtio-mmio.force-legacy=off",
         "-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio",
         "-monitor", "none", "-no-reboot",
+        # Not quiet: where a guest that stops in boot stopped (`tsc: Marking TSC unstable`) shows
+        # in console.log and in run.json's attempts.
         "-kernel", str(out / "vmlinuz"), "-initrd", str(out / "initramfs.cpio"),
-        "-append", "console=ttyS0 rdinit=/init panic=-1 quiet loglevel=4",
+        "-append", "console=ttyS0 rdinit=/init panic=-1 loglevel=6",
         "-chardev", f"socket,id=c-verify,path={stack.sock('dut-verify')},reconnect=1",
         # queue-size=1024: QEMU's virtio-mmio offers QueueNumMax 1024 whatever the device's
         # queue-size, Linux takes it, and the inflight record QEMU sizes by queue-size must match.
