@@ -177,9 +177,15 @@ class RingHandlers:
             try:
                 resumed = q.inflight.start(q.size, used_idx)
             except InflightInvalid as exc:
-                self.log.warning("vhost_user_inflight_invalid", queue=index, error=str(exc))
                 q.inflight.buf[:] = bytes(len(q.inflight.buf))
-                resumed = q.inflight.start(q.size, used_idx)
+                try:
+                    resumed = q.inflight.start(q.size, used_idx)
+                except InflightInvalid:
+                    # A record too small for the ring (QEMU sizes it by its own queue-size):
+                    # serve the ring without one; only a restart's redo is lost.
+                    q.inflight, resumed = None, None
+                self.log.warning("vhost_user_inflight_invalid", queue=index, error=str(exc),
+                                 recorded=q.inflight is not None)
             if resumed is not None:
                 next_avail, q.resubmit = resumed
                 self.log.info("vhost_user_inflight_resumed", queue=index, used_idx=used_idx,
