@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from vmmiod import transport
-from vmmiod.devices import base as device_base
 from vmmiod.devices.base import VirtioDevice
 from vmmiod.mmio import VirtioMmio
 
@@ -28,10 +27,3 @@ def test_a_window_that_is_not_virtio_has_no_queues() -> None:
             return 0
 
     assert transport.queue_count(RegistersOnly()) == 0
-
-
-def test_devices_base_still_offers_the_neutral_names() -> None:
-    for name in ("VIRTIO_F_INDIRECT_DESC", "VIRTIO_F_EVENT_IDX", "VIRTIO_F_VERSION_1",
-                 "VIRTIO_F_ACCESS_PLATFORM", "VIRTIO_F_RING_PACKED", "VIRTIO_F_RING_RESET",
-                 "InterruptLine", "Transport", "bit"):
-        assert getattr(device_base, name) is getattr(transport, name)
