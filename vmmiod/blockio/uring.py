@@ -10,6 +10,14 @@ A `Ring` is used from one thread (the event loop's). Entries are queued with `pr
 call) and handed to the kernel by one `submit()`. The completion ring is read by its user in one
 loop over `cq` (UringEngine._collect: head and tail at `_cq_head_off`/`_cq_tail_off`, the CQEs
 from `_cqes_off`, read barrier after the tail, full barrier before the head is stored).
+
+A completion the kernel could not put in the completion ring waits on its overflow list
+(IORING_FEAT_NODROP), IORING_SQ_CQ_OVERFLOW is set in the SQ flags, and the registered eventfd is
+not signalled for it (the kernel signals only when the ring's tail moves). Only an
+io_uring_enter with IORING_ENTER_GETEVENTS moves such completions into the ring
+(`flush_overflow`). Linux 6.18 was seen to overflow a 512-entry ring that held fewer than 40
+completions (O_DIRECT writes finished by io-wq workers); so the user checks `cq_overflowed()`
+whenever it reaps, and does not rely on the eventfd alone (UringEngine's watchdog).
 """
 
 from __future__ import annotations
@@ -42,6 +50,7 @@ OP_NAMES = {IORING_OP_NOP: "nop", IORING_OP_READV: "readv", IORING_OP_WRITEV: "w
 IOSQE_IO_DRAIN = 1 << 1
 IORING_FSYNC_DATASYNC = 1 << 0
 IORING_ENTER_GETEVENTS = 1 << 0
+IORING_SQ_CQ_OVERFLOW = 1 << 1  # in the SQ ring's flags: completions wait on the overflow list
 IORING_FEAT_NODROP = 1 << 1
 IORING_REGISTER_EVENTFD = 4
 IORING_REGISTER_PROBE = 8
@@ -140,7 +149,7 @@ class Ring:
         self.sq_entries: int = int(p[0])
         self.cq_entries: int = int(p[1])
         self.features: int = int(p[5])
-        sq_head, sq_tail, sq_mask, _sq_n, _sq_flags, sq_dropped, sq_array = p[10:17]
+        sq_head, sq_tail, sq_mask, _sq_n, sq_flags, sq_dropped, sq_array = p[10:17]
         cq_head, cq_tail, cq_mask, _cq_n, cq_overflow, cq_cqes = p[19:25]
         prot, flags = mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED | mmap.MAP_POPULATE
         self._sq_map = mmap.mmap(self.fd, sq_array + 4 * self.sq_entries, flags, prot,
@@ -154,6 +163,7 @@ class Ring:
         self.sqes = memoryview(self._sqe_map)
         self._sq_head_off, self._sq_tail_off = sq_head, sq_tail
         self._sq_dropped_off = sq_dropped
+        self._sq_flags_off = sq_flags
         self.sq_mask = U32.unpack_from(self.sq, sq_mask)[0]
         self._cq_head_off, self._cq_tail_off = cq_head, cq_tail
         self._cq_overflow_off = cq_overflow
@@ -226,6 +236,35 @@ class Ring:
     def prep_cancel(self, target: int, user_data: int) -> None:
         self._prep(IORING_OP_ASYNC_CANCEL, 0, -1, 0, target, 0, 0, user_data)
 
+    def prep_nop(self, user_data: int) -> None:
+        self._prep(IORING_OP_NOP, 0, -1, 0, 0, 0, 0, user_data)
+
+    # -- completion -----------------------------------------------------------------------------
+    def cq_ready(self) -> int:
+        """Completions in the ring, not yet reaped."""
+        head: int = U32.unpack_from(self.cq, self._cq_head_off)[0]
+        tail: int = U32.unpack_from(self.cq, self._cq_tail_off)[0]
+        return (tail - head) & 0xFFFFFFFF
+
+    def cq_overflowed(self) -> bool:
+        """Completions wait on the kernel's overflow list (no eventfd signal announced them)."""
+        return bool(U32.unpack_from(self.sq, self._sq_flags_off)[0] & IORING_SQ_CQ_OVERFLOW)
+
+    def flush_overflow(self) -> None:
+        """Move overflowed completions into the ring, as far as it has room: one io_uring_enter
+        with IORING_ENTER_GETEVENTS and nothing to wait for."""
+        while True:
+            ret = _syscall(SYS_IO_URING_ENTER, self.fd, 0, 0, IORING_ENTER_GETEVENTS, None, 0)
+            if ret >= 0:
+                return
+            e = ctypes.get_errno()
+            if e == errno.EINTR:
+                continue
+            if e in (errno.EAGAIN, errno.EBUSY):  # the ring is full: the caller reaps first
+                return
+            raise OSError(e, f"io_uring_enter: {os.strerror(e)}")
+
+    # -- submission, continued --------------------------------------------------------------------
     def pending(self) -> int:
         return (self._tail - self._submitted) & 0xFFFFFFFF
 

@@ -6,10 +6,17 @@ it (IORING_REGISTER_PROBE), else on a helper thread, like the blocking calls. Th
 completions signal the engine's eventfd (IORING_REGISTER_EVENTFD), which the event loop watches:
 one wake-up reaps every completion posted by then. The buffers an entry points at (guest memory,
 the iovec array, a bounce buffer) are held by the Op until its completion is reaped.
+
+The eventfd is not the whole story: a completion the kernel put on its overflow list signals
+nothing (vmmiod/blockio/uring.py). So every reap also looks at IORING_SQ_CQ_OVERFLOW and flushes
+the list, and while completions are owed a watchdog looks at the ring every WATCHDOG_S: a
+completion that is there (or overflowed) without a wake-up is reaped then, and counted in
+`missed_wakeups`. Without it, a guest's I/O that the kernel overflowed waits forever.
 """
 
 from __future__ import annotations
 
+import asyncio
 import ctypes
 import errno
 import os
@@ -24,6 +31,7 @@ _pack_sqe = uring.SQE.pack_into
 REQUIRED_OPS = (uring.IORING_OP_READV, uring.IORING_OP_WRITEV, uring.IORING_OP_FSYNC)
 DEFAULT_ENTRIES = 256
 CANCEL_ROOM = 64  # CQ entries kept free for cancels' own completions
+WATCHDOG_S = 0.05  # how often the ring is looked at while completions are owed
 
 
 class UringEngine(Engine):
@@ -56,7 +64,12 @@ class UringEngine(Engine):
         # Completions the kernel owes us. Kept at most the CQ's size: an overflowed CQE would
         # wait in the kernel's list, and only an io_uring_enter (not the eventfd) brings it.
         self._owed = 0
-        self._owed_max = self.ring.cq_entries - CANCEL_ROOM
+        self._owed_max = max(1, self.ring.cq_entries - CANCEL_ROOM)
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._reaped_at_check = 0
+        self._reaped = 0  # CQEs reaped so far (the watchdog sees whether wake-ups came)
+        self.overflow_flushes = 0  # times the kernel's overflow list had completions
+        self.missed_wakeups = 0  # times the watchdog found completions no wake-up announced
 
     def offered(self) -> list[str]:
         return sorted(uring.OP_NAMES[o] for o in self.ops if o in uring.OP_NAMES)
@@ -88,6 +101,15 @@ class UringEngine(Engine):
         ring._tail = (tail + 1) & 0xFFFFFFFF
 
     def _collect(self) -> int:
+        n = self._reap()
+        ring = self.ring
+        if self._owed and ring.cq_overflowed():
+            self.overflow_flushes += 1
+            ring.flush_overflow()
+            n += self._reap()
+        return n
+
+    def _reap(self) -> int:
         """Reap the ring in one loop: a read or write that transferred all of its bytes at once
         is finished here; anything else (errors, short transfers, bounces, cancels) goes through
         the general `_result`, with the helper threads' results."""
@@ -119,6 +141,7 @@ class UringEngine(Engine):
             barrier.mb()  # the CQEs are read before the head that frees their slots
             U32.pack_into(cq, ring._cq_head_off, tail)
             self._owed -= n
+            self._reaped += n
             if finished:
                 self._inflight -= finished
                 if self._blocked:
@@ -169,8 +192,35 @@ class UringEngine(Engine):
         else:
             ring.prep_fallocate(op.fd, op.mode, op.offset, op.length, self._tag(op))
 
+    # -- the watchdog ---------------------------------------------------------------------------
+    def _arm(self) -> None:
+        loop = self._loop
+        if loop is not None and self._watchdog is None and not self.closed:
+            self._reaped_at_check = self._reaped
+            self._watchdog = loop.call_later(WATCHDOG_S, self._watch)
+
+    def _watch(self) -> None:
+        self._watchdog = None
+        if self.closed or self._loop is None or not self._owed:
+            return
+        ring = self.ring
+        if self._reaped == self._reaped_at_check and (ring.cq_ready() or ring.cq_overflowed()):
+            # A whole period with completions owed, none reaped, and some there: the wake-up
+            # never came (an overflow signals nothing).
+            self.missed_wakeups += 1
+            self._on_readable()
+        self._arm()
+
+    def detach(self) -> None:
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
+        super().detach()
+
     def _flush(self) -> None:
         ring = self.ring
+        if self._owed and self._watchdog is None:
+            self._arm()
         if ring._tail == ring._khead and not self._backlog:
             return  # nothing queued, and the kernel took everything it was shown
         ring.submit()
