@@ -127,6 +127,8 @@ class Engine:
     """The shared part: ordering, completion processing, the eventfd, helper threads."""
 
     name = "engine"
+    overflow_flushes = 0  # io_uring: completions found on the kernel's CQ overflow list
+    missed_wakeups = 0  # io_uring: completions found by the watchdog, without a wake-up
 
     def __init__(self, handler: Handler, threads: int = 1) -> None:
         self._handler = handler
