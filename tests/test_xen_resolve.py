@@ -10,12 +10,15 @@ exists.
 from __future__ import annotations
 
 import asyncio
+import os
 from typing import Any
 
 import pytest
 
 from tests.test_xen_adaptor import adaptor, dev_dir, make_config, prepare_fails  # noqa: F401
 from tests.test_xen_fakexen import FakeXen
+from vmmiod.hypervisors.base import GuestGone
+from vmmiod.hypervisors.xen import XenAdaptor
 
 DOMID = 9
 
@@ -131,3 +134,90 @@ def test_service_instance_answers_each_entry_as_it_comes(dev_dir: str) -> None: 
         await a.stop()
 
     asyncio.run(scenario())
+
+
+def _gone_while_waiting(dev_dir: str, entries_first: int  # noqa: F811
+                        ) -> tuple[FakeXen, Any, BaseException]:
+    """A service instance (require_entries) waits for two devices' entries; the toolstack
+    writes `entries_first` of them, then the domain dies (libxl failed to build it, or `xl
+    destroy` during creation). domain_wait is 30 s: the instance must not wait that long."""
+    fake = FakeXen()
+    fake.add_domain(DOMID, "web")
+    a = adaptor(make_config([("a", None, None), ("b", None, None)], domid=DOMID, name="web",
+                            domain_wait=30, require_entries=True), fake, dev_dir)
+
+    async def scenario() -> BaseException:
+        loop = asyncio.get_running_loop()
+        for k in range(entries_first):
+            fake.add_backend("virtio_disk", DOMID, 51712 + 16 * k, str(0x2000000 + 0x200 * k),
+                             33 + k)
+        loop.call_later(0.3, fake.destroy_domain, DOMID)
+        try:  # without noticing, prepare() would fail only after domain_wait (30 s)
+            await asyncio.wait_for(a.prepare(), 10)
+        except BaseException as exc:  # noqa: BLE001 - the test looks at what it was
+            return exc
+        finally:
+            await a.stop()
+        raise AssertionError("prepare() served a domain that went away")
+
+    return fake, a, asyncio.run(scenario())
+
+
+def test_domain_gone_before_its_entries_is_a_finished_guest(dev_dir: str) -> None:  # noqa: F811
+    fake, _a, exc = _gone_while_waiting(dev_dir, 0)
+    assert isinstance(exc, GuestGone), repr(exc)
+    assert exc.exit_code == 0
+    assert "went away" in str(exc) and f"domain {DOMID}" in str(exc)
+    assert not fake.servers
+
+
+def test_domain_gone_after_some_entries_destroys_the_early_server(dev_dir: str) -> None:  # noqa: F811
+    """The first window was already claimed (and answered InitWait): its IOREQ server and the
+    record of it go with the domain."""
+    fake, a, exc = _gone_while_waiting(dev_dir, 1)
+    assert isinstance(exc, GuestGone), repr(exc)
+    assert "xendevicemodel_create_ioreq_server" in fake.names()
+    assert not fake.servers
+    assert not os.path.exists(a._record)
+
+
+def test_daemon_ends_with_0_and_says_the_guest_went_away(
+        dev_dir: str, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    """The whole instance (vmmiod.daemon): guest_finished with exit status 0, which the dom0
+    service reaps as a guest that went away (dom0_guest_exited), not startup_failed 78."""
+    from tests.test_dom0 import Log
+    from vmmiod import daemon
+    from vmmiod.systemd import Notifier
+
+    fake = FakeXen()
+    fake.add_domain(DOMID, "web")
+    monkeypatch.setattr(daemon, "ADAPTORS", {"xen": ("tests.test_xen_resolve", "_Adaptor")})
+    monkeypatch.setattr(_Adaptor, "fake", fake, raising=False)
+    monkeypatch.setattr(_Adaptor, "dev", dev_dir, raising=False)
+    log = Log()
+    d = daemon.Daemon(make_config([("a", None, None)], domid=DOMID, name="web", domain_wait=30,
+                                  require_entries=True), notifier=Notifier(env={}), log=log)
+
+    async def scenario() -> int:
+        asyncio.get_running_loop().call_later(0.3, fake.destroy_domain, DOMID)
+        return await asyncio.wait_for(d.run(), 10)
+
+    assert asyncio.run(scenario()) == 0
+    assert not log.named("startup_failed")
+    gone = log.named("xen_domain_gone")
+    assert len(gone) == 1 and gone[0]["domid"] == DOMID and gone[0]["served"] is False
+    finished = log.named("guest_finished")
+    assert len(finished) == 1 and finished[0]["exit_code"] == 0
+    assert finished[0]["served"] is False and "went away" in finished[0]["message"]
+    assert log.named("daemon_stopped")[-1]["exit_code"] == 0
+
+
+class _Adaptor(XenAdaptor):
+    """The XenAdaptor as the daemon builds it, on the in-process Xen."""
+
+    fake: FakeXen
+    dev: str
+
+    def __init__(self, config: Any, bus: Any, log: Any) -> None:
+        super().__init__(config, bus, log, loader=self.fake.loader, dev_dir=self.dev,
+                         machine="x86_64", run_dir=os.path.join(self.dev, "run"))

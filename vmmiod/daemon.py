@@ -106,8 +106,16 @@ class Daemon:
             await self._teardown()
             return EX_OK
         stop_wait.cancel()
+        from vmmiod.hypervisors.base import GuestGone
+
         try:
             starting.result()
+        except GuestGone as exc:  # the guest died before it was served: it finished
+            self.log.info("guest_finished", exit_code=EX_OK, served=False, message=str(exc))
+            self.notifier.status(f"guest gone: {exc}")
+            await self._teardown()
+            self.log.info("daemon_stopped", exit_code=EX_OK, signal=None)
+            return EX_OK
         except StartupError as exc:
             self.log.error("startup_failed", message=str(exc), exit_code=exc.exit_code)
             self.notifier.status(f"failed: {exc}")

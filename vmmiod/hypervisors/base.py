@@ -24,6 +24,14 @@ class PlatformUnavailable(Exception):
     exit_code = 69
 
 
+class GuestGone(Exception):
+    """The guest went away before serving started (a Xen domain destroyed while its instance
+    waited for the toolstack's entries). Nothing is wrong and nothing is left to serve: the
+    daemon ends with `exit_code` 0, as it does when a served guest goes away."""
+
+    exit_code = 0
+
+
 class Adaptor:
     """Base class of the Xen and generic adaptors."""
 

@@ -20,7 +20,7 @@ from typing import Any
 from vmmiod.config import MMIO_WINDOW_SIZE, Config, XenConfig
 from vmmiod.fences import is_arm64
 from vmmiod.hypervisors.base import Adaptor, PlatformUnavailable
-from vmmiod.hypervisors.xen import backends, record
+from vmmiod.hypervisors.xen import backends, domain, record
 from vmmiod.hypervisors.xen.fastpath import open_fast_path
 from vmmiod.hypervisors.xen.guestmem import XenGuestMemory, XenMapper
 from vmmiod.hypervisors.xen.handles import DeviceModel, EventChannels, ForeignMemory, GrantTable
@@ -28,9 +28,8 @@ from vmmiod.hypervisors.xen.irq import IrqRangeError, Privcmd, XenInterruptLine,
 from vmmiod.hypervisors.xen.libs import Loader, XenLibs, load_libraries
 from vmmiod.hypervisors.xen.platform import NO_IOREQ_SERVER, check_nodes, probe_dm_op
 from vmmiod.hypervisors.xen.server import IoreqServer
-from vmmiod.hypervisors.xen.xenstore import XenStore, XenStoreError, find_domids_by_name
+from vmmiod.hypervisors.xen.xenstore import XenStore, XenStoreError
 
-POLL_INTERVAL = 0.2  # seconds between looks for the domain / backend entries
 
 class BackendMismatch(PlatformUnavailable):
     """The toolstack's devices and the YAML config disagree (a configuration problem)."""
@@ -85,7 +84,8 @@ class XenAdaptor(Adaptor):
                 f"cannot connect to xenstored ({os.strerror(exc.errno or errno.ENOENT)}): start "
                 "the Xen services in dom0 (systemctl start xenstored.service, or xencommons)"
             ) from None
-        self.domid = await self._resolve_domid()
+        self.domid = await domain.resolve_domid(self.xs, self.config.guest,
+                                                self.xen.domain_wait, self.log)
         self.log = self.log.bind(domid=self.domid)
         self._open_handles()
         assert self.dm is not None
@@ -108,42 +108,6 @@ class XenAdaptor(Adaptor):
                       interrupts=self._irq_method, windows=[
                           {"device": d, "base": hex(b), "irq": i} for d, b, i in self.windows()])
 
-    async def _resolve_domid(self) -> int:
-        """The guest's domid, once xenstored has it introduced.
-
-        libxl writes /local/domain/<domid>/name before it introduces the domain; a domain that
-        is named but not introduced yet must not be served, nor taken for gone (the release
-        watch would fire at once and `xs_is_domain_introduced` say no). A dying domain of the
-        same name (a reboot in progress) is not introduced any more either: the newest
-        introduced domain of that name is ours.
-        """
-        assert self.xs is not None
-        guest = self.config.guest
-        deadline = time.monotonic() + max(self.xen.domain_wait, 0.0)
-        announced = False
-        while True:
-            if guest.domid is not None:
-                if self.xs.domain_introduced(guest.domid):
-                    self.log.info("xen_domain_resolved", name=guest.name, domid=guest.domid)
-                    return guest.domid
-            else:
-                found = [d for d in find_domids_by_name(self.xs, guest.name)
-                         if self.xs.domain_introduced(d)]
-                if found:
-                    self.log.info("xen_domain_resolved", name=guest.name, domid=max(found))
-                    return max(found)
-            if time.monotonic() >= deadline:
-                what = (f"domain {guest.domid}" if guest.domid is not None
-                        else f"a domain named {guest.name!r}")
-                raise PlatformUnavailable(
-                    f"{what} did not appear within {self.xen.domain_wait:g} s (hypervisor."
-                    "domain_wait): create the guest (xl create) before or while vmmiod starts")
-            if not announced:
-                self.log.info("xen_domain_waiting", name=guest.name, domid=guest.domid,
-                              timeout=self.xen.domain_wait)
-                announced = True
-            await asyncio.sleep(POLL_INTERVAL)
-
     def _open_handles(self) -> None:
         assert self.libs is not None
         try:
@@ -156,7 +120,7 @@ class XenAdaptor(Adaptor):
                 "/dev/xen/privcmd and /dev/xen/evtchn available") from None
 
     async def _discover(self) -> None:
-        assert self.backends is not None
+        assert self.backends is not None and self.xs is not None
         deadline = time.monotonic() + max(self.xen.domain_wait, 0.0)
         announced = False
         while True:
@@ -166,6 +130,8 @@ class XenAdaptor(Adaptor):
                 raise BackendMismatch(str(exc)) from None
             if done:
                 break
+            domain.check_still_there(self.xs, self.domid, self.config.guest.name,
+                                     self.backends.missing_ids(), self.log)
             if self.xen.require_entries:
                 self._serve_early()
             if time.monotonic() >= deadline:
@@ -173,7 +139,7 @@ class XenAdaptor(Adaptor):
             if not announced:
                 self.log.info("xen_backends_waiting", missing=self.backends.missing_ids())
                 announced = True
-            await asyncio.sleep(POLL_INTERVAL)
+            await asyncio.sleep(domain.POLL_INTERVAL)
         if self.xen.grants == "auto":
             usage = self.backends.grant_usage()
             if usage is None:
@@ -338,7 +304,7 @@ class XenAdaptor(Adaptor):
                 return
         except XenStoreError:
             return
-        self.log.info("xen_domain_gone", domid=self.domid)
+        self.log.info("xen_domain_gone", domid=self.domid, served=True)
         self.finished.set_result(0)
 
     # -- stop -------------------------------------------------------------------------------------
