@@ -255,13 +255,40 @@ def _callee(call: ast.Call) -> str | None:
     return f.attr if isinstance(f, ast.Attribute) else f.id if isinstance(f, ast.Name) else None
 
 
+def _is_log_method(node: ast.expr) -> bool:
+    """`log.warning`, `self.log.debug if c else self.log.warning`, `getattr(log, level)`."""
+    if isinstance(node, ast.Attribute):
+        return node.attr in LOG_METHODS
+    if isinstance(node, ast.IfExp):
+        return _is_log_method(node.body) and _is_log_method(node.orelse)
+    return (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+            and node.func.id == "getattr" and len(node.args) == 2
+            and "log" in ast.unparse(node.args[0]).lower())
+
+
+def _aliased_log_calls(tree: ast.AST) -> set[int]:
+    """id() of the calls, in each function, of a local name bound to a log method (`emit =
+    log.debug if gone else log.warning; emit("event", ...)`)."""
+    out: set[int] = set()
+    for fn in ast.walk(tree):
+        if not isinstance(fn, (ast.FunctionDef, ast.AsyncFunctionDef)):
+            continue
+        names = {t.id for a in ast.walk(fn) if isinstance(a, ast.Assign)
+                 and _is_log_method(a.value) for t in a.targets if isinstance(t, ast.Name)}
+        out.update(id(c) for c in ast.walk(fn) if isinstance(c, ast.Call)
+                   and isinstance(c.func, ast.Name) and c.func.id in names)
+    return out
+
+
 def logged_events(root: Path) -> tuple[dict[str, str], list[str]]:
     """Every event name the code under `root` can log, found with `ast`: ({name: file:line},
     [calls whose event name cannot be read]).
 
     A call counts when it is a log method (`.info(...)` ...) or a wrapper: a function that
     passes one of its parameters as the event of a log method or another wrapper (block's
-    `_warn(event, ...)`, the console's `_log_error`), found to a fixed point. The event is the
+    `_warn(event, ...)`, the console's `_log_error`), found to a fixed point; or a log method
+    reached another way: `getattr(log, level)(...)`, or a local name bound to a log method
+    (xenstore's `emit = log.debug if ... else log.warning`). The event is the
     string literal at that position, or both branches of a conditional expression. Anything
     else there (a variable, a call, an f-string that could be a name) is listed as unreadable,
     so a new way of naming events fails the test instead of being skipped.
@@ -292,11 +319,13 @@ def logged_events(root: Path) -> tuple[dict[str, str], list[str]]:
     events: dict[str, str] = {}
     unreadable: list[str] = []
     for path, tree in trees:
+        aliased = _aliased_log_calls(tree)
         for call in ast.walk(tree):
             if not isinstance(call, ast.Call):
                 continue
             name = _callee(call)
-            pos = 0 if name in LOG_METHODS else wrappers.get(name or "", -1)
+            direct = name in LOG_METHODS or id(call) in aliased or _is_log_method(call.func)
+            pos = 0 if direct else wrappers.get(name or "", -1)
             if pos < 0 or len(call.args) <= pos:
                 continue
             where = f"{path.relative_to(root.parent)}:{call.lineno}"
@@ -323,6 +352,8 @@ def test_every_log_event_is_documented() -> None:
     documented = set(re.findall(r"`([a-z0-9_]+)`", (root / "docs" / "logging.md").read_text()))
     assert len(events) > 100, "the scan finds the log calls"
     assert "block_io_error" in events  # through block's _warn wrapper
+    assert "xen_backend_entry_invalid" in events  # through xenstore's emit = log.debug/warning
+    assert "library_log" in events  # through getattr(log, method)
     assert unreadable == [], "log calls whose event name this test cannot read"
     missing = {name: where for name, where in events.items() if name not in documented}
     assert missing == {}, "events missing from docs/logging.md"
@@ -343,7 +374,14 @@ def test_log_event_scan_sees_wrappers_and_conditionals(tmp_path: Path) -> None:
         "        self.log.info('open' if x else 'closed')\n"
         "        name = x.name\n"
         "        self.log.error(name)\n"
-        "        parser.error(f'bad {x}: see --help')\n")
+        "        parser.error(f'bad {x}: see --help')\n"
+        "    def indirect(self, x, level):\n"
+        "        emit = self.log.debug if x else self.log.warning\n"
+        "        emit('via_alias', x=x)\n"
+        "        getattr(self.log, level)('via_getattr')\n"
+        "    def other(self, emit):\n"  # another function's `emit` is none of the scan's business
+        "        emit('not_an_event')\n")
     events, unreadable = logged_events(pkg)
-    assert set(events) == {"via_wrapper", "via_two_wrappers", "open", "closed"}
+    assert set(events) == {"via_wrapper", "via_two_wrappers", "open", "closed", "via_alias",
+                           "via_getattr"}
     assert unreadable == ["pkg/m.py:11 name"]

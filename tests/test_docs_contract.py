@@ -546,3 +546,21 @@ def test_every_documented_log_name_is_in_the_code() -> None:
     assert len(names) > 150, "the scan finds the documented names"
     missing = sorted(n for n in names if "<" not in n and n not in words)
     assert not missing, "docs/logging.md names what vmmiod/ never logs: " + ", ".join(missing)
+
+
+def test_xen_log_events_list_is_complete() -> None:
+    """docs/xen.md's "Log events" names every event the Xen adaptor logs (the restart ones
+    too) and says `dom0_*` for the service, whose events all carry that prefix."""
+    from tests.test_daemon import logged_events
+
+    text = (ROOT / "docs" / "xen.md").read_text()
+    section = text[text.index("\n## Log events"):]
+    section = section[:section.index("\n## ", 5)]
+    listed = set(re.findall(r"`([a-z0-9_]+)`", section))
+    events, unreadable = logged_events(ROOT / "vmmiod" / "hypervisors" / "xen")
+    assert unreadable == [] and "xen_ioreq_server_reattached" in events
+    assert sorted(set(events) - listed) == [], "docs/xen.md, Log events: not listed"
+    assert sorted(listed - set(events)) == [], "docs/xen.md, Log events: not logged there"
+    assert "`dom0_*`" in section
+    dom0 = re.findall(r"log\.[a-z]+\(\s*\"([a-z0-9_]+)\"", (ROOT / "vmmiod" / "dom0.py").read_text())
+    assert dom0 and all(e.startswith("dom0_") for e in dom0), dom0
