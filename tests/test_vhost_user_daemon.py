@@ -163,3 +163,63 @@ def test_sigkill_mid_io_then_restart_reconnects_and_every_request_completes(
     resumed = [e for e in events if e["event"] == "vhost_user_inflight_resumed"]
     assert len(resumed) == 3, "each new daemon resumed from the inflight record"
     print("requests redone after each SIGKILL:", [e["resubmit"] for e in resumed])
+
+
+
+NET_CONFIG = """\
+guest: {name: vu}
+hypervisor: {kind: vhost-user, reconnect: 0.1}
+log: {level: info, stats_interval: 0}
+devices:
+  - type: block
+    id: disk0
+    vhost_user: DISK0
+    path: disk.img
+  - type: net
+    id: net0
+    vhost_user: NET0
+    backend: {kind: dgram, local: "udp:127.0.0.1:0"}
+"""
+
+
+def _offered(tmp: Path, disk0: str, net0: str, get_config_on_net: bool = False) -> dict[str, int]:
+    """GET_PROTOCOL_FEATURES of both devices of `vmmiod run` (NET_CONFIG with these endpoints)."""
+    (tmp / "vu.yaml").write_text(NET_CONFIG.replace("DISK0", disk0).replace("NET0", net0))
+    with open(tmp / "disk.img", "wb") as f:
+        f.truncate(1 << 20)
+    d = Daemon(tmp)
+    offered = {}
+    try:
+        for name in ("disk0", "net0"):
+            fe = FrontEnd(connect(str(tmp / f"{name}.sock"), timeout=30))
+            try:
+                offered[name] = fe.call_u64(w.GET_PROTOCOL_FEATURES)
+                if name == "net0" and get_config_on_net:
+                    fe.negotiate()
+                    fe.send(w.GET_CONFIG, w.CONFIG_HEAD.pack(0, 6, 0) + bytes(6))
+                    assert fe.closed_by_peer()  # CONFIG not negotiated: a violation
+            finally:
+                fe.close()
+        assert d.stop() == 0
+    finally:
+        d.stop(signal.SIGKILL)
+    violations = [e["reason"] for e in d.events()
+                  if e["event"] == "vhost_user_protocol_violation"]
+    assert violations == (["not_negotiated"] if get_config_on_net else []), violations
+    return offered
+
+
+def test_net_does_not_offer_config_block_does(tmp_path: Path) -> None:
+    """QEMU's virtio-net (-netdev vhost-user) keeps the config space itself and QEMU 7.2 warns
+    "vhost-user backend supports VHOST_USER_PROTOCOL_F_CONFIG but QEMU does not" when a net
+    back-end offers it; QEMU's vhost-user-blk refuses a back-end without it."""
+    offered = _offered(tmp_path, "disk0.sock", "net0.sock", get_config_on_net=True)
+    assert offered["disk0"] == w.PROTOCOL_FEATURES
+    assert offered["net0"] == w.PROTOCOL_FEATURES & ~(1 << w.PROTOCOL_F_CONFIG)
+
+
+def test_vhost_user_config_key_overrides_the_device_type(tmp_path: Path) -> None:
+    offered = _offered(tmp_path, "{socket: disk0.sock, config: false}",
+                       "{socket: net0.sock, config: true}")
+    assert offered["disk0"] == w.PROTOCOL_FEATURES & ~(1 << w.PROTOCOL_F_CONFIG)
+    assert offered["net0"] == w.PROTOCOL_FEATURES

@@ -139,7 +139,8 @@ def describe(config: Config) -> str:
         if dev.vhost_user is not None:
             ep = dev.vhost_user
             how = "connects to" if ep.connect else "listens on"
-            lines.append(f"  {dev.id:<10} {dev.type:<8} vhost-user, {how} {ep.path}")
+            cfg = "" if ep.offers_config(dev.type) else ", config space left to the VMM"
+            lines.append(f"  {dev.id:<10} {dev.type:<8} vhost-user, {how} {ep.path}{cfg}")
             lines.append(f"  {'':<10} {'':<8} {_backend(dev)}")
             continue
         if m.auto:

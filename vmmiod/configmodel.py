@@ -85,6 +85,13 @@ NO_WINDOW = MmioConfig(base=None, irq=None)
 class VhostUserSocket:
     path: Path
     connect: bool = False  # False: the daemon listens on `path`; True: it connects to it
+    # Offer VHOST_USER_PROTOCOL_F_CONFIG (GET/SET_CONFIG); None: by device type (offers_config).
+    config: bool | None = None
+
+    def offers_config(self, dev_type: str) -> bool:
+        """`config`, or by type when not given: not for net, whose front-ends (QEMU's virtio-net
+        with -netdev vhost-user, cloud-hypervisor's) keep the config space themselves."""
+        return self.config if self.config is not None else dev_type != "net"
 
 
 @dataclass(frozen=True)

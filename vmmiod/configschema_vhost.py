@@ -16,7 +16,7 @@ Schema = Any
 
 KIND = "vhost-user"
 HYPERVISOR_KEYS = ("socket_mode", "reconnect")
-ENDPOINT_KEYS = ("socket", "connect")
+ENDPOINT_KEYS = ("socket", "connect", "config")
 
 
 def hypervisor(schema: Schema, m: dict[str, Node]) -> c.VhostUserConfig:
@@ -29,7 +29,8 @@ def hypervisor(schema: Schema, m: dict[str, Node]) -> c.VhostUserConfig:
 
 
 def endpoint(schema: Schema, node: Node, path: str) -> c.VhostUserSocket | None:
-    """`vhost_user: PATH` (the daemon listens) or `{socket: PATH, connect: BOOL}`."""
+    """`vhost_user: PATH` (the daemon listens) or `{socket: PATH, connect: BOOL, config: BOOL}`
+    (`config` left out: None, decided by the device type, VhostUserSocket.offers_config)."""
     r = schema.r
     if isinstance(node, ScalarNode) and node.tag == TAG_STR:
         sock = r.path(node, path)
@@ -43,11 +44,12 @@ def endpoint(schema: Schema, node: Node, path: str) -> c.VhostUserSocket | None:
     m = r.mapping(node, path, ENDPOINT_KEYS, required=("socket",))
     if m is None:
         return None
-    kw: dict[str, Any] = schema.fields(m, path, {"socket": r.path, "connect": r.boolean})
+    kw: dict[str, Any] = schema.fields(m, path, {"socket": r.path, "connect": r.boolean,
+                                                 "config": r.boolean})
     if "socket" not in kw:
         return None
     schema.claim("path", str(kw["socket"]), m["socket"], child(path, "socket"))
-    return c.VhostUserSocket(kw["socket"], bool(kw.get("connect", False)))
+    return c.VhostUserSocket(kw["socket"], bool(kw.get("connect", False)), kw.get("config"))
 
 
 def device_transport(schema: Schema, m: dict[str, Node], node: Node,

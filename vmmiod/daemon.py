@@ -198,7 +198,8 @@ class Daemon:
             self.devices.append((dcfg, device))
             if dcfg.vhost_user is not None:  # below the window: the adaptor drives the device
                 self.adaptor.add_device(dcfg.id, device, dcfg.vhost_user.path,
-                                        dcfg.vhost_user.connect)
+                                        dcfg.vhost_user.connect,
+                                        dcfg.vhost_user.offers_config(dcfg.type))
                 continue
             window = window_cls(device, self.adaptor.interrupt_line(irq),
                                 version=dcfg.mmio.version, log=dlog)

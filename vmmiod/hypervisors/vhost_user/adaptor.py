@@ -38,12 +38,13 @@ class Endpoint:
     """One device's socket, its connection (at most one) and that connection's session."""
 
     def __init__(self, adaptor: VhostUserAdaptor, dev_id: str, device: VhostDevice,
-                 path: Path, connect: bool) -> None:
+                 path: Path, connect: bool, offer_config: bool = True) -> None:
         self.adaptor = adaptor
         self.dev_id = dev_id
         self.device = device
         self.path = path
         self.connect = connect
+        self.offer_config = offer_config
         self.log = adaptor.log.bind(device=dev_id, socket=str(path))
         self.counters: dict[str, int] = dict.fromkeys(COUNTERS, 0)
         self.violation_reasons: dict[str, int] = {}  # reason -> count (tests, diagnostics)
@@ -149,7 +150,7 @@ class Endpoint:
         self.sock = sock
         self._buf.clear()
         self._hdr = None
-        self.session = Session(self.device, self, self.log, self.counters)
+        self.session = Session(self.device, self, self.log, self.counters, self.offer_config)
         self._messages_at_attach = self.counters["messages"]
         self.counters["connections"] += 1
         self.loop.add_reader(sock.fileno(), self._on_readable)
@@ -293,16 +294,18 @@ class VhostUserAdaptor(Adaptor):
         hv = config.hypervisor
         self.socket_mode: int = getattr(hv, "socket_mode", 0o600)
         self.reconnect: float = getattr(hv, "reconnect", 1.0)
-        self._specs: list[tuple[str, VhostDevice, Path, bool]] = []
+        self._specs: list[tuple[str, VhostDevice, Path, bool, bool]] = []
         self.endpoints: list[Endpoint] = []
 
-    def add_device(self, dev_id: str, device: VhostDevice, path: Path, connect: bool) -> None:
-        """Before start(): serve `device` on `path` (listening, or connecting when `connect`)."""
-        self._specs.append((dev_id, device, path, connect))
+    def add_device(self, dev_id: str, device: VhostDevice, path: Path, connect: bool,
+                   offer_config: bool = True) -> None:
+        """Before start(): serve `device` on `path` (listening, or connecting when `connect`),
+        offering VHOST_USER_PROTOCOL_F_CONFIG when `offer_config`."""
+        self._specs.append((dev_id, device, path, connect, offer_config))
 
     async def start(self) -> None:
-        for dev_id, device, path, connect in self._specs:
-            ep = Endpoint(self, dev_id, device, path, connect)
+        for dev_id, device, path, connect, offer_config in self._specs:
+            ep = Endpoint(self, dev_id, device, path, connect, offer_config)
             self.endpoints.append(ep)
             ep.open(self.socket_mode)
 

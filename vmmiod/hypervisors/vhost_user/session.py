@@ -49,8 +49,12 @@ class SessionIO(Protocol):
 
 class Session(RingHandlers):
     def __init__(self, device: VhostDevice, io: SessionIO, log: Any,
-                 counters: dict[str, int]) -> None:
+                 counters: dict[str, int], offer_config: bool = True) -> None:
         self.device = device
+        # The protocol features offered: all of wire.PROTOCOL_FEATURES, less CONFIG for a
+        # device whose front-end keeps the config space itself (docs/vhost-user.md).
+        self.protocol_offered = w.PROTOCOL_FEATURES if offer_config \
+            else w.PROTOCOL_FEATURES & ~(1 << w.PROTOCOL_F_CONFIG)
         self.io = io
         self.log = log
         self.counters = counters
@@ -126,14 +130,14 @@ class Session(RingHandlers):
     def _on_get_protocol_features(self, name: str, payload: bytes,
                                   fds: list[int]) -> list[Reply]:
         self._no_payload(name, payload)
-        return [(w.reply_u64(w.GET_PROTOCOL_FEATURES, w.PROTOCOL_FEATURES), [])]
+        return [(w.reply_u64(w.GET_PROTOCOL_FEATURES, self.protocol_offered), [])]
 
     def _on_set_protocol_features(self, name: str, payload: bytes,
                                   fds: list[int]) -> list[Reply]:
         p = w.parse_u64(name, payload)
-        if p & ~w.PROTOCOL_FEATURES:
+        if p & ~self.protocol_offered:
             raise w.MessageError("features_not_offered", f"{name}: bits "
-                                 f"{p & ~w.PROTOCOL_FEATURES:#x} were not offered")
+                                 f"{p & ~self.protocol_offered:#x} were not offered")
         self.protocol = p
         return []
 
