@@ -357,3 +357,38 @@ def test_uring_watchdog_reaps_a_completion_without_wakeup(image: Path) -> None:
         os.close(fd)
         views.clear()
         m.close()
+
+
+def test_uring_direct_ops_reach_the_kernel_before_the_kick(image: Path) -> None:
+    """O_DIRECT reads go to the kernel every SUBMIT_EVERY entries as they are queued (the disk
+    starts while the device parses the rest); buffered ones wait for the kick; either way every
+    op completes once, with its data."""
+    eng, got = _uring_engine()
+    assert isinstance(eng, uring_engine.UringEngine)
+    every = uring_engine.SUBMIT_EVERY
+    try:
+        dfd = os.open(image, os.O_RDONLY | os.O_DIRECT)
+    except OSError:
+        eng.close()
+        pytest.skip("no O_DIRECT on this filesystem")
+    bfd = os.open(image, os.O_RDONLY)
+    m, views = buffers(2 * every + 2, 4096)
+    try:
+        for i in range(every + 1):
+            eng.submit(Op(READ, dfd, [views[i]], i * 4096, 4096, owner=i, direct=True))
+        assert eng.ring.pending() == 1  # the first `every` were submitted at once
+        for i in range(every + 1, 2 * every + 2):
+            eng.submit(Op(READ, bfd, [views[i]], i * 4096, 4096, owner=i))
+        assert eng.ring.pending() == every + 2  # buffered: not before the kick
+        eng.kick()
+        assert eng.ring.pending() == 0
+        assert sorted(op.owner for op in got.ops) == list(range(2 * every + 2))
+        data = image.read_bytes()
+        for i in range(2 * every + 2):
+            assert bytes(views[i]) == data[i * 4096:(i + 1) * 4096]
+    finally:
+        eng.close()
+        os.close(dfd)
+        os.close(bfd)
+        views.clear()
+        m.close()

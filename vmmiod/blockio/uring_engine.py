@@ -7,6 +7,10 @@ completions signal the engine's eventfd (IORING_REGISTER_EVENTFD), which the eve
 one wake-up reaps every completion posted by then. The buffers an entry points at (guest memory,
 the iovec array, a bounce buffer) are held by the Op until its completion is reaped.
 
+Batching has one exception: O_DIRECT reads and writes are handed to the kernel every
+SUBMIT_EVERY entries as they are queued, so that a disk is not left idle while the rest of a
+large notification is parsed (the kick then submits what is left).
+
 The eventfd is not the whole story: a completion the kernel put on its overflow list signals
 nothing (vmmiod/blockio/uring.py). So every reap also looks at IORING_SQ_CQ_OVERFLOW and flushes
 the list, and while completions are owed a watchdog looks at the ring every WATCHDOG_S: a
@@ -32,6 +36,11 @@ REQUIRED_OPS = (uring.IORING_OP_READV, uring.IORING_OP_WRITEV, uring.IORING_OP_F
 DEFAULT_ENTRIES = 256
 CANCEL_ROOM = 64  # CQ entries kept free for cancels' own completions
 WATCHDOG_S = 0.05  # how often the ring is looked at while completions are owed
+# O_DIRECT reads and writes go to the kernel in groups of this many, not only at the kick: the
+# disk works on the first ones while the device parses the rest of the notification. (Buffered
+# ones, which the page cache mostly completes inside io_uring_enter, wait for the kick: one
+# system call per notification.) docs/performance.md has the measurements behind the 4.
+SUBMIT_EVERY = 4
 
 
 class UringEngine(Engine):
@@ -98,7 +107,9 @@ class UringEngine(Engine):
         _pack_sqe(ring.sqes, (tail & ring.sq_mask) * SQE_SIZE,
                   uring.IORING_OP_READ if op.kind == READ else uring.IORING_OP_WRITE,
                   0, 0, op.fd, op.offset, uring.buffer_address(v), len(v), 0, tag, 0, 0, 0, 0, 0)
-        ring._tail = (tail + 1) & 0xFFFFFFFF
+        ring._tail = tail = (tail + 1) & 0xFFFFFFFF
+        if op.direct and (tail - ring._submitted) & 0xFFFFFFFF >= SUBMIT_EVERY:
+            ring.submit()  # the disk starts on these while the rest of the batch is parsed
 
     def _collect(self) -> int:
         n = self._reap()
