@@ -19,8 +19,7 @@ Usage: build.py [--cache DIR]
 from __future__ import annotations
 
 import argparse
-import contextlib
-import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -29,12 +28,16 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "xen"))
+sys.path.insert(1, str(HERE.parent))
 import images  # the Xen stage's generic helpers: rootfs, .deb, modules, cpio
+import stagecache
+from stagecache import cache_lock  # shared by the e2e stages, with default_cache
+
+default_cache = functools.partial(stagecache.default_cache, "VMMIOD_VU_CACHE", "vhost-user")
 
 VERSION = 2  # bump when the assembly changes in a way the stamp cannot see
 HOST_TOOLS = {  # command -> Debian package providing it on the host
@@ -80,7 +83,6 @@ sync
 poweroff -f
 """
 STEP_TIMEOUT = 900
-LOCK_WAIT = 1800
 T0 = time.monotonic()
 
 
@@ -269,32 +271,6 @@ class Build:
         stamp.write_text(key)
         log(f"images built: initramfs {size >> 20} MiB, kernel {kver}")
         return self.out
-
-
-@contextlib.contextmanager
-def cache_lock(cache: Path) -> Iterator[None]:
-    """One build or run at a time per cache: two would overwrite each other's files."""
-    cache.mkdir(parents=True, exist_ok=True)
-    with open(cache / ".lock", "w") as f:
-        deadline = time.monotonic() + LOCK_WAIT
-        announced = False
-        while True:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if not announced:
-                    log(f"waiting for another vhost-user e2e build or run using {cache}")
-                    announced = True
-                if time.monotonic() > deadline:
-                    raise SystemExit(f"vu-e2e: {cache} stayed locked for {LOCK_WAIT}s") from None
-                time.sleep(1)
-        yield
-
-
-def default_cache() -> Path:
-    env = os.environ.get("VMMIOD_VU_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "vmmiod" / "vhost-user"
 
 
 def main() -> int:

@@ -20,8 +20,7 @@ Usage: build.py [--suite SUITE] [--refresh]   (--refresh re-reads the package li
 from __future__ import annotations
 
 import argparse
-import contextlib
-import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -30,12 +29,16 @@ import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(1, str(Path(__file__).resolve().parent.parent))
 import aptdeb
 import images
+import stagecache
+from stagecache import cache_lock
+
+default_cache = functools.partial(stagecache.default_cache, "VMMIOD_E2E_CACHE", "e2e")
 
 HOST_TOOLS = {  # command -> Debian package providing it on the host
     "qemu-system-aarch64": "qemu-system-arm",
@@ -221,35 +224,6 @@ class Build:
         (self.out / "manifest.json").write_text(json.dumps(manifest, indent=1))
         stamp.write_text(key)
         log(f"images built: dom0.cpio {(self.out / 'dom0.cpio').stat().st_size >> 20} MiB")
-
-
-LOCK_WAIT = 1800  # seconds to wait for another build or run using the same cache
-
-
-@contextlib.contextmanager
-def cache_lock(cache: Path) -> Iterator[None]:
-    """One build or run at a time per cache: two would overwrite each other's files."""
-    cache.mkdir(parents=True, exist_ok=True)
-    with open(cache / ".lock", "w") as f:
-        deadline = time.monotonic() + LOCK_WAIT
-        announced = False
-        while True:
-            try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if not announced:
-                    log(f"waiting for another e2e build or run using {cache}")
-                    announced = True
-                if time.monotonic() > deadline:
-                    raise SystemExit(f"e2e: {cache} stayed locked for {LOCK_WAIT}s") from None
-                time.sleep(1)
-        yield
-
-
-def default_cache() -> Path:
-    env = os.environ.get("VMMIOD_E2E_CACHE")
-    return Path(env) if env else Path.home() / ".cache" / "vmmiod" / "e2e"
 
 
 def main() -> int:

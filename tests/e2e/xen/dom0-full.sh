@@ -15,88 +15,19 @@
 #   xl_shutdown     `xl shutdown -w web2`: the guest powers off, its instance exits 0
 #   xl_destroy      `xl destroy e2e`: must take under 3 s and report nothing
 #   service_stop    SIGTERM to the service: exit 0
-# xl 4.17 only knows virtio *disks*, so e2e's config declares one per window and its YAML says
-# what each window is (the guest binds its driver by the DeviceID register):
+# The e2e guest's windows (dom0-guest.sh; xl 4.17 knows only virtio disks):
 #   xvda -> 0x2000000 irq 33: block, read-write   xvdb -> 0x2000200 irq 34: block, read-only
 #   xvdc -> 0x2000400 irq 35: net                  xvdd -> 0x2000600 irq 36: console
-# libxl stats each disk's target (a regular file or block device), so the net and console
-# windows name empty placeholder files: only vmmiod's YAML says what a window serves.
-# The images live in dom0's RAM, as on a local disk: not on the 9p share, whose zero-copy reads
-# and writes cannot pin foreign-mapped guest pages (EFAULT). They go back to /out at the end.
-IMG_RW=/tmp/disk-rw.img
+. "$E2E/dom0-guest.sh"
 IMG_RO=/tmp/disk-ro.img
-CON_SOCK=/run/vmmiod/e2e-console.sock
-PORT_SOCK=/run/vmmiod/e2e-port.sock
-WINDOWS_DIR=/run/vmmiod/e2e-windows
-mkdir -p /run/vmmiod $WINDOWS_DIR /etc/vmmiod
 cp /out/disk-ro.img "$IMG_RO"
-truncate -s "$((DISK_RW_MIB * 1048576))" "$IMG_RW"
-: > $WINDOWS_DIR/net0
-: > $WINDOWS_DIR/con0
-# A crash in native code (ctypes) then leaves a Python traceback in the daemon's log.
-export PYTHONFAULTHANDLER=1
-
-cat > /etc/vmmiod/$GUEST.yaml <<YAML
-# vmmiod configuration for the e2e guest, as a user would write it.
-guest:
-  name: $GUEST
-hypervisor:
-  kind: xen
-  domain_wait: 120
-log:
-  level: info
-  format: json
-  stats_interval: 0
-devices:
-  - id: disk0
-    type: block
-    mmio: auto
-    path: $IMG_RW
-  - id: disk1
-    type: block
-    mmio: auto
-    path: $IMG_RO
-    readonly: true
-  - id: net0
-    type: net
-    mmio: auto
-    mac: "$NET_MAC"
-    backend:
-      kind: tap
-      ifname: $TAP_IF
-  - id: con0
-    type: console
-    mmio: auto
-    ports:
-      - name: console
-        backend:
-          kind: socket
-          path: $CON_SOCK
-      - name: $CONSOLE_PORT
-        backend:
-          kind: socket
-          path: $PORT_SOCK
-YAML
+e2e_yaml "$IMG_RO" > /etc/vmmiod/$GUEST.yaml
 cp /etc/vmmiod/$GUEST.yaml /out/guest.yaml
-
-VD="backendtype=standalone, specification=virtio, format=raw"
-cat > /tmp/guest.cfg <<CFG
-name = "$GUEST"
-kernel = "/e2e/vmlinuz"
-ramdisk = "/tmp/domU.cpio"
-extra = "console=hvc0 rdinit=/init e2e.mode=full e2e.dom0ip=$DOM0_IP e2e.ip=$DOMU_IP e2e.token=$TOKEN e2e.port=$CONSOLE_PORT e2e.netbytes=$NET_BYTES"
-memory = $DOMU_MEM
-vcpus = 2
-on_poweroff = "destroy"
-on_reboot = "restart"
-on_crash = "destroy"
-disk = [ "$VD, vdev=xvda, access=rw, target=$IMG_RW",
-         "$VD, vdev=xvdb, access=ro, target=$IMG_RO",
-         "$VD, vdev=xvdc, access=rw, target=$WINDOWS_DIR/net0",
-         "$VD, vdev=xvdd, access=rw, target=$WINDOWS_DIR/con0" ]
-CFG
+guest_cfg "$GUEST" "$DOMU_MEM" 2 restart "$(e2e_args full "e2e.netbytes=$NET_BYTES")" \
+    "vdev=xvda, access=rw, target=$IMG_RW" "vdev=xvdb, access=ro, target=$IMG_RO" \
+    "vdev=xvdc, access=rw, target=$WINDOWS_DIR/net0" \
+    "vdev=xvdd, access=rw, target=$WINDOWS_DIR/con0" > /tmp/guest.cfg
 cp /tmp/guest.cfg /out/guest.cfg
-
 
 # -- the second guest (explicit windows), the one without a YAML, the mismatched one -------------
 cp /out/disk-ro.img /tmp/web2-ro.img
@@ -137,27 +68,12 @@ devices:
     path: /tmp/stranger.img
 YAML
 cp /etc/vmmiod/web2.yaml /etc/vmmiod/bad.yaml /out/
-small_cfg() {  # NAME MEMORY MODE DISKS...
-    _name=$1 _mem=$2 _mode=$3; shift 3
-    _disks=""
-    for _d in "$@"; do _disks="$_disks${_disks:+, }\"$VD, $_d\""; done
-    cat <<CFG
-name = "$_name"
-kernel = "/e2e/vmlinuz"
-ramdisk = "/tmp/domU.cpio"
-extra = "console=hvc0 rdinit=/init e2e.mode=$_mode"
-memory = $_mem
-vcpus = 1
-on_poweroff = "destroy"
-on_reboot = "restart"
-on_crash = "destroy"
-disk = [ $_disks ]
-CFG
-}
-small_cfg web2 128 light "vdev=xvda, access=ro, target=/tmp/web2-ro.img" \
+guest_cfg web2 128 1 restart e2e.mode=light "vdev=xvda, access=ro, target=/tmp/web2-ro.img" \
     "vdev=xvdb, access=rw, target=/tmp/web2-rw.img" > /tmp/web2.cfg
-small_cfg stranger 64 light "vdev=xvda, access=rw, target=/tmp/stranger.img" > /tmp/stranger.cfg
-small_cfg bad 64 light "vdev=xvda, access=rw, target=/tmp/stranger.img" > /tmp/bad.cfg
+guest_cfg stranger 64 1 restart e2e.mode=light "vdev=xvda, access=rw, target=/tmp/stranger.img" \
+    > /tmp/stranger.cfg
+guest_cfg bad 64 1 restart e2e.mode=light "vdev=xvda, access=rw, target=/tmp/stranger.img" \
+    > /tmp/bad.cfg
 cp /tmp/web2.cfg /tmp/stranger.cfg /tmp/bad.cfg /out/
 
 T0=$(cut -d' ' -f1 /proc/uptime)
@@ -183,16 +99,8 @@ step() {
 service_says() { grep -q "$1" /out/dom0-service.log; }
 domid_of() { xl domid "$1" 2>/dev/null; }
 log_of() { cat "$CONSOLE_LOG_DIR/guest-$1.log" 2>/dev/null; }
-address_tap() {
-    wait_for 30 "tap" ip link show "$TAP_IF" || { result "tap_present=0"; return 1; }
-    ip addr add "$DOM0_IP/24" dev "$TAP_IF" 2>/dev/null
-    ip link set "$TAP_IF" up
-    result "tap_present=1"
-}
 
-python3 "$E2E/dom0_peer.py" --token "$TOKEN" --send /out/net-down.bin --out /out/peer.txt \
-    --console "console=$CON_SOCK" --console "$CONSOLE_PORT=$PORT_SOCK" --lifetime 900 &
-PEER_PID=$!
+start_peer
 # Snapshots of vmmiod's counters around the guest's network phases (domU-netperf.sh).
 python3 "$E2E/dom0_netperf.py" --out /out/netperf.jsonl --tap "$TAP_IF" --lifetime 900 &
 NETPERF_PID=$!

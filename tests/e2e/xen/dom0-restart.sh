@@ -5,73 +5,17 @@
 #   phase C: SIGTERM (what `systemctl restart` sends) while the guest writes
 # After each, the next instance is started the way systemd would, and must take the IOREQ server
 # and the devices over (xen_ioreq_server_reattached, state_resumed). The guest reports on hvc0;
-# test_xen_restart.py judges. Windows (xl 4.17 knows only virtio disks, see dom0-full.sh):
+# test_xen_restart.py judges. Windows (dom0-guest.sh; xl 4.17 knows only virtio disks):
 #   xvda -> 0x2000000 block   xvdb -> 0x2000200 net   xvdc -> 0x2000400 console
-IMG_RW=/tmp/disk-rw.img
-CON_SOCK=/run/vmmiod/e2e-console.sock
-PORT_SOCK=/run/vmmiod/e2e-port.sock
-WINDOWS_DIR=/run/vmmiod/e2e-windows
-mkdir -p /run/vmmiod $WINDOWS_DIR
-truncate -s "$((DISK_RW_MIB * 1048576))" "$IMG_RW"
-: > $WINDOWS_DIR/net0
-: > $WINDOWS_DIR/con0
-export PYTHONFAULTHANDLER=1
-
-cat > /tmp/guest.yaml <<YAML
-guest:
-  name: $GUEST
-hypervisor:
-  kind: xen
-  domain_wait: 120
-log:
-  level: info
-  format: json
-  stats_interval: 0
-devices:
-  - id: disk0
-    type: block
-    mmio: auto
-    path: $IMG_RW
-  - id: net0
-    type: net
-    mmio: auto
-    mac: "$NET_MAC"
-    backend:
-      kind: tap
-      ifname: $TAP_IF
-  - id: con0
-    type: console
-    mmio: auto
-    ports:
-      - name: console
-        backend:
-          kind: socket
-          path: $CON_SOCK
-      - name: $CONSOLE_PORT
-        backend:
-          kind: socket
-          path: $PORT_SOCK
-YAML
+. "$E2E/dom0-guest.sh"
+e2e_yaml > /tmp/guest.yaml
 cp /tmp/guest.yaml /out/guest.yaml
-
 # watchdog_thresh=60: under TCG the next instance needs ~30 s to start (Python imports), a vCPU
 # waiting that long in its IOREQ trips Linux's soft-lockup detector (20 s by default) although
 # nothing is wrong; on hardware the pause is a fraction of a second (docs/restart.md).
-VD="backendtype=standalone, specification=virtio, format=raw"
-cat > /tmp/guest.cfg <<CFG
-name = "$GUEST"
-kernel = "/e2e/vmlinuz"
-ramdisk = "/tmp/domU.cpio"
-extra = "console=hvc0 rdinit=/init watchdog_thresh=60 e2e.mode=restart e2e.dom0ip=$DOM0_IP e2e.ip=$DOMU_IP e2e.token=$TOKEN e2e.port=$CONSOLE_PORT"
-memory = $DOMU_MEM
-vcpus = 2
-on_poweroff = "destroy"
-on_reboot = "destroy"
-on_crash = "destroy"
-disk = [ "$VD, vdev=xvda, access=rw, target=$IMG_RW",
-         "$VD, vdev=xvdb, access=rw, target=$WINDOWS_DIR/net0",
-         "$VD, vdev=xvdc, access=rw, target=$WINDOWS_DIR/con0" ]
-CFG
+guest_cfg "$GUEST" "$DOMU_MEM" 2 destroy "watchdog_thresh=60 $(e2e_args restart)" \
+    "vdev=xvda, access=rw, target=$IMG_RW" "vdev=xvdb, access=rw, target=$WINDOWS_DIR/net0" \
+    "vdev=xvdc, access=rw, target=$WINDOWS_DIR/con0" > /tmp/guest.cfg
 cp /tmp/guest.cfg /out/guest.cfg
 
 python3 -m compileall -q /tmp/src/vmmiod > /out/compileall.txt 2>&1
@@ -97,11 +41,6 @@ wait_exit() {
     WAIT_RC=$?
     kill "$_guard" 2>/dev/null
 }
-address_tap() {
-    wait_for 30 "tap" ip link show "$TAP_IF" || { result "tap_present=0"; return 1; }
-    ip addr add "$DOM0_IP/24" dev "$TAP_IF" 2>/dev/null
-    ip link set "$TAP_IF" up
-}
 # restart SIGNAL PHASE: stop the running instance with SIGNAL, start the next, wait for it.
 restart() {
     T_STOP=$(cut -d' ' -f1 /proc/uptime)
@@ -114,9 +53,7 @@ restart() {
     address_tap
 }
 
-python3 "$E2E/dom0_peer.py" --token "$TOKEN" --send /out/net-down.bin --out /out/peer.txt \
-    --console "console=$CON_SOCK" --console "$CONSOLE_PORT=$PORT_SOCK" --lifetime 900 &
-PEER_PID=$!
+start_peer
 
 start_vmmiod
 # The daemon up and waiting for the domain before xl starts its 10 s wait for InitWait.

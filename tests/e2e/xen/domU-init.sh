@@ -28,13 +28,41 @@ report_devices() {
             features=$(cat "$d/features")
     done
 }
+# What the full and restart workloads share: their drivers, and the consoles' ping.
+VIRTIO_MODULES="virtio_mmio virtio_blk failover net_failover virtio_net virtio_console"
+load_modules() { for m in "$@"; do modprobe "$m" || R module name=$m ok=0; done; }
+# find_consoles: $hvc, the virtio console's port 0 (the hvc that is not Xen's own hvc0), and
+# $port, the named port (e2e.port), each empty when absent.
+find_consoles() {
+    port=""
+    for p in /sys/class/virtio-ports/*; do
+        [ "$(cat "$p/name" 2>/dev/null)" = "$(arg e2e.port)" ] && port=/dev/$(basename "$p")
+    done
+    hvc=""
+    for t in /sys/class/tty/hvc*; do
+        n=$(basename "$t")
+        [ "$n" != hvc0 ] && [ -c "/dev/$n" ] && grep -q . "/sys/class/tty/$n/dev" && hvc=/dev/$n && break
+    done
+}
+console_ping() {  # DEVICE TAG SECONDS: dom0_peer.py answers "E2E-PING <token> TAG" with a PONG
+    dev=$1
+    if [ ! -c "$dev" ]; then R console tag=$2 dev=$dev present=0; return; fi
+    exec 3<>"$dev"
+    case "$dev" in /dev/hvc*) stty -F "$dev" raw -echo 2>/dev/null ;; esac
+    echo "E2E-PING $(arg e2e.token) $2" >&3
+    reply=""
+    read -t "$3" reply <&3
+    exec 3>&-
+    reply=$(echo "$reply" | tr -d '\r')
+    R console tag=$2 dev=$dev present=1 reply_ok=$([ "$reply" = "E2E-PONG $(arg e2e.token) $2" ] && echo 1 || echo 0)
+}
 MODE=$(arg e2e.mode)
 R boot mode=$MODE kernel=$(uname -r) uptime=$(cut -d' ' -f1 /proc/uptime)
 if [ "$MODE" = full ]; then
     . /e2e-workload.sh
 elif [ "$MODE" = light ]; then
     # A second guest at the same time: two explicit windows, both block devices.
-    for m in virtio_mmio virtio_blk; do modprobe "$m" || R module name=$m ok=0; done
+    load_modules virtio_mmio virtio_blk
     sleep 1
     report_devices
     ro=$(dd if=/dev/vda bs=1048576 2>/dev/null | sha256sum | cut -d' ' -f1)

@@ -4,11 +4,8 @@
 # next vmmiod instance.
 DOM0IP=$(arg e2e.dom0ip)
 IP=$(arg e2e.ip)
-TOKEN=$(arg e2e.token)
 MiB=1048576
-for m in virtio_mmio virtio_blk failover net_failover virtio_net virtio_console; do
-    modprobe "$m" || R module name=$m ok=0
-done
+load_modules $VIRTIO_MODULES
 sleep 1
 ip link set eth0 up
 ip addr add "$IP/24" dev eth0 2>/dev/null
@@ -31,19 +28,6 @@ io_phase() {  # $1: phase. 48 MiB at 4 MiB into vda, one O_DIRECT write per MiB,
     R restart_io phase=$1 done write_rc=$wrc written=$w read=$r pause_seconds=$max seconds=$(awk "BEGIN{print $(now)-$t_start}")
     rm -f /tmp/pat
 }
-console_ping() {  # $1: device, $2: tag (dom0_peer.py answers)
-    dev=$1
-    if [ ! -c "$dev" ]; then R console tag=$2 dev=$dev present=0; return; fi
-    exec 3<>"$dev"
-    case "$dev" in /dev/hvc*) stty -F "$dev" raw -echo 2>/dev/null ;; esac
-    echo "E2E-PING $TOKEN $2" >&3
-    reply=""
-    read -t 60 reply <&3
-    exec 3>&-
-    reply=$(echo "$reply" | tr -d '\r')
-    R console tag=$2 dev=$dev present=1 reply_ok=$([ "$reply" = "E2E-PONG $TOKEN $2" ] && echo 1 || echo 0)
-}
-
 io_phase A
 
 R restart_idle phase=B idle
@@ -54,17 +38,9 @@ dd if=/tmp/one of=/dev/vda bs=$MiB seek=60 oflag=direct conv=notrunc,fsync 2>/de
 wrc=$?
 ok=$([ "$(dd if=/dev/vda bs=$MiB skip=60 count=1 iflag=direct 2>/dev/null | sha256sum)" = "$(sha256sum < /tmp/one)" ] && echo 1 || echo 0)
 R restart_idle phase=B disk write_rc=$wrc read_ok=$ok pause_seconds=$(awk "BEGIN{print $(now)-$t0}")
-port=""
-for p in /sys/class/virtio-ports/*; do
-    [ "$(cat "$p/name" 2>/dev/null)" = "$(arg e2e.port)" ] && port=/dev/$(basename "$p")
-done
-hvc=""
-for t in /sys/class/tty/hvc*; do
-    n=$(basename "$t")
-    [ "$n" != hvc0 ] && [ -c "/dev/$n" ] && grep -q . "/sys/class/tty/$n/dev" && hvc=/dev/$n && break
-done
-console_ping "${hvc:-/dev/hvc1}" p0-afterB
-console_ping "${port:-/dev/vport0p1}" named-afterB
+find_consoles
+console_ping "${hvc:-/dev/hvc1}" p0-afterB 60
+console_ping "${port:-/dev/vport0p1}" named-afterB 60
 ping -c 3 -W 10 "$DOM0IP" > /tmp/ping.log 2>&1
 R restart_idle phase=B net rc=$? received=$(sed -n 's/.* \([0-9]*\) packets received.*/\1/p' /tmp/ping.log)
 

@@ -4,13 +4,10 @@
 DOM0IP=$(arg e2e.dom0ip)
 IP=$(arg e2e.ip)
 TOKEN=$(arg e2e.token)
-PORTNAME=$(arg e2e.port)
 NETBYTES=$(arg e2e.netbytes)
 MiB=1048576
 
-for m in virtio_mmio virtio_blk failover net_failover virtio_net virtio_console; do
-    modprobe "$m" || R module name=$m ok=0
-done
+load_modules $VIRTIO_MODULES
 modprobe ext4
 sleep 1  # let the drivers' probe finish (virtio_net registers eth0 asynchronously)
 
@@ -124,30 +121,10 @@ net_workload boot$BOOT $([ "$BOOT" = 1 ] && echo "$NETBYTES" || echo $((NETBYTES
 [ "$BOOT" = 1 ] && [ -f /e2e-netperf.sh ] && . /e2e-netperf.sh
 
 # -- console: port 0 (an hvc console next to Xen's hvc0) and the named port ---------------------
-console_ping() {  # $1: device, $2: tag
-    dev=$1
-    if [ ! -c "$dev" ]; then R console tag=$2 dev=$dev present=0; return; fi
-    exec 3<>"$dev"
-    case "$dev" in /dev/hvc*) stty -F "$dev" raw -echo 2>/dev/null ;; esac
-    echo "E2E-PING $TOKEN $2" >&3
-    reply=""
-    read -t 30 reply <&3
-    exec 3>&-
-    reply=$(echo "$reply" | tr -d '\r')
-    R console tag=$2 dev=$dev present=1 reply_ok=$([ "$reply" = "E2E-PONG $TOKEN $2" ] && echo 1 || echo 0)
-}
-port=""
-for p in /sys/class/virtio-ports/*; do
-    [ "$(cat "$p/name" 2>/dev/null)" = "$PORTNAME" ] && port=/dev/$(basename "$p")
-done
+find_consoles
 R console_ports named=${port:-none} hvc=$(ls /dev/hvc* 2>/dev/null | tr '\n' ',')
-hvc=""
-for t in /sys/class/tty/hvc*; do  # the virtio console is the hvc that is not Xen's (hvc0)
-    n=$(basename "$t")
-    [ "$n" != hvc0 ] && [ -c "/dev/$n" ] && grep -q . "/sys/class/tty/$n/dev" && hvc=/dev/$n && break
-done
-console_ping "${hvc:-/dev/hvc1}" p0-boot$BOOT
-console_ping "${port:-/dev/vport0p1}" named-boot$BOOT
+console_ping "${hvc:-/dev/hvc1}" p0-boot$BOOT 30
+console_ping "${port:-/dev/vport0p1}" named-boot$BOOT 30
 
 # -- device reset and re-probe without a reboot: unbind and rebind every virtio-mmio window ------
 if [ "$BOOT" = 1 ]; then

@@ -11,18 +11,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.e2e.xen.runresults import guest_lines, results_dir
+
 pytestmark = pytest.mark.e2e
-HERE = Path(__file__).resolve().parent
 MiB = 1 << 20
 SECTOR = 512
 VIRTIO_ID_NET, VIRTIO_ID_BLOCK, VIRTIO_ID_CONSOLE = 1, 2, 3
@@ -44,14 +43,7 @@ BAD_EVENTS = {"guest_protocol_violation", "device_needs_reset", "ioreq_unhandled
 
 
 def _results_dir() -> Path | None:
-    if os.environ.get("VMMIOD_E2E_RESULTS"):
-        return Path(os.environ["VMMIOD_E2E_RESULTS"])
-    if os.environ.get("VMMIOD_E2E") == "1":
-        cache = Path(os.environ.get("VMMIOD_E2E_CACHE", Path.home() / ".cache/vmmiod/e2e"))
-        results = cache / "results"
-        subprocess.run([sys.executable, str(HERE / "run"), "--results", str(results)], check=False)
-        return results
-    return None
+    return results_dir("VMMIOD_E2E_RESULTS", "results")
 
 
 class Run:
@@ -62,13 +54,7 @@ class Run:
         self.params: dict[str, Any] = json.loads((d / "params.json").read_text())
         self.dom0 = self._kv_lines(d / "dom0-results.txt")
         self.peer = self._kv_lines(d / "peer.txt")
-        console = d / "guest-e2e.log"
-        self.guest: list[tuple[str, dict[str, str]]] = []
-        if console.exists():
-            for line in console.read_text(errors="replace").splitlines():
-                m = re.search(r"E2E-R (\S+)(.*)", line)
-                if m:
-                    self.guest.append((m.group(1), dict(re.findall(r"(\S+?)=(\S*)", m.group(2)))))
+        self.guest = guest_lines(d / "guest-e2e.log")[0]
 
     @staticmethod
     def _kv_lines(path: Path) -> list[dict[str, str]]:

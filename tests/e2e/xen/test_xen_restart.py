@@ -9,17 +9,14 @@ Otherwise they are skipped. Each test prints the guest's pause, measured on its 
 from __future__ import annotations
 
 import json
-import os
-import re
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.e2e.xen.runresults import guest_lines, results_dir
+
 pytestmark = pytest.mark.e2e
-HERE = Path(__file__).resolve().parent
 BAD_EVENTS = {"guest_protocol_violation", "device_needs_reset", "state_record_refused",
               "state_record_unavailable", "xen_server_reattach_failed", "startup_failed",
               "stop_timeout", "stop_step_failed"}
@@ -29,17 +26,7 @@ class RestartRun:
     def __init__(self, d: Path) -> None:
         self.dir = d
         self.params: dict[str, Any] = json.loads((d / "params.json").read_text())
-        self.guest: list[tuple[str, dict[str, str]]] = []
-        self.kernel: list[str] = []
-        console = d / "guest-e2e.log"
-        if console.exists():
-            for line in console.read_text(errors="replace").splitlines():
-                m = re.search(r"E2E-R (\S+)(.*)", line)
-                if m:
-                    self.guest.append((m.group(1), dict(re.findall(r"(\S+?)=(\S*)", m.group(2)))))
-                k = re.search(r"E2E-K (.*)", line)
-                if k:
-                    self.kernel.append(k.group(1))
+        self.guest, self.kernel = guest_lines(d / "guest-e2e.log")
         results = d / "dom0-results.txt"
         self.dom0 = results.read_text().splitlines() if results.exists() else []
 
@@ -63,15 +50,7 @@ class RestartRun:
 
 
 def _results_dir() -> Path | None:
-    if os.environ.get("VMMIOD_E2E_RESTART_RESULTS"):
-        return Path(os.environ["VMMIOD_E2E_RESTART_RESULTS"])
-    if os.environ.get("VMMIOD_E2E") == "1":
-        cache = Path(os.environ.get("VMMIOD_E2E_CACHE", Path.home() / ".cache/vmmiod/e2e"))
-        results = cache / "results-restart"
-        subprocess.run([sys.executable, str(HERE / "run"), "--mode", "restart", "--results",
-                        str(results)], check=False)
-        return results
-    return None
+    return results_dir("VMMIOD_E2E_RESTART_RESULTS", "results-restart", "--mode", "restart")
 
 
 @pytest.fixture(scope="module")
