@@ -27,6 +27,7 @@ SECTOR = 512
 VIRTIO_ID_NET, VIRTIO_ID_BLOCK, VIRTIO_ID_CONSOLE = 1, 2, 3
 # ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK: the driver accepted the device.
 STATUS_LIVE = 0x1 | 0x2 | 0x8 | 0x4
+LIBXL_DESTROY_TIMEOUT = 10  # seconds libxl waits for a backend's Closed (libxl_internal.h)
 # Windows in the order the guest config declares its disks (xvda..xvdd) and what vmmiod serves.
 WINDOWS = {"2000000.virtio": (VIRTIO_ID_BLOCK, "virtio_blk"),
            "2000200.virtio": (VIRTIO_ID_BLOCK, "virtio_blk"),
@@ -359,9 +360,21 @@ def test_xl_destroy(run: Run) -> None:
     step = run.step("xl_destroy")
     assert step["rc"] == "0"
     _xl_clean(run, "xl_destroy")
-    # libxl waits up to 10 s for each device's Closed; the instance answers at once.
-    assert float(step["seconds"]) < 3, step
-    exited = run.service_events("dom0_guest_exited", domid=run.domid("e2e", 3))
+    # The product's part (docs/xen.md): every window's Closing (5) is answered with Closed (6)
+    # by the serving instance while libxl waits, before the domain is gone (not by stop()).
+    domid = run.domid("e2e", 3)
+    records = run.instance("e2e", domid)
+    events = [r.get("event") for r in records]
+    assert "xen_domain_gone" in events, events
+    before_gone = records[:events.index("xen_domain_gone")]
+    closed = {r["path"] for r in before_gone
+              if r.get("event") == "xen_backend_state" and r.get("state") == 6}
+    assert len(closed) == len(WINDOWS), closed
+    # Without those answers libxl waits out LIBXL_DESTROY_TIMEOUT (10 s) for the devices, so
+    # the whole `xl destroy` stays below it. Not a tighter figure: the rest of its time is
+    # xl's own start and the domain's teardown under TCG (1-2.2 s on a loaded host, docs/e2e.md).
+    assert float(step["seconds"]) < LIBXL_DESTROY_TIMEOUT, step
+    exited = run.service_events("dom0_guest_exited", domid=domid)
     assert exited and exited[0]["exit_code"] == 0
 
 
