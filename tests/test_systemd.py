@@ -126,6 +126,7 @@ def test_unit_file_settings() -> None:
     assert s["PrivateTmp"] == ["yes"]
     assert s["CapabilityBoundingSet"] == ["CAP_NET_ADMIN CAP_IPC_LOCK"]
     assert "char-misc rw" in s["DeviceAllow"]  # /dev/xen/* and /dev/net/tun
+    assert s["MemoryDenyWriteExecute"] == ["yes"]  # tests/hardening/test_mdwe.py
 
 
 @pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze here")
@@ -152,7 +153,8 @@ def test_dom0_unit_file_settings() -> None:
     assert s["Before"] == ["xendomains.service"]
     template = unit_settings(UNIT)
     for key in ("CapabilityBoundingSet", "ProtectSystem", "DevicePolicy", "DeviceAllow",
-                "NoNewPrivileges", "PrivateTmp", "RestrictAddressFamilies"):
+                "NoNewPrivileges", "PrivateTmp", "RestrictAddressFamilies",
+                "MemoryDenyWriteExecute"):
         assert s[key] == template[key], key  # the same hardening as the per-guest template
 
 
