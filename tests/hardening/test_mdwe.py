@@ -14,11 +14,9 @@ from pathlib import Path
 import pytest
 
 from tests.hardening.daemon_guest import write_guest
-from tests.hardening.test_privilege import start
-from vmmiod.sim.block import VIRTIO_BLK_S_OK, VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, BlockDriver
-from vmmiod.sim.harness import BLOCK_BASE, GuestFiles
+from tests.hardening.test_privilege import serves, start
+from vmmiod.sim.harness import GuestFiles
 from vmmiod.sim.net import udp_peer
-from vmmiod.sim.vmm import SimVmm
 
 MDWE = Path(__file__).with_name("mdwe.py")
 MODES = ("kernel", "seccomp")
@@ -73,14 +71,7 @@ def test_daemon_serves_under_mdwe(mode: str, tmp_path: Path) -> None:
         if mode == "seccomp":
             with open(f"/proc/{d.pid}/status") as f:
                 assert "Seccomp:\t2" in f.read()  # the filter is on the daemon itself
-        with SimVmm() as vmm:
-            server = vmm.connect(files.socket)
-            assert len(server.windows) == 3
-            (w,) = [w for w in server.windows if w.base == BLOCK_BASE]
-            blk = BlockDriver(vmm, w)
-            blk.start()
-            assert blk.request(VIRTIO_BLK_T_OUT, 0, b"m" * 4096).status == VIRTIO_BLK_S_OK
-            assert blk.request(VIRTIO_BLK_T_IN, 0, length=4096).data == b"m" * 4096
+        serves(files)
         assert d.stop() == 0
     finally:
         d.kill()

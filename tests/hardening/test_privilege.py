@@ -74,6 +74,18 @@ def cap_eff(pid: int) -> int:
         return int(next(line for line in f if line.startswith("CapEff:")).split()[1], 16)
 
 
+def serves(files: GuestFiles) -> None:
+    """A VMM connects and finds the three windows; a block write reads back."""
+    with SimVmm() as vmm:
+        server = vmm.connect(files.socket)
+        assert len(server.windows) == 3
+        (w,) = [w for w in server.windows if w.base == BLOCK_BASE]
+        blk = BlockDriver(vmm, w)
+        blk.start()
+        assert blk.request(VIRTIO_BLK_T_OUT, 0, b"c" * 4096).status == VIRTIO_BLK_S_OK
+        assert blk.request(VIRTIO_BLK_T_IN, 0, length=4096).data == b"c" * 4096
+
+
 def test_daemon_serves_with_the_units_capabilities_and_holds_no_more(tmp_path: Path) -> None:
     files = GuestFiles(tmp_path)
     image = tmp_path / "disk.img"
@@ -84,14 +96,7 @@ def test_daemon_serves_with_the_units_capabilities_and_holds_no_more(tmp_path: P
     d = start(files, setpriv(UNIT_CAPS))
     try:
         assert cap_eff(d.pid) == (1 << CAP_NET_ADMIN) | (1 << CAP_IPC_LOCK)
-        with SimVmm() as vmm:
-            server = vmm.connect(files.socket)
-            assert len(server.windows) == 3
-            (w,) = [w for w in server.windows if w.base == BLOCK_BASE]
-            blk = BlockDriver(vmm, w)
-            blk.start()
-            assert blk.request(VIRTIO_BLK_T_OUT, 0, b"c" * 4096).status == VIRTIO_BLK_S_OK
-            assert blk.request(VIRTIO_BLK_T_IN, 0, length=4096).data == b"c" * 4096
+        serves(files)
         assert d.stop() == 0
     finally:
         d.kill()
