@@ -221,3 +221,28 @@ class _Adaptor(XenAdaptor):
     def __init__(self, config: Any, bus: Any, log: Any) -> None:
         super().__init__(config, bus, log, loader=self.fake.loader, dev_dir=self.dev,
                          machine="x86_64", run_dir=os.path.join(self.dev, "run"))
+
+
+def test_domain_gone_during_preparation_is_a_finished_guest(dev_dir: str) -> None:  # noqa: F811
+    """The domain dies between its resolution and the first dm_op (which then fails with
+    ESRCH): a guest that finished, not a platform problem (69)."""
+    fake = FakeXen()
+    fake.add_domain(DOMID, "web")
+    fake.add_backend("virtio_disk", DOMID, 51712, "33554432", 33)
+    probe = fake.ns.xendevicemodel_nr_vcpus
+
+    def dying(*args: Any) -> Any:
+        fake.destroy_domain(DOMID)
+        return probe(*args)
+
+    fake.ns.xendevicemodel_nr_vcpus = dying
+    a = adaptor(make_config([("blk", None, None)], domid=DOMID, name="web", domain_wait=5),
+                fake, dev_dir)
+    with pytest.raises(GuestGone) as info:
+        asyncio.run(a.prepare())
+    assert "went away" in str(info.value) and "dm_op" in str(info.value)
+    alive = FakeXen()  # the same failure with the domain still there stays a platform problem
+    alive.add_domain(DOMID, "web")
+    alive.dm_errno = 3  # ESRCH from a hypervisor that still lists the domain
+    exc = prepare_fails(adaptor(make_config([], domid=DOMID, name="web"), alive, dev_dir))
+    assert exc.exit_code == 69 and "dm_op on domain" in str(exc)

@@ -87,6 +87,15 @@ class XenAdaptor(Adaptor):
         self.domid = await domain.resolve_domid(self.xs, self.config.guest,
                                                 self.xen.domain_wait, self.log)
         self.log = self.log.bind(domid=self.domid)
+        try:
+            await self._prepare_domain(loop)
+        except PlatformUnavailable as exc:  # a dm_op on a domain that died meanwhile fails too
+            domain.check_still_there(self.xs, self.domid, self.config.guest.name, self.log,
+                                     cause=str(exc))
+            raise
+
+    async def _prepare_domain(self, loop: asyncio.AbstractEventLoop) -> None:
+        assert self.xs is not None
         self._open_handles()
         assert self.dm is not None
         self._nr_vcpus = probe_dm_op(self.dm, self.domid)
@@ -130,8 +139,8 @@ class XenAdaptor(Adaptor):
                 raise BackendMismatch(str(exc)) from None
             if done:
                 break
-            domain.check_still_there(self.xs, self.domid, self.config.guest.name,
-                                     self.backends.missing_ids(), self.log)
+            domain.check_still_there(self.xs, self.domid, self.config.guest.name, self.log,
+                                     missing=self.backends.missing_ids())
             if self.xen.require_entries:
                 self._serve_early()
             if time.monotonic() >= deadline:

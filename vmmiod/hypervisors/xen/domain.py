@@ -47,16 +47,21 @@ async def resolve_domid(xs: XenStore, guest: GuestConfig, wait: float, log: Any)
         await asyncio.sleep(POLL_INTERVAL)
 
 
-def check_still_there(xs: XenStore, domid: int, name: str, missing: list[str], log: Any) -> None:
-    """While waiting for the toolstack's entries: a resolved domain that is no longer introduced
-    died (libxl failed to build it, `xl destroy` during creation) and will never get them.
-    Raises GuestGone (the instance then ends with 0, as for a guest that finished). The release
-    watch is not registered yet, and would only say "look again" anyway."""
+def check_still_there(xs: XenStore, domid: int, name: str, log: Any, *,
+                      missing: list[str] | None = None, cause: str | None = None) -> None:
+    """Before serving: a resolved domain that is no longer introduced died (libxl failed to
+    build it, `xl destroy` during creation) and will never be served: raises GuestGone (the
+    instance then ends with 0, as for a guest that finished). Called while waiting for the
+    toolstack's entries (`missing`: the devices still without one; the release watch is not
+    registered yet, and would only say "look again"), and when preparing failed (`cause`: a
+    dm_op on a dead domain fails too, which is then no platform problem)."""
     try:
         if xs.domain_introduced(domid):
             return
     except XenStoreError:
         return
-    log.info("xen_domain_gone", domid=domid, served=False, missing=missing)
-    raise GuestGone(f"domain {domid} ({name}) went away before the toolstack declared its "
-                    "virtio devices: nothing to serve")
+    log.info("xen_domain_gone", domid=domid, served=False, missing=missing or [], cause=cause)
+    detail = (f" (the toolstack had declared no virtio device for {', '.join(missing)} yet)"
+              if missing else f" ({cause})" if cause else "")
+    raise GuestGone(f"domain {domid} ({name}) went away before it was served{detail}: "
+                    "nothing to serve")
