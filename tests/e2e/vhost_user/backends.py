@@ -16,6 +16,8 @@ from pathlib import Path
 from typing import Any, Self
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+KILL_WATCH = 30.0  # seconds the kill waits for requests in flight before it kills anyway
+INFLIGHT_NAME = "/memfd:vmmiod-inflight"  # vmmiod's inflight records, as QEMU's fds show them
 START_WAIT = 120  # seconds for a backend's sockets to appear (Python under a loaded host)
 STOP_WAIT = 15
 
@@ -96,6 +98,49 @@ class Proc:
         self.history[-1].update(ended=time.monotonic(), rc=rc, how=how)
 
 
+def inflight_counts(fds: list[int]) -> list[int]:
+    """Heads marked in flight in each of vmmiod's inflight records (docs/vhost-user.md,
+    "Inflight I/O and restarts": per queue a 16-byte head whose desc_num is the u16 at 10, then
+    desc_num 16-byte entries whose first byte is the mark, the queue's part rounded up to 64)."""
+    counts = []
+    for fd in fds:
+        buf = os.pread(fd, 1 << 20, 0)
+        n = pos = 0
+        while pos + 16 <= len(buf):
+            desc_num = int.from_bytes(buf[pos + 10:pos + 12], "little")
+            if desc_num == 0:  # a queue never started
+                break
+            n += sum(1 for b in buf[pos + 16:pos + 16 + 16 * desc_num:16] if b)
+            pos += (16 + 16 * desc_num + 63) // 64 * 64
+        counts.append(n)
+    return counts
+
+
+def watch_inflight(qemu_pid: int, limit: float) -> tuple[int | None, float]:
+    """Wait (bounded) until one of vmmiod's inflight records, found among QEMU's fds, marks a
+    request in flight; (requests seen in flight or None when none was seen, seconds waited)."""
+    fds: list[int] = []
+    start = time.monotonic()
+    try:
+        for entry in Path(f"/proc/{qemu_pid}/fd").iterdir():
+            try:
+                if os.readlink(entry).startswith(INFLIGHT_NAME):
+                    fds.append(os.open(entry, os.O_RDONLY))
+            except OSError:
+                continue
+        while fds and time.monotonic() - start < limit:
+            seen = max(inflight_counts(fds))
+            if seen:
+                return seen, time.monotonic() - start
+            time.sleep(0.0005)
+        return None, time.monotonic() - start
+    except OSError:
+        return None, time.monotonic() - start
+    finally:
+        for fd in fds:
+            os.close(fd)
+
+
 def qsd_command(exports: list[tuple[str, Path, Path]]) -> list[str]:
     """qemu-storage-daemon serving (id, image, socket) as vhost-user-blk exports."""
     cmd = ["qemu-storage-daemon"]
@@ -157,6 +202,7 @@ class Stack:
         self.events: list[dict[str, Any]] = []
         self.lock = threading.Lock()
         self.bench = bench
+        self.qemu_pid: int | None = None  # set by the guest once QEMU runs (the kill's watch)
 
     def sock(self, name: str) -> Path:
         return self.sockdir / f"{name}.sock"
@@ -222,10 +268,17 @@ class Stack:
             s[f"t_{edge}"] = time.monotonic()
 
     def kill_and_restart(self) -> None:
+        """SIGKILL the backend under test, at a moment its inflight records show requests it
+        popped and has not completed (vmmiod: watched for up to KILL_WATCH s through the memfds
+        QEMU keeps), and start it again KILL_DOWN s later."""
         dut = self.procs["dut"]
+        seen, waited = None, 0.0
+        if self.dut_kind == "vmmiod" and self.qemu_pid is not None:
+            seen, waited = watch_inflight(self.qemu_pid, KILL_WATCH)
         t = time.monotonic()
         dut.kill9()
-        self.event("killed", pid=dut.history[-1]["pid"])
+        self.event("killed", pid=dut.history[-1]["pid"], inflight_seen=seen,
+                   watched_seconds=round(waited, 3))
         time.sleep(float(self.params["KILL_DOWN"]))
         # QEMU reconnects by itself (reconnect=1); the sockets are not awaited here.
         dut.start(self.results / "dut-2.log", wait_sockets=False)

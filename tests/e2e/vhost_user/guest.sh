@@ -111,8 +111,10 @@ EOF
 done
 
 # -- reconnect: the backend under test is SIGKILLed during fio and started again ---------------
+# Queue depth 32: the host kills vmmiod when its inflight record shows requests popped and not
+# completed (backends.watch_inflight), so the restarted instance has requests to redo.
 if [ "$KILL" = 1 ] && [ -b "$VERIFY" ]; then
-    fio --name=kill --filename="$VERIFY" --direct=1 --ioengine=libaio --iodepth=8 \
+    fio --name=kill --filename="$VERIFY" --direct=1 --ioengine=libaio --iodepth=32 \
         --rw=randwrite --bs=4k --size="${KILL_MIB}M" --verify=crc32c --do_verify=1 \
         --verify_fatal=1 --output-format=json --output=/out/fio-kill.json &
     pid=$!

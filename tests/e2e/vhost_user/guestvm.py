@@ -126,6 +126,7 @@ class Guest:
         with open(self.results / "qemu.log", "wb") as err:
             proc = subprocess.Popen(self.cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                     stderr=err, start_new_session=True)
+        self.stack.qemu_pid = proc.pid  # `ip netns exec` execs QEMU: the same pid
 
         def pump() -> None:
             assert proc.stdout is not None

@@ -252,6 +252,35 @@ def test_vmmiod_restarted_instance_resumed_every_ring(run: Run) -> None:
     print("resubmitted after the restart:", {d: e.get("resubmit") for d, e in resumed.items()})
 
 
+def test_vmmiod_restarted_instance_redid_the_requests_in_flight(run: Run) -> None:
+    """The kill landed while the guest's fio (queue depth 32) had requests in vmmiod (the host
+    saw them marked in the inflight record), the second instance redid them, and fio's crc32c
+    verify of every block passed (test_backend_sigkilled_during_fio_guest_continues)."""
+    if run.info["dut"] != "vmmiod":
+        pytest.skip(f"the backend under test was {run.info['dut']} ({run.info['dut_reason']})")
+    killed = run.events[0]
+    assert killed["event"] == "killed" and killed.get("inflight_seen"), killed
+    resumed = [e for e in _events(run.dir / "dut-2.log")
+               if e.get("event") == "vhost_user_inflight_resumed" and e.get("device") == "verify"]
+    assert resumed and resumed[0]["resubmit"] > 0, resumed
+    print(f"in flight at the kill: {killed['inflight_seen']} (seen after "
+          f"{killed['watched_seconds']} s); redone by the second instance: "
+          f"{resumed[0]['resubmit']}")
+    assert run.result("kill") == {"fio_rc": "0", "error": "0"}
+    job = run.fio("fio-kill.json")
+    assert job["read"]["total_ios"] == run.params["KILL_MIB"] * 256  # every block verified
+
+
+def _events(log: Path) -> list[dict[str, Any]]:
+    out = []
+    for line in log.read_text(errors="replace").splitlines():
+        try:
+            out.append(json.loads(line))
+        except ValueError:
+            continue
+    return out
+
+
 def test_side_by_side_figures(run: Run) -> None:
     figures = run.json("bench.json")
     for be in run.info["bench_backends"]:
