@@ -17,6 +17,9 @@ from typing import Any, Self
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 KILL_WATCH = 30.0  # seconds the kill waits for requests in flight before it kills anyway
+KILL_ATTEMPTS = 3  # kills at most, until a restarted vmmiod redid requests (kill_and_restart)
+KILL_DEVICE = "verify"  # the disk the guest's fio writes during the kill
+RESUME_WAIT = 60.0  # seconds for a restarted vmmiod to resume that disk's ring
 INFLIGHT_NAME = "/memfd:vmmiod-inflight"  # vmmiod's inflight records, as QEMU's fds show them
 START_WAIT = 120  # seconds for a backend's sockets to appear (Python under a loaded host)
 STOP_WAIT = 15
@@ -116,9 +119,26 @@ def inflight_counts(fds: list[int]) -> list[int]:
     return counts
 
 
-def watch_inflight(qemu_pid: int, limit: float) -> tuple[int | None, float]:
-    """Wait (bounded) until one of vmmiod's inflight records, found among QEMU's fds, marks a
-    request in flight; (requests seen in flight or None when none was seen, seconds waited)."""
+def _stopped(pid: int, limit: float = 2.0) -> bool:
+    """Wait (bounded) until `pid` is in state T (stopped by SIGSTOP)."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            return False
+        if stat[stat.rindex(")") + 2] in "tT":
+            return True
+        time.sleep(0.0002)
+    return False
+
+
+def freeze_with_inflight(qemu_pid: int, pid: int, limit: float) -> tuple[int | None, float]:
+    """Wait (bounded) for a moment when process `pid` (vmmiod) holds requests in flight, and
+    leave it stopped then: watch its inflight records (found among QEMU's fds), SIGSTOP it when
+    one marks a request, and keep it stopped only if the record still marks one once it is
+    stopped (a stopped process cannot complete it); otherwise SIGCONT and watch on. Returns
+    (requests marked in flight, seconds watched); None: none seen, `pid` left running."""
     fds: list[int] = []
     start = time.monotonic()
     try:
@@ -129,9 +149,12 @@ def watch_inflight(qemu_pid: int, limit: float) -> tuple[int | None, float]:
             except OSError:
                 continue
         while fds and time.monotonic() - start < limit:
-            seen = max(inflight_counts(fds))
-            if seen:
-                return seen, time.monotonic() - start
+            if max(inflight_counts(fds)):
+                os.kill(pid, signal.SIGSTOP)
+                seen = max(inflight_counts(fds)) if _stopped(pid) else 0
+                if seen:
+                    return seen, time.monotonic() - start
+                os.kill(pid, signal.SIGCONT)
             time.sleep(0.0005)
         return None, time.monotonic() - start
     except OSError:
@@ -139,6 +162,26 @@ def watch_inflight(qemu_pid: int, limit: float) -> tuple[int | None, float]:
     finally:
         for fd in fds:
             os.close(fd)
+
+
+def resubmitted(log: Path, device: str, limit: float) -> int | None:
+    """The `resubmit` of `device`'s first vhost_user_inflight_resumed in vmmiod's JSON log,
+    waited for (bounded); None when it did not come."""
+    deadline = time.monotonic() + limit
+    while time.monotonic() < deadline:
+        try:
+            lines = log.read_text(errors="replace").splitlines()
+        except OSError:
+            lines = []
+        for line in lines:
+            try:
+                e = json.loads(line)
+            except ValueError:
+                continue
+            if e.get("event") == "vhost_user_inflight_resumed" and e.get("device") == device:
+                return int(e.get("resubmit", 0))
+        time.sleep(0.2)
+    return None
 
 
 def qsd_command(exports: list[tuple[str, Path, Path]]) -> list[str]:
@@ -268,21 +311,32 @@ class Stack:
             s[f"t_{edge}"] = time.monotonic()
 
     def kill_and_restart(self) -> None:
-        """SIGKILL the backend under test, at a moment its inflight records show requests it
-        popped and has not completed (vmmiod: watched for up to KILL_WATCH s through the memfds
-        QEMU keeps), and start it again KILL_DOWN s later."""
+        """SIGKILL the backend under test and start it again KILL_DOWN s later. vmmiod is
+        killed at a moment its inflight record marks requests in flight (freeze_with_inflight:
+        stopped, checked, killed), and again (at most KILL_ATTEMPTS times, only while requests
+        are seen in flight) until a restarted instance reports the KILL_DEVICE ring's requests
+        redone: a kill right after a completion was published leaves nothing to redo."""
         dut = self.procs["dut"]
-        seen, waited = None, 0.0
-        if self.dut_kind == "vmmiod" and self.qemu_pid is not None:
-            seen, waited = watch_inflight(self.qemu_pid, KILL_WATCH)
-        t = time.monotonic()
-        dut.kill9()
-        self.event("killed", pid=dut.history[-1]["pid"], inflight_seen=seen,
-                   watched_seconds=round(waited, 3))
-        time.sleep(float(self.params["KILL_DOWN"]))
-        # QEMU reconnects by itself (reconnect=1); the sockets are not awaited here.
-        dut.start(self.results / "dut-2.log", wait_sockets=False)
-        self.event("restarted", pid=dut.pid, down_seconds=round(time.monotonic() - t, 2))
+        for attempt in range(1, KILL_ATTEMPTS + 1):
+            seen, waited = None, 0.0
+            if self.dut_kind == "vmmiod" and self.qemu_pid is not None and dut.pid is not None:
+                seen, waited = freeze_with_inflight(self.qemu_pid, dut.pid, KILL_WATCH)
+                if seen is None and attempt > 1:
+                    break  # the guest's fio is over: nothing left to catch in flight
+            t = time.monotonic()
+            dut.kill9()
+            self.event("killed", pid=dut.history[-1]["pid"], attempt=attempt,
+                       inflight_seen=seen, watched_seconds=round(waited, 3))
+            time.sleep(float(self.params["KILL_DOWN"]))
+            # QEMU reconnects by itself (reconnect=1); the sockets are not awaited here.
+            log = self.results / f"dut-{attempt + 1}.log"
+            dut.start(log, wait_sockets=False)
+            redone = resubmitted(log, KILL_DEVICE, RESUME_WAIT) \
+                if self.dut_kind == "vmmiod" else None
+            self.event("restarted", pid=dut.pid, down_seconds=round(time.monotonic() - t, 2),
+                       resubmit=redone)
+            if redone or self.dut_kind != "vmmiod" or seen is None:
+                break
 
     def event(self, what: str, **kw: Any) -> None:
         with self.lock:
