@@ -141,6 +141,7 @@ def freeze_with_inflight(qemu_pid: int, pid: int, limit: float) -> tuple[int | N
     (requests marked in flight, seconds watched); None: none seen, `pid` left running."""
     fds: list[int] = []
     start = time.monotonic()
+    stopped = False
     try:
         for entry in Path(f"/proc/{qemu_pid}/fd").iterdir():
             try:
@@ -151,15 +152,23 @@ def freeze_with_inflight(qemu_pid: int, pid: int, limit: float) -> tuple[int | N
         while fds and time.monotonic() - start < limit:
             if max(inflight_counts(fds)):
                 os.kill(pid, signal.SIGSTOP)
+                stopped = True
                 seen = max(inflight_counts(fds)) if _stopped(pid) else 0
                 if seen:
+                    stopped = False  # left stopped on purpose: the caller kills it
                     return seen, time.monotonic() - start
                 os.kill(pid, signal.SIGCONT)
+                stopped = False
             time.sleep(0.0005)
         return None, time.monotonic() - start
     except OSError:
         return None, time.monotonic() - start
     finally:
+        if stopped:  # never leave it stopped by accident: the guest would wait forever
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except OSError:
+                pass
         for fd in fds:
             os.close(fd)
 
