@@ -255,8 +255,13 @@ def run(quick: bool = False, profile: bool = False, stack: bool = True) -> dict[
 def main(argv: list[str] | None = None) -> int:
     from vmmiod.bench import block_disk, block_stall
     argv = sys.argv[1:] if argv is None else argv
+    load0, start = os.getloadavg(), time.strftime("%H:%M:%S UTC", time.gmtime())
     results = run(quick="--quick" in argv, profile="--profile" in argv,
                   stack="--no-stack" not in argv)
+    load1 = os.getloadavg()
+    # The host may be shared: the load says how much of the CPU the figures had.
+    print(f"run from {start}, load average (1/5/15 min) at start "
+          f"{'/'.join(f'{x:.2f}' for x in load0)}, at end {'/'.join(f'{x:.2f}' for x in load1)}")
     print("\n".join(block_disk.report(results["disk"], ENGINES)))
     print()
     print("\n".join(block_stall.report(results["stall"])))
