@@ -278,6 +278,7 @@ def _uring_engine() -> tuple[Engine, Collector]:
         pytest.skip("io_uring is not available on this machine")
     got = Collector()
     eng, _ = open_engine("io_uring", got)
+    eng.nowait = False  # the ring's own paths: no buffered read is answered inline
     return eng, got
 
 
@@ -392,3 +393,85 @@ def test_uring_direct_ops_reach_the_kernel_before_the_kick(image: Path) -> None:
         os.close(bfd)
         views.clear()
         m.close()
+
+
+@pytest.mark.parametrize("name", ["io_uring", "threads"])
+def test_cached_buffered_read_is_answered_inline(name: str, image: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A buffered read the page cache holds in full is done at submit (preadv2 RWF_NOWAIT): no
+    SQE, no worker, delivered with the batch at the kick. One the cache cannot answer at once
+    (EAGAIN, a short count) takes the engine's usual path from the start; a kernel without
+    RWF_NOWAIT (EOPNOTSUPP) is not asked again. Either way the data is the file's."""
+    if name == "io_uring" and not uring_available():
+        pytest.skip("io_uring is not available on this machine")
+    from vmmiod.blockio import inline
+    got = Collector()
+    eng, _ = open_engine(name, got)
+    fd = os.open(image, os.O_RDWR)
+    data = image.read_bytes()  # (and the file is in the page cache: it was just written)
+    m, views = buffers(4, 4096)
+    answers: list[int] = []  # for the inline attempts: a byte count, or -errno
+    real = os.preadv
+
+    def preadv(fd: int, bufs: list[memoryview], offset: int, flags: int = 0) -> int:
+        if flags and answers:  # the inline attempt, answered as the test says
+            a = answers.pop(0)
+            if a < 0:
+                raise OSError(-a, os.strerror(-a))
+            return int(real(fd, [bufs[0][:a]], offset))  # a short count
+        return int(real(fd, bufs, offset, flags))
+
+    monkeypatch.setattr(inline.os, "preadv", preadv)
+    try:
+        eng.submit(Op(READ, fd, [views[0]], 4096, 4096, owner=0))
+        assert eng.in_flight == 0 and eng.inline_reads == 1  # done, before any kick
+        if isinstance(eng, uring_engine.UringEngine):
+            assert eng.ring.pending() == 0
+        answers[:] = [-errno.EAGAIN, 1024]  # not cached at once; then only part of it
+        eng.submit(Op(READ, fd, [views[1]], 8192, 4096, owner=1))
+        eng.submit(Op(READ, fd, [views[2]], 12288, 4096, owner=2))
+        assert eng.inline_reads == 1 and eng.nowait
+        answers[:] = [-errno.EOPNOTSUPP]
+        eng.submit(Op(READ, fd, [views[3]], 16384, 4096, owner=3))
+        assert not eng.nowait  # not asked again
+        eng.kick()
+        assert sorted((op.owner, op.result) for op in got.ops) == [(i, 4096) for i in range(4)]
+        for i in range(4):
+            assert bytes(views[i]) == data[4096 * (i + 1):4096 * (i + 2)]
+        assert eng.inline_reads == 1
+    finally:
+        eng.close()
+        os.close(fd)
+        views.clear()
+        m.close()
+
+
+def test_read_behind_a_barrier_is_not_answered_inline(engine: tuple[Engine, Collector],
+                                                      image: Path) -> None:
+    """FLUSH's ordering holds for inline reads too: a read submitted after a barrier that is
+    still waiting starts only after it, even when the page cache could answer it at once."""
+    eng, got = engine
+    fd = os.open(image, os.O_RDWR)
+    release = threading.Event()
+    m, views = buffers(1, 4096)
+
+    async def main() -> None:
+        eng.attach(asyncio.get_running_loop())
+        eng.submit(Op(CALL, owner="slow", fn=lambda: release.wait(10)))
+        eng.submit(Op(FSYNC, fd, owner="flush", barrier=True, mode=1))
+        eng.submit(Op(READ, fd, views, 0, 4096, owner="read"))
+        eng.kick()
+        for _ in range(5):
+            await asyncio.sleep(0.01)
+        assert got.ops == [] and eng.inline_reads == 0
+        release.set()
+        while len(got.ops) < 3:
+            await asyncio.sleep(0.001)
+        eng.detach()
+
+    asyncio.run(main())
+    assert [op.owner for op in got.ops] == ["slow", "flush", "read"]
+    assert bytes(views[0]) == image.read_bytes()[:4096]
+    os.close(fd)
+    views.clear()
+    m.close()

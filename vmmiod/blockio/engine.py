@@ -129,6 +129,8 @@ class Engine:
     name = "engine"
     overflow_flushes = 0  # io_uring: completions found on the kernel's CQ overflow list
     missed_wakeups = 0  # io_uring: completions found by the watchdog, without a wake-up
+    nowait = True  # buffered reads are tried inline first (io_uring, threads: blockio/inline.py)
+    inline_reads = 0  # reads the page cache answered in full, inline
 
     def __init__(self, handler: Handler, threads: int = 1) -> None:
         self._handler = handler
@@ -222,7 +224,6 @@ class Engine:
     def _collect(self) -> int:
         """Process every raw result available now (ring and helper threads); returns how many."""
         raw = self._raw
-        self._poll(raw)
         results = self._results
         while results:
             raw.append(results.popleft())
@@ -368,11 +369,8 @@ class Engine:
 
     # -- what an engine provides ----------------------------------------------------------------
     def _start(self, op: Op) -> None:
-        """Begin (or continue) `op`; its result arrives through `_poll` or the threads."""
+        """Begin (or continue) `op`; its result arrives through `_collect` (ring, threads)."""
         self._to_thread(op)
-
-    def _poll(self, out: list[tuple[Op, int]]) -> None:
-        """Append results the engine has besides the helper threads'."""
 
     def _flush(self) -> None:
         """Hand queued work to the kernel."""

@@ -3,15 +3,16 @@
 `ThreadEngine` is the fallback where io_uring is missing or refused (an old kernel,
 `kernel.io_uring_disabled`, a seccomp filter): a small pool of threads doing preadv/pwritev, so
 many requests are in flight at once; each result comes back to the loop through the engine's
-eventfd. `SyncEngine` is the behaviour vmmiod had before the engines: reads and writes run
-inline on the event loop at submission (about 1 us from the page cache, but a cold read or a
-slow disk stalls everything else), and only fdatasync, fallocate and calls go to one thread, in
-submission order.
+eventfd (a buffered read the page cache answers in full is done inline: vmmiod/blockio/inline.py).
+`SyncEngine` is the behaviour vmmiod had before the engines: reads and writes run inline on the
+event loop at submission (about 1 us from the page cache, but a cold read or a slow disk stalls
+everything else), and only fdatasync, fallocate and calls go to one thread, in submission order.
 """
 
 from __future__ import annotations
 
 from vmmiod.blockio.engine import WRITE, Engine, Handler, Op, run_blocking
+from vmmiod.blockio.inline import read_inline
 
 DEFAULT_THREADS = 16
 
@@ -21,6 +22,12 @@ class ThreadEngine(Engine):
 
     def __init__(self, handler: Handler, threads: int = DEFAULT_THREADS) -> None:
         super().__init__(handler, threads=max(1, threads))
+
+    def submit(self, op: Op) -> None:
+        """A buffered read the page cache answers in full is done inline (blockio/inline.py):
+        no queue, no GIL hand-off to a worker, no eventfd wake-up."""
+        if not read_inline(self, op):
+            super().submit(op)
 
 
 class SyncEngine(Engine):

@@ -28,6 +28,7 @@ import os
 from vmmiod import barrier
 from vmmiod.blockio import uring
 from vmmiod.blockio.engine import FALLOCATE, FSYNC, READ, WRITE, Engine, Handler, Op
+from vmmiod.blockio.inline import read_inline
 from vmmiod.blockio.uring import CQE_SIZE, SQE_SIZE, U32, Ring, UringUnavailable
 
 _pack_sqe = uring.SQE.pack_into
@@ -86,7 +87,10 @@ class UringEngine(Engine):
     # -- the hot path: one plain read or write, one buffer -----------------------------------
     def submit(self, op: Op) -> None:
         """A read or write of one buffer goes straight to an SQE (one pack_into); everything
-        else (ordering, iovecs, a full ring, helper-thread work) takes the general path."""
+        else (ordering, iovecs, a full ring, helper-thread work) takes the general path. A
+        buffered read the page cache answers in full is done inline first (blockio/inline.py)."""
+        if read_inline(self, op):
+            return
         ring = self.ring
         views = op.views
         tail = ring._tail

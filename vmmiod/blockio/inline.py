@@ -1,0 +1,47 @@
+"""Buffered reads the page cache can answer at once, done inline (io_uring and thread engines).
+
+A buffered read whose data is all in the page cache costs one copy; handing it to io_uring
+(an SQE, io_uring_enter, a CQE to reap) or to a worker thread (a queue, a GIL hand-off, an
+eventfd wake-up) costs several times that in Python. So before either, a buffered read is tried
+with preadv2(RWF_NOWAIT): the kernel copies what is cached and never waits for the disk (a page
+that is missing or locked makes it return EAGAIN or a short count). Only a read that got all of
+its bytes is finished here (delivered with the batch, at the engine's kick); anything else goes
+on the engine's usual path from the start, as if never tried (a read is idempotent). io_uring
+makes the same non-blocking attempt inside io_uring_enter; this one skips the ring around it.
+
+Not for O_DIRECT reads (they always go to the disk), nor for an op that must wait behind a
+barrier (FLUSH ordering stays the engine's). A kernel or filesystem without RWF_NOWAIT answers
+EOPNOTSUPP once and is not asked again.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+
+from vmmiod.blockio.engine import READ, Engine, Op
+
+RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
+
+
+def read_inline(engine: Engine, op: Op) -> bool:
+    """True when `op` was a buffered read the page cache answered in full: it is then finished
+    (in the engine's done list, never in flight). False: the caller submits it as usual."""
+    if (op.kind != READ or op.direct or op.barrier or not engine.nowait or engine._blocked
+            or engine._barrier_active):
+        return False
+    try:
+        res = os.preadv(op.fd, op.views, op.offset, RWF_NOWAIT)
+    except OSError as exc:
+        if exc.errno == errno.EOPNOTSUPP:
+            engine.nowait = False
+        return False
+    except (TypeError, ValueError):  # a buffer preadv refuses: the usual path decides
+        return False
+    if res != op.length:
+        return False
+    op.result = res
+    op.views = []  # no reference to the caller's memory outlives the op
+    engine._done.append(op)
+    engine.inline_reads += 1
+    return True
