@@ -2,7 +2,7 @@
 #
 # The service is started exactly as README.md's systemd unit starts it (`vmmiod dom0 --log-format
 # json`, here `python3 -m vmmiod dom0 ...` since this dom0 has no systemd and no installed
-# script: the same entry point), before any guest exists, with the YAMLs in /etc/vmmiod. From
+# script: the same entry point; under the unit's MemoryDenyWriteExecute=yes), before any guest exists, with the YAMLs in /etc/vmmiod. From
 # then on only xl is used, each step a named result line ("step name=... rc=... seconds=..."):
 #   create_e2e      xl create (no -p) of "e2e": four windows from xenstore (mmio: auto)
 #   create_web2     xl create of "web2" while e2e runs: two explicit windows (two guests at once)
@@ -108,10 +108,10 @@ NETPERF_PID=$!
 # -- the service, as systemd's vmmiod-dom0.service runs it ----------------------------------------
 say "starting the dom0 service"
 T0=$(cut -d' ' -f1 /proc/uptime)
-python3 -m vmmiod dom0 --log-format json > /out/dom0-service.log 2>&1 &
+as_unit python3 -m vmmiod dom0 --log-format json > /out/dom0-service.log 2>&1 &
 SERVICE_PID=$!
 wait_for 120 "service" service_says '"dom0_started"' || fail "the dom0 service did not start"
-result "service_started=1 seconds=$(since $T0) pid=$SERVICE_PID"
+result "service_started=1 seconds=$(since $T0) pid=$SERVICE_PID seccomp=$(seccomp_of $SERVICE_PID)"
 
 step create_e2e xl create /tmp/guest.cfg || fail "xl create e2e (no -p)"
 result "domid name=e2e boot=1 domid=$(domid_of e2e)"

@@ -26,12 +26,14 @@ VMMIOD_STARTS=0
 start_vmmiod() {
     VMMIOD_STARTS=$((VMMIOD_STARTS + 1))
     VMMIOD_LOG=/out/vmmiod-restart-$VMMIOD_STARTS.log
-    python3 -m vmmiod run /tmp/guest.yaml > "$VMMIOD_LOG" 2>&1 &
+    as_unit python3 -m vmmiod run /tmp/guest.yaml > "$VMMIOD_LOG" 2>&1 &
     VMMIOD_PID=$!
     VMMIOD_T0=$(cut -d' ' -f1 /proc/uptime)
     say "vmmiod instance $VMMIOD_STARTS started, pid $VMMIOD_PID"
 }
 vmmiod_ready() { grep -q '"event": *"daemon_ready"' "$VMMIOD_LOG"; }
+# Once the instance logs (past mdwe.py's exec): how it runs.
+instance_result() { result "instance n=$VMMIOD_STARTS seccomp=$(seccomp_of $VMMIOD_PID)"; }
 # wait_exit SECONDS: reap the running instance (kill -9 after SECONDS); its status in WAIT_RC.
 # (kill -0 cannot tell: an exited child stays a zombie until it is waited for.)
 wait_exit() {
@@ -49,6 +51,7 @@ restart() {
     STOP_RC=$WAIT_RC
     start_vmmiod
     wait_for 120 "vmmiod $VMMIOD_STARTS ready" vmmiod_ready || fail "vmmiod $VMMIOD_STARTS not ready"
+    instance_result
     result "restart phase=$2 signal=$1 exit=$STOP_RC ready_seconds=$(since $VMMIOD_T0) stop_to_ready_seconds=$(since $T_STOP)"
     address_tap
 }
@@ -58,6 +61,7 @@ start_peer
 start_vmmiod
 # The daemon up and waiting for the domain before xl starts its 10 s wait for InitWait.
 wait_for 120 "vmmiod up" grep -q xen_domain_waiting "$VMMIOD_LOG" || fail "vmmiod did not start"
+instance_result
 timeout 90 xl create -p /tmp/guest.cfg > /out/xl-create.log 2>&1 || fail "xl create -p"
 wait_for 90 "vmmiod ready" vmmiod_ready || fail "vmmiod not ready"
 result "vmmiod_ready=1 domid=$(xl domid $GUEST)"

@@ -108,6 +108,15 @@ def test_guest_kernel_logged_no_virtio_error_or_soft_lockup(run: RestartRun) -> 
     run.find("restart")  # "restart done": the guest got to the end
 
 
+def test_every_instance_ran_under_mdwe(run: RestartRun) -> None:
+    """Each instance ran as the template unit runs it: MemoryDenyWriteExecute=yes, which
+    Debian 12's systemd applies as a seccomp filter (Seccomp: 2)."""
+    lines = [dict(w.split("=", 1) for w in x.split()[1:]) for x in run.dom0
+             if x.startswith("instance ")]
+    assert [x["n"] for x in lines] == ["1", "2", "3", "4"], run.dom0
+    assert all(x["seccomp"] == "2" for x in lines), lines
+
+
 def test_every_instance_took_the_server_and_devices_over(run: RestartRun) -> None:
     for n in (2, 3, 4):
         events = run.instance(n)
