@@ -108,7 +108,7 @@ NETPERF_PID=$!
 # -- the service, as systemd's vmmiod-dom0.service runs it ----------------------------------------
 say "starting the dom0 service"
 T0=$(cut -d' ' -f1 /proc/uptime)
-as_unit python3 -m vmmiod dom0 --log-format json > /out/dom0-service.log 2>&1 &
+$AS_UNIT python3 -m vmmiod dom0 --log-format json > /out/dom0-service.log 2>&1 &
 SERVICE_PID=$!
 wait_for 120 "service" service_says '"dom0_started"' || fail "the dom0 service did not start"
 result "service_started=1 seconds=$(since $T0) pid=$SERVICE_PID seccomp=$(seccomp_of $SERVICE_PID)"

@@ -95,10 +95,12 @@ address_tap() {  # the TAP vmmiod made for the guest's net window, addressed and
     ip link set "$TAP_IF" up
     result "tap_present=1"
 }
-# as_unit COMMAND...: run vmmiod under MemoryDenyWriteExecute=yes, as both systemd units run it
-# (Debian 12's systemd 252 applies it as a seccomp filter: tests/hardening/mdwe.py; inherited
-# by what the command forks). /proc/<pid>/status then says "Seccomp: 2".
-as_unit() { python3 /src/tests/hardening/mdwe.py seccomp "$@"; }
+# $AS_UNIT COMMAND... &: run vmmiod under MemoryDenyWriteExecute=yes, as both systemd units run
+# it (Debian 12's systemd 252 applies it as a seccomp filter: tests/hardening/mdwe.py, which
+# execs the command; inherited by what it forks). A prefix, not a function: a backgrounded
+# function would be a subshell, and $! its pid, not the daemon's (signals must reach vmmiod).
+# /proc/<pid>/status then says "Seccomp: 2".
+AS_UNIT="python3 /src/tests/hardening/mdwe.py seccomp"
 seccomp_of() { sed -n 's/^Seccomp:[[:space:]]*//p' "/proc/$1/status"; }
 start_peer() {  # the guest's peer in dom0 (TCP up and down, console pings), for 900 s
     python3 "$E2E/dom0_peer.py" --token "$TOKEN" --send /out/net-down.bin --out /out/peer.txt \

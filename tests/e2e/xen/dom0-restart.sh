@@ -26,7 +26,7 @@ VMMIOD_STARTS=0
 start_vmmiod() {
     VMMIOD_STARTS=$((VMMIOD_STARTS + 1))
     VMMIOD_LOG=/out/vmmiod-restart-$VMMIOD_STARTS.log
-    as_unit python3 -m vmmiod run /tmp/guest.yaml > "$VMMIOD_LOG" 2>&1 &
+    $AS_UNIT python3 -m vmmiod run /tmp/guest.yaml > "$VMMIOD_LOG" 2>&1 &
     VMMIOD_PID=$!
     VMMIOD_T0=$(cut -d' ' -f1 /proc/uptime)
     say "vmmiod instance $VMMIOD_STARTS started, pid $VMMIOD_PID"
