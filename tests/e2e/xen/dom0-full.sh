@@ -13,7 +13,7 @@
 #   guest_reboot    e2e reboots itself (reboot -f): xl builds a new domain, a new instance serves it
 #   xl_reboot       `xl reboot e2e`: the same through the toolstack (boot 3)
 #   xl_shutdown     `xl shutdown -w web2`: the guest powers off, its instance exits 0
-#   xl_destroy      `xl destroy e2e`: reports nothing, every Closing answered (under libxl's 10 s)
+#   xl_destroy      `xl destroy e2e`: under 3 s, reports nothing, every Closing answered
 #   service_stop    SIGTERM to the service: exit 0
 # The e2e guest's windows (dom0-guest.sh; xl 4.17 knows only virtio disks):
 #   xvda -> 0x2000000 irq 33: block, read-write   xvdb -> 0x2000200 irq 34: block, read-only

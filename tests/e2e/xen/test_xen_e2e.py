@@ -28,6 +28,7 @@ VIRTIO_ID_NET, VIRTIO_ID_BLOCK, VIRTIO_ID_CONSOLE = 1, 2, 3
 # ACKNOWLEDGE | DRIVER | FEATURES_OK | DRIVER_OK: the driver accepted the device.
 STATUS_LIVE = 0x1 | 0x2 | 0x8 | 0x4
 LIBXL_DESTROY_TIMEOUT = 10  # seconds libxl waits for a backend's Closed (libxl_internal.h)
+DESTROY_BOUND_S = 3  # issue 14: `xl destroy` takes under 3 s
 # Windows in the order the guest config declares its disks (xvda..xvdd) and what vmmiod serves.
 WINDOWS = {"2000000.virtio": (VIRTIO_ID_BLOCK, "virtio_blk"),
            "2000200.virtio": (VIRTIO_ID_BLOCK, "virtio_blk"),
@@ -373,10 +374,10 @@ def test_xl_destroy(run: Run) -> None:
     closed = {r["path"] for r in before_gone
               if r.get("event") == "xen_backend_state" and r.get("state") == 6}
     assert len(closed) == len(WINDOWS), closed
-    # Without those answers libxl waits out LIBXL_DESTROY_TIMEOUT (10 s) for the devices, so
-    # the whole `xl destroy` stays below it. Not a tighter figure: the rest of its time is
-    # xl's own start and the domain's teardown under TCG (1-2.2 s on a loaded host, docs/e2e.md).
-    assert float(step["seconds"]) < LIBXL_DESTROY_TIMEOUT, step
+    # Without those answers libxl would wait out LIBXL_DESTROY_TIMEOUT (10 s) for the devices.
+    # Issue 14 asks for the whole `xl destroy` under 3 s: measured 2.2-2.3 s under TCG, quiet
+    # or at load 4-10 (xl's own start and the domain's teardown are most of it, docs/e2e.md).
+    assert float(step["seconds"]) < DESTROY_BOUND_S, step
     exited = run.service_events("dom0_guest_exited", domid=domid)
     assert exited and exited[0]["exit_code"] == 0
 
