@@ -131,6 +131,7 @@ class Engine:
     missed_wakeups = 0  # io_uring: completions found by the watchdog, without a wake-up
     nowait = True  # buffered reads are tried inline first (io_uring, threads: blockio/inline.py)
     inline_reads = 0  # reads the page cache answered in full, inline
+    inline_backoff = inline_skip = 0  # after misses, reads not tried inline (inline.py)
 
     def __init__(self, handler: Handler, threads: int = 1) -> None:
         self._handler = handler
