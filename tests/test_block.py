@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.test_block_harness import (  # noqa: F401  (io_engine: the fixture)
+    ENGINE,
     GPA,
     UNWRITTEN,
     Guest,
@@ -107,6 +108,20 @@ def test_read_matches_file(image: Path) -> None:
     assert dev.counters["requests_in"] == 4
     assert dev.counters["bytes_read"] == 512 + 4096 + 65536 + 4096
     close(dev, g)
+
+
+def test_cached_reads_are_counted_inline(image: Path) -> None:
+    """With io_uring and the thread pool, a buffered read the page cache holds (the image was
+    just written) is done at submission; the device's stats count it (io_inline_reads). The
+    sync engine reads inline anyway and counts none; O_DIRECT reads are never done so."""
+    dev, g = make(image)
+    for sector in (0, 64, 8):
+        r = g.run(VIRTIO_BLK_T_IN, sector, read=4096)
+        assert r.status == VIRTIO_BLK_S_OK and r.data == file_bytes(image, sector * 512, 4096)
+    inline = dev.stats()["io_inline_reads"]
+    assert inline == 0 if ENGINE["name"] == "sync" else inline >= 1
+    close(dev, g)
+    assert dev.stats()["io_inline_reads"] == inline  # kept after the engine is gone
 
 
 def test_write_lands_in_file(image: Path) -> None:

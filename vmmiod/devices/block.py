@@ -92,7 +92,7 @@ class BlockDevice(BlockIo):
         self._inflight_q = [0] * nqueues
         self._sticky: list[Pending] = []
         self._log_counts: dict[str, int] = {}
-        self._engine_counts = (0, 0)  # the engine's overflow flushes and missed wake-ups
+        self._engine_counts = (0, 0, 0)  # engine: overflow flushes, missed wake-ups, inline reads
         self.counters.update({
             "requests_in": 0, "requests_out": 0, "requests_flush": 0, "requests_get_id": 0,
             "requests_discard": 0, "requests_write_zeroes": 0, "requests_unsupported": 0,
@@ -141,7 +141,8 @@ class BlockDevice(BlockIo):
         engine, self.engine = self.engine, None
         if engine is not None:
             engine.close()  # waits for what is still in flight; nothing is delivered any more
-            self._engine_counts = (engine.overflow_flushes, engine.missed_wakeups)
+            self._engine_counts = (engine.overflow_flushes, engine.missed_wakeups,
+                                   engine.inline_reads)
         try:
             await asyncio.get_running_loop().run_in_executor(None, self.backing.close)
         except OSError as exc:
@@ -152,8 +153,9 @@ class BlockDevice(BlockIo):
         out = super().stats()
         e = self.engine
         if e is not None:
-            self._engine_counts = (e.overflow_flushes, e.missed_wakeups)
-        out["io_overflow_flushes"], out["io_missed_wakeups"] = self._engine_counts
+            self._engine_counts = (e.overflow_flushes, e.missed_wakeups, e.inline_reads)
+        (out["io_overflow_flushes"], out["io_missed_wakeups"],
+         out["io_inline_reads"]) = self._engine_counts
         return out
 
     def _seg_max(self) -> int:
