@@ -4,7 +4,8 @@ An `Op` is one operation on a file: read into / write from a list of buffers (ea
 completes in full or fails), fdatasync, fallocate, or a blocking call run on a worker thread.
 The user calls `submit()` for every operation of a batch, then `kick()` once; completions come
 back as lists of Ops (`op.result`: bytes transferred or 0, or -errno) through the handler given
-at construction, on the event loop thread, woken by an eventfd the loop watches.
+at construction, on the event loop thread, woken by an eventfd the loop watches (or from
+`kick()` itself for ops finished at submission: the sync engine's, reads done inline).
 
 What every engine does the same way lives here:
 - Ordering: an op with `barrier` starts only when every op submitted before it has finished,
