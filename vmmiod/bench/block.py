@@ -220,7 +220,9 @@ def run(quick: bool = False, profile: bool = False, stack: bool = True) -> dict[
     from vmmiod.bench import block_disk, block_stall
     size = (64 if quick else 256) << 20
     base = Path(os.environ.get("VMMIOD_BENCH_DIR", tempfile.gettempdir()))
-    results: dict[str, Any] = {}
+    # The host may be shared: the load says how much of the CPU the figures had.
+    results: dict[str, Any] = {"started": time.strftime("%H:%M:%S UTC", time.gmtime()),
+                               "load_average_start": [round(x, 2) for x in os.getloadavg()]}
     with tempfile.TemporaryDirectory(dir=base, prefix="vmmiod-bench-blk-") as d:
         results["disk"] = block_disk.run(Path(d), quick, ENGINES)
         disk_image = block_disk.make_image(Path(d), (256 if quick else 1024) << 20)
@@ -249,18 +251,17 @@ def run(quick: bool = False, profile: bool = False, stack: bool = True) -> dict[
             stack_dir = Path(d) / "stack"
             stack_dir.mkdir()
             results["full_stack"] = full_stack(image, stack_dir, quick, page)
+    results["load_average_end"] = [round(x, 2) for x in os.getloadavg()]
     return results
 
 
 def main(argv: list[str] | None = None) -> int:
     from vmmiod.bench import block_disk, block_stall
     argv = sys.argv[1:] if argv is None else argv
-    load0, start = os.getloadavg(), time.strftime("%H:%M:%S UTC", time.gmtime())
     results = run(quick="--quick" in argv, profile="--profile" in argv,
                   stack="--no-stack" not in argv)
-    load1 = os.getloadavg()
-    # The host may be shared: the load says how much of the CPU the figures had.
-    print(f"run from {start}, load average (1/5/15 min) at start "
+    load0, load1 = results["load_average_start"], results["load_average_end"]
+    print(f"run from {results['started']}, load average (1/5/15 min) at start "
           f"{'/'.join(f'{x:.2f}' for x in load0)}, at end {'/'.join(f'{x:.2f}' for x in load1)}")
     print("\n".join(block_disk.report(results["disk"], ENGINES)))
     print()
