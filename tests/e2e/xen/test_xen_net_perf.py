@@ -107,5 +107,22 @@ def test_the_device_saw_what_the_guest_sent_and_got(snaps: dict[str, dict[str, A
 
 def test_figures_are_printed(figures: dict[str, Any], results: Path) -> None:
     text = (results / "netperf-summary.txt").read_text()
-    assert "ping: median" in text and "TCP guest->dom0" in text and "goals:" in text
+    assert "ping: median" in text and "TCP guest->dom0" in text and "goals (" in text
     assert set(figures["goals"]) >= {"up_over_down", "ping_median_over_block_ms"}
+
+
+def test_interleaved_rounds_timed_both_sides(figures: dict[str, Any],
+                                             snaps: dict[str, dict[str, Any]]) -> None:
+    """The goals' ratios come from the guest's interleaved rounds: every round timed its block
+    reads, its pings and both transfers in full."""
+    r = figures.get("rounds")
+    assert r, "netperf.jsonl has no rounds-b snapshot (domU-netperf.sh's interleaved rounds)"
+    assert r["rounds"] == 4 and len(r["block_ms_per_round"]) == 4, r
+    assert all(ms > 0 for ms in r["block_ms_per_round"]), r
+    assert r["pings"] >= 16, r  # 5 per round; a ping or two may time out under TCG
+    assert r["transfer_rounds"] == 4, r  # every download came back whole
+    # The block reads were what they should be: 4 x 100 reads, one interrupt each at most
+    # (a read past the disk's end made busybox dd read the whole disk once).
+    irqs = netperf_report.delta(snaps, "rounds")["guest.blk_irqs"]
+    assert 0 < irqs <= 4 * 100 + 20, irqs
+    assert figures["goals"]["from"] == "interleaved rounds"
