@@ -78,8 +78,6 @@ class UringEngine(Engine):
         self._watchdog: asyncio.TimerHandle | None = None
         self._reaped_at_check = 0
         self._reaped = 0  # CQEs reaped so far (the watchdog sees whether wake-ups came)
-        self.overflow_flushes = 0  # times the kernel's overflow list had completions
-        self.missed_wakeups = 0  # times the watchdog found completions no wake-up announced
 
     def offered(self) -> list[str]:
         return sorted(uring.OP_NAMES[o] for o in self.ops if o in uring.OP_NAMES)

@@ -138,11 +138,10 @@ class BlockDevice(BlockIo):
     async def close(self) -> None:
         if self.backing.fd < 0:
             return
-        engine, self.engine = self.engine, None
-        if engine is not None:
-            engine.close()  # waits for what is still in flight; nothing is delivered any more
-            self._engine_counts = (engine.overflow_flushes, engine.missed_wakeups,
-                                   engine.inline_reads)
+        if self.engine is not None:
+            self.engine.close()  # waits for what is in flight; nothing is delivered any more
+            self._keep_engine_counts()  # for the stats logged once the engine is gone
+            self.engine = None
         try:
             await asyncio.get_running_loop().run_in_executor(None, self.backing.close)
         except OSError as exc:
@@ -151,12 +150,16 @@ class BlockDevice(BlockIo):
 
     def stats(self) -> dict[str, int]:
         out = super().stats()
+        (out["io_overflow_flushes"], out["io_missed_wakeups"],
+         out["io_inline_reads"]) = self._keep_engine_counts()
+        return out
+
+    def _keep_engine_counts(self) -> tuple[int, int, int]:
+        """The engine's own counts, read while it exists and kept after close."""
         e = self.engine
         if e is not None:
             self._engine_counts = (e.overflow_flushes, e.missed_wakeups, e.inline_reads)
-        (out["io_overflow_flushes"], out["io_missed_wakeups"],
-         out["io_inline_reads"]) = self._engine_counts
-        return out
+        return self._engine_counts
 
     def _seg_max(self) -> int:
         # Header and status take two descriptors of a direct chain; preadv takes IOV_MAX.

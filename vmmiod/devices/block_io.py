@@ -2,8 +2,9 @@
 
 Every request that touches the image becomes one or more engine ops, tagged with its queue and
 that queue's generation; `process_queue` submits a notification's worth and kicks the engine
-once (one io_uring_enter; O_DIRECT ops in groups of 4 already as they come). Completions come back in batches on the event loop; each batch ends
-with at most one used-ring publication (and interrupt decision) per queue.
+once (one io_uring_enter; O_DIRECT ops already go in groups of 4 as they come). Completions
+come back in batches on the event loop; each batch ends with at most one used-ring publication
+(and interrupt decision) per queue.
 
 The rules kept from the inline design:
 - FLUSH is an fdatasync submitted as a barrier: it starts only once every op submitted before
