@@ -7,9 +7,15 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
 
 from tests.e2e.stagecache import default_cache
+
+R = TypeVar("R")
 
 HERE = Path(__file__).resolve().parent
 
@@ -25,6 +31,24 @@ def results_dir(env_var: str, subdir: str, *run_args: str) -> Path | None:
                        check=False)
         return results
     return None
+
+
+def open_run(make: Callable[[Path], R], mode: str, env_var: str, subdir: str,
+             *run_args: str) -> R:
+    """The `mode` run's results (`make(dir)`, which has `.params`), from results_dir(): the
+    checks skip when there is no run or it was another mode's, and fail when the run never got
+    as far as preparing its directory."""
+    d = results_dir(env_var, subdir, *run_args)
+    if d is None:
+        pytest.skip(f"real-Xen {mode} e2e: set {env_var}=<dir of a run> or VMMIOD_E2E=1 "
+                    "(boots Xen under QEMU; .ci/e2e does both)")
+    if not (d / "params.json").exists():
+        pytest.fail(f"no e2e run in {d} (tests/e2e/xen/run did not get as far as preparing it)")
+    r = make(d)
+    params: Any = getattr(r, "params")  # noqa: B009  (each mode's Run class has its own)
+    if params.get("E2E_MODE") != mode:
+        pytest.skip(f"the run in {d} was a {params.get('E2E_MODE')} run, not a {mode} one")
+    return r
 
 
 def guest_lines(console: Path) -> tuple[list[tuple[str, dict[str, str]]], list[str]]:

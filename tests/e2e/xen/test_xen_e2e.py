@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.xen.runresults import guest_lines, results_dir
+from tests.e2e.xen.runresults import guest_lines, open_run
 
 pytestmark = pytest.mark.e2e
 MiB = 1 << 20
@@ -42,10 +42,6 @@ EXPECTED_EVENTS = {"daemon_starting", "xen_domain_resolved", "xen_ioreq_server_e
 EXPECTED_EXTRA = {1: {"device_reset"}, 2: set(), 3: set()}
 BAD_EVENTS = {"guest_protocol_violation", "device_needs_reset", "ioreq_unhandled",
               "stop_timeout", "stop_step_failed", "startup_failed"}
-
-
-def _results_dir() -> Path | None:
-    return results_dir("VMMIOD_E2E_RESULTS", "results")
 
 
 class Run:
@@ -131,16 +127,7 @@ class Run:
 
 @pytest.fixture(scope="module")
 def run() -> Run:
-    d = _results_dir()
-    if d is None:
-        pytest.skip("real-Xen e2e: set VMMIOD_E2E_RESULTS=<dir of a run> or VMMIOD_E2E=1 "
-                    "(boots Xen under QEMU; .ci/e2e does both)")
-    if not (d / "params.json").exists():
-        pytest.fail(f"no e2e run in {d} (tests/e2e/xen/run did not get as far as preparing it)")
-    r = Run(d)
-    if r.params.get("E2E_MODE") != "full":
-        pytest.skip(f"the run in {d} was a {r.params.get('E2E_MODE')} run, not a full one")
-    return r
+    return open_run(Run, "full", "VMMIOD_E2E_RESULTS", "results")
 
 
 def test_run_completed(run: Run) -> None:

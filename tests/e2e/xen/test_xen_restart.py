@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from tests.e2e.xen.runresults import guest_lines, results_dir
+from tests.e2e.xen.runresults import guest_lines, open_run
 
 pytestmark = pytest.mark.e2e
 BAD_EVENTS = {"guest_protocol_violation", "device_needs_reset", "state_record_refused",
@@ -49,22 +49,10 @@ class RestartRun:
         return [json.loads(x) for x in path.read_text().splitlines() if x.startswith("{")]
 
 
-def _results_dir() -> Path | None:
-    return results_dir("VMMIOD_E2E_RESTART_RESULTS", "results-restart", "--mode", "restart")
-
-
 @pytest.fixture(scope="module")
 def run() -> RestartRun:
-    d = _results_dir()
-    if d is None:
-        pytest.skip("real-Xen restart e2e: set VMMIOD_E2E_RESTART_RESULTS=<dir of a run> or "
-                    "VMMIOD_E2E=1 (boots Xen under QEMU)")
-    if not (d / "params.json").exists():
-        pytest.fail(f"no e2e run in {d}")
-    r = RestartRun(d)
-    if r.params.get("E2E_MODE") != "restart":
-        pytest.skip(f"the run in {d} was a {r.params.get('E2E_MODE')} run, not a restart one")
-    return r
+    return open_run(RestartRun, "restart", "VMMIOD_E2E_RESTART_RESULTS", "results-restart",
+                    "--mode", "restart")
 
 
 def _io_phase(run: RestartRun, phase: str) -> None:
