@@ -7,7 +7,9 @@ liveness (a backend that exits unasked stops the run).
 
 from __future__ import annotations
 
+import ctypes
 import json
+import mmap
 import os
 import re
 import signal
@@ -65,12 +67,50 @@ def qemu_command(out: Path, results: Path, params: dict[str, Any], stack: Stack,
     return wrapped
 
 
+# x86-64 machine code: rdtsc; shl rdx, 32; or rax, rdx; ret.
+_RDTSC = bytes.fromhex("0f31" "48c1e220" "4809d0" "c3")
+
+
+def host_tsc_khz(span: float = 0.2) -> int | None:
+    """The host's TSC rate in kHz, measured against CLOCK_MONOTONIC over `span` seconds; None
+    where it cannot be measured (not x86-64, executable memory refused).
+
+    Under TCG a guest's RDTSC reads the host's TSC (QEMU's cpu_get_host_ticks), so this is the
+    rate the guest's TSC runs at. microvm has no HPET and no PM timer: a kernel whose PIT
+    calibration fails there (a busy host disturbs its timing loop) finds no TSC rate, prints
+    `tsc: No reference (HPET/PMTIMER) available` and never leaves 0.000000 of its boot. Handing
+    it the rate (`tsc_early_khz=`) takes that calibration out of the boot.
+    """
+    if os.uname().machine != "x86_64":
+        return None
+    try:
+        page = mmap.mmap(-1, mmap.PAGESIZE,
+                         prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+    except (OSError, AttributeError):
+        return None
+    try:
+        page.write(_RDTSC)
+        buf = ctypes.c_char.from_buffer(page)
+        rdtsc = ctypes.CFUNCTYPE(ctypes.c_uint64)(ctypes.addressof(buf))
+        t0, c0 = time.monotonic_ns(), rdtsc()
+        time.sleep(span)
+        t1, c1 = time.monotonic_ns(), rdtsc()
+        del rdtsc, buf
+    finally:
+        page.close()
+    khz = (c1 - c0) * 1_000_000 // max(t1 - t0, 1)
+    return khz if 100_000 <= khz <= 10_000_000 else None
+
+
 def microvm_command(out: Path, results: Path, params: dict[str, Any], stack: Stack,
                     net: bool) -> list[str]:
     """microvm (virtio-mmio, devices in the ACPI tables): one vhost-user-blk disk, the vhost-user
     NIC and the results share, all virtio-mmio devices. Its transports default to legacy (v1),
     which a vhost-user backend refuses: force-legacy=off. The console is the default ISA serial.
     """
+    append = "console=ttyS0 rdinit=/init panic=-1 loglevel=6"
+    if khz := host_tsc_khz():
+        append += f" tsc_early_khz={khz}"
     cmd = [
         "qemu-system-x86_64", "-machine", "microvm,memory-backend=mem", "-accel", "tcg",
         "-smp", "1", "-m", "512M",
@@ -78,10 +118,10 @@ def microvm_command(out: Path, results: Path, params: dict[str, Any], stack: Sta
         "-global", "virtio-mmio.force-legacy=off",
         "-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio",
         "-monitor", "none", "-no-reboot",
-        # Not quiet: where a guest that stops in boot stopped (`tsc: Marking TSC unstable`) shows
-        # in console.log and in run.json's attempts.
+        # Not quiet: where a guest that stops in boot stopped (`tsc: No reference
+        # (HPET/PMTIMER) available`) shows in console.log and in run.json's attempts.
         "-kernel", str(out / "vmlinuz"), "-initrd", str(out / "initramfs.cpio"),
-        "-append", "console=ttyS0 rdinit=/init panic=-1 loglevel=6",
+        "-append", append,
         "-chardev", f"socket,id=c-verify,path={stack.sock('dut-verify')},reconnect=1",
         # queue-size=1024: QEMU's virtio-mmio offers QueueNumMax 1024 whatever the device's
         # queue-size, Linux takes it, and the inflight record QEMU sizes by queue-size must match.
