@@ -43,6 +43,7 @@ from vmmiod.hypervisors.generic.protocol import Window
 from vmmiod.mmio_regs import DEVICE_NEEDS_RESET, STATUS
 from vmmiod.sim.virtio_mmio import VirtioMmioDriver
 from vmmiod.virtqueue import VirtqueueError
+from vmmiod.virtqueue.fastwalk import linear_reader
 
 ESCAPES = {"window_error", "device_reset_error", "device_activate_error"}
 DEVICE_INDEX = {"vda": 0, "net0": 1, "con0": 2}
@@ -99,7 +100,9 @@ class Checks:
         for wi, w in enumerate(stack.windows):
             for q in w.queues:
                 q.pop = self._metered(wi, q)  # type: ignore[method-assign]
+                q.pop_tables = self._metered_tables(wi, q)  # type: ignore[method-assign]
                 q.add_used = self._completed(wi, q)  # type: ignore[method-assign]
+                q.add_used_run = self._completed_run(wi, q)  # type: ignore[method-assign]
                 q.reset = self._resetting(wi, q)  # type: ignore[method-assign]
 
     # -- taken-back buffers (invariant 5) -------------------------------------------------------
@@ -116,6 +119,19 @@ class Checks:
                         break
             return out
         return add_used
+
+    def _completed_run(self, wi: int, q: Any) -> Callable[[list[int]], None]:
+        orig = q.add_used_run
+
+        def add_used_run(elems: list[int]) -> None:
+            orig(elems)
+            chains = self.outstanding.get((wi, q.index), [])
+            for head in elems[0::2]:
+                for k, c in enumerate(chains):
+                    if c.head == head:
+                        del chains[k]
+                        break
+        return add_used_run
 
     def _resetting(self, wi: int, q: Any) -> Callable[[], None]:
         orig = q.reset
@@ -194,6 +210,23 @@ class Checks:
                 self._forget_overlapping(chain.writable)  # the device owns these again
             return chain
         return pop
+
+    def _metered_tables(self, wi: int, q: Any) -> Callable[[int], Any]:
+        """The batch pop (virtqueue/batch.py): its chains are owned like pop()'s."""
+        orig = q.pop_tables
+
+        def pop_tables(limit: int) -> Any:
+            popped = orig(limit)
+            key = (wi, q.index)
+            for head, v in popped:
+                reader = linear_reader((v[2], v[6], v[10]))
+                assert reader is not None
+                chain = reader(v, q.memory, head)
+                self.pops[key] = self.pops.get(key, 0) + 1
+                self.outstanding.setdefault(key, []).append(chain)
+                self._forget_overlapping(chain.writable)  # the device owns these again
+            return popped
+        return pop_tables
 
     # -- one move -------------------------------------------------------------------------------
     async def settle(self) -> None:

@@ -24,11 +24,13 @@ import asyncio
 import ctypes
 import errno
 import os
+import time
 
 from vmmiod import barrier
 from vmmiod.blockio import uring
 from vmmiod.blockio.engine import FALLOCATE, FSYNC, READ, WRITE, Engine, Handler, Op
 from vmmiod.blockio.inline import read_inline
+from vmmiod.blockio.poll import AdaptivePoll
 from vmmiod.blockio.uring import CQE_SIZE, SQE_SIZE, U32, Ring, UringUnavailable
 
 _pack_sqe = uring.SQE.pack_into
@@ -42,6 +44,9 @@ WATCHDOG_S = 0.05  # how often the ring is looked at while completions are owed
 # ones, which the page cache mostly completes inside io_uring_enter, wait for the kick: one
 # system call per notification.) docs/performance.md has the measurements behind the 4.
 SUBMIT_EVERY = 4
+# Completions are polled for (blockio/poll.py) only with at most this many owed: a deep queue
+# keeps the loop busy anyway, and its completions come in batches long after a poll would end.
+POLL_DEPTH = 2
 
 
 class UringEngine(Engine):
@@ -78,6 +83,9 @@ class UringEngine(Engine):
         self._watchdog: asyncio.TimerHandle | None = None
         self._reaped_at_check = 0
         self._reaped = 0  # CQEs reaped so far (the watchdog sees whether wake-ups came)
+        self.poll = AdaptivePoll()
+        self._poll_from = 0  # perf_counter_ns of the submission a poll may look for, or 0
+        self._poll_handle: asyncio.Handle | None = None
 
     def offered(self) -> list[str]:
         return sorted(uring.OP_NAMES[o] for o in self.ops if o in uring.OP_NAMES)
@@ -225,6 +233,10 @@ class UringEngine(Engine):
         self._arm()
 
     def detach(self) -> None:
+        if self._poll_handle is not None:
+            self._poll_handle.cancel()
+            self._poll_handle = None
+        self._poll_from = 0
         if self._watchdog is not None:
             self._watchdog.cancel()
             self._watchdog = None
@@ -243,6 +255,43 @@ class UringEngine(Engine):
             for op in backlog:
                 self._start(op)
             self.ring.submit()
+        if self._loop is not None and self.poll.max_ns:
+            if 0 < self._owed <= POLL_DEPTH:
+                if not self._poll_from:
+                    self._poll_from = time.perf_counter_ns()
+                if self.poll.window and self._poll_handle is None:
+                    # After whatever else this loop turn runs, before the loop's epoll.
+                    self._poll_handle = self._loop.call_soon(self._poll_ring)
+            else:
+                self._poll_from = 0  # a deep queue: its wait says nothing about polling
+
+    # -- polling (blockio/poll.py) ----------------------------------------------------------------
+    def _poll_ring(self) -> None:
+        """Look at the completion ring until the poll window (counted from the submission)
+        ends: a completion found is reaped at once, without the epoll sleep and wake-up."""
+        self._poll_handle = None
+        start = self._poll_from
+        if self.closed or not start or not self._owed:
+            return
+        ring = self.ring
+        cq, tail_off, unpack, clock = ring.cq, ring._cq_tail_off, U32.unpack_from, \
+            time.perf_counter_ns
+        head = unpack(cq, ring._cq_head_off)[0]
+        now = t0 = clock()
+        deadline = start + self.poll.window  # bounded: at most POLL_MAX_NS from the submission
+        while now < deadline:
+            if unpack(cq, tail_off)[0] != head:
+                self.poll.polled(clock() - t0, True)
+                self._on_readable()
+                return
+            now = clock()
+        self.poll.polled(now - t0, False)
+
+    def _on_readable(self) -> None:
+        if self._poll_from:  # how long the completion took: the poll window adapts to it
+            self.poll.waited(time.perf_counter_ns() - self._poll_from)
+            self._poll_from = 0
+        super()._on_readable()
 
     def _wait(self) -> None:
         if not self._owed:  # only helper-thread work is out: its eventfd write wakes us

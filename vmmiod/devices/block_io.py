@@ -49,7 +49,7 @@ from vmmiod.devices.block_request import (
     Request,
 )
 from vmmiod.memory import GuestMemory, GuestMemoryError
-from vmmiod.virtqueue import VirtqueueError
+from vmmiod.virtqueue import DescriptorChain, VirtqueueError
 
 UNSUPPORTED = (-errno.EOPNOTSUPP, -errno.ENOTTY, -errno.ENOSYS)
 OP_NAMES = {VIRTIO_BLK_T_IN: "read", VIRTIO_BLK_T_OUT: "write", VIRTIO_BLK_T_FLUSH: "flush",
@@ -125,6 +125,9 @@ class BlockIo(VirtioDevice):
         inflight_q = self._inflight_q
         locate = mem.locate
         n_fast = read_bytes = written_bytes = 0
+        # The used elements of the plain completions, per queue: written in one store per
+        # contiguous stretch of the used ring at the end (SplitQueue.add_used_run).
+        runs: dict[int, list[int]] = {}
         try:
             for op in ops:
                 p = op.owner
@@ -151,8 +154,10 @@ class BlockIo(VirtioDevice):
                         written_bytes += res
                     buf, off = locate(req.status_gpa, 1, True)
                     buf[off] = VIRTIO_BLK_S_OK
-                    queues[index].add_used(req.head, p.used)
-                    touched.add(index)
+                    run = runs.get(index)
+                    if run is None:
+                        run = runs[index] = []
+                    run += (req.head, p.used)
                     continue
                 if op.kind == FALLOCATE and res in UNSUPPORTED:
                     if p.req.type == VIRTIO_BLK_T_DISCARD:
@@ -179,6 +184,9 @@ class BlockIo(VirtioDevice):
                 c["bytes_read"] += read_bytes
                 c["bytes_written"] += written_bytes
                 n_fast = 0
+                for index, run in runs.items():
+                    queues[index].add_used_run(run)
+                    touched.add(index)
             sticky = self._sticky
             if sticky:
                 for p in sticky:
@@ -286,6 +294,10 @@ class BlockIo(VirtioDevice):
         self._sticky[:] = [p for p in self._sticky if index is not None and p.queue != index]
 
     # -- provided by BlockDevice ------------------------------------------------------------------
+    def _handle(self, index: int, q: Any, mem: GuestMemory, limits: Any,
+                chain: DescriptorChain) -> None:
+        raise NotImplementedError
+
     def _complete(self, q: Any, mem: GuestMemory, head: int, status_gpa: int | None,
                   status: int, used_len: int) -> None:
         raise NotImplementedError

@@ -12,6 +12,7 @@ import struct
 
 from vmmiod import barrier
 from vmmiod.memory import GuestMemory, GuestMemoryError, store_u16
+from vmmiod.virtqueue.batch import DESC, BatchOps
 from vmmiod.virtqueue.chain import DescriptorChain
 from vmmiod.virtqueue.errors import (
     AvailIndexJump,
@@ -48,7 +49,6 @@ VIRTQ_DESC_F_INDIRECT = 4
 VIRTQ_USED_F_NO_NOTIFY = 1
 VIRTQ_AVAIL_F_NO_INTERRUPT = 1
 
-DESC = struct.Struct("<QIHH")  # addr, len, flags, next
 DESC_SIZE = 16
 USED_ELEM = struct.Struct("<II")  # id, len
 U16 = struct.Struct("<H")
@@ -79,8 +79,8 @@ def vring_need_event(event: int, new: int, old: int) -> bool:
     return ((new - event - 1) & 0xFFFF) < ((new - old) & 0xFFFF)
 
 
-class SplitQueue:
-    """Device side of one split virtqueue."""
+class SplitQueue(BatchOps):
+    """Device side of one split virtqueue (its batch pop and used writer: batch.py)."""
 
     def __init__(self, max_size: int, index: int = 0) -> None:
         if not 1 <= max_size <= MAX_QUEUE_SIZE or max_size & (max_size - 1):

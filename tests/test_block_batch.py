@@ -1,0 +1,136 @@
+"""virtio-blk's batch fast path (vmmiod/devices/block_fast.py): a notification's requests in one
+pass must complete exactly as one by one, whatever the rest of the batch holds."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.test_block_harness import (  # noqa: F401  (io_engine: the fixture)
+    UNWRITTEN,
+    Guest,
+    io_engine,
+    open_device,
+)
+from vmmiod.devices.block import BlockDevice
+from vmmiod.devices.block_request import (
+    VIRTIO_BLK_S_IOERR,
+    VIRTIO_BLK_S_OK,
+    VIRTIO_BLK_S_UNSUPP,
+    VIRTIO_BLK_T_IN,
+    VIRTIO_BLK_T_OUT,
+)
+
+pytestmark = pytest.mark.usefixtures("io_engine")  # every test once per engine
+
+SECTORS = 2048
+SIZE = SECTORS * 512
+
+
+@pytest.fixture
+def image(tmp_path: Path) -> Path:
+    p = tmp_path / "disk.img"
+    p.write_bytes(os.urandom(SIZE))
+    return p
+
+
+def make(image: Path, queue_size: int = 8, **kw: object) -> tuple[BlockDevice, Guest]:
+    dev = open_device(image, queue_size=queue_size, **kw)
+    return dev, Guest(dev, queue_size=queue_size)
+
+
+def test_batch_with_bad_requests_in_the_middle_fails_only_those(image: Path) -> None:
+    dev, g = make(image, queue_size=16)
+    content = image.read_bytes()
+    tokens = {}
+    for i in range(10):
+        if i == 3:
+            tokens[i] = g.submit(VIRTIO_BLK_T_IN, SECTORS - 1, read=4096)  # past the end
+        elif i == 5:
+            tokens[i] = g.submit(99, 0, read=512)  # an unknown type
+        elif i == 7:
+            tokens[i] = g.submit(VIRTIO_BLK_T_IN, 8, read=100)  # not a multiple of 512
+        else:
+            tokens[i] = g.submit(VIRTIO_BLK_T_IN, 8 * i, read=4096)
+    g.kick()
+    replies = g.replies()
+    assert len(replies) == 10
+    for i, t in tokens.items():
+        r = replies[t]
+        if i in (3, 7):
+            assert r.status == VIRTIO_BLK_S_IOERR
+        elif i == 5:
+            assert r.status == VIRTIO_BLK_S_UNSUPP
+        else:
+            assert r.status == VIRTIO_BLK_S_OK
+            assert r.data == content[8 * i * 512:8 * i * 512 + 4096]
+            assert r.used_len == 4097
+    assert dev.counters["malformed"] == 2
+    assert dev.counters["requests_unsupported"] == 1
+    assert dev.counters["requests_in"] == 7
+    assert dev.counters["in_flight"] == 0
+    g.close()
+
+
+def test_batches_wrap_the_rings(image: Path) -> None:
+    """Queue of 8: a batch of 5, then batches of 8 that wrap the avail and used rings inside
+    the batch, reads and writes mixed; every request's data and status as one by one."""
+    dev, g = make(image)
+    content = bytearray(image.read_bytes())
+    rounds = [5, 8, 8, 3, 8]
+    n = 0
+    for count in rounds:
+        tokens = []
+        for _ in range(count):
+            sector = (n * 13) % (SECTORS - 8)
+            if n % 3 == 0:
+                data = os.urandom(1024)
+                tokens.append((g.submit(VIRTIO_BLK_T_OUT, sector, write=data), sector, data))
+                content[sector * 512:sector * 512 + 1024] = data
+            else:
+                tokens.append((g.submit(VIRTIO_BLK_T_IN, sector, read=1024), sector, None))
+            n += 1
+        g.kick()
+        replies = g.replies()
+        assert len(replies) == count
+        for t, sector, data in tokens:
+            r = replies[t]
+            assert r.status == VIRTIO_BLK_S_OK
+            if data is None:
+                assert r.data == bytes(content[sector * 512:sector * 512 + 1024])
+                assert r.used_len == 1025
+            else:
+                assert r.used_len == 1
+    assert image.read_bytes() == bytes(content)
+    assert dev.counters["in_flight"] == 0
+    g.close()
+
+
+def test_hostile_avail_entry_in_the_middle_resets_the_device(image: Path) -> None:
+    dev, g = make(image)
+    tokens = [g.submit(VIRTIO_BLK_T_IN, 8 * i, read=512) for i in range(4)]
+    dq = g.dq[0]
+    dq.kick_prepare()
+    dq.raw_avail(dq.avail_idx - 2, 200)  # the third entry names no descriptor
+    dev.queue_notify(0)
+    assert g.transport.faults and "200" in g.transport.faults[0]
+    assert dev.failed
+    st = g.pending[tokens[3]][2]
+    assert g.mem.read(st, 1)[0] == UNWRITTEN  # nothing after the bad entry was done
+    g.close()
+
+
+def test_read_only_device_refuses_writes_inside_a_batch(image: Path) -> None:
+    _dev, g = make(image, readonly=True)
+    before = image.read_bytes()
+    t1 = g.submit(VIRTIO_BLK_T_IN, 0, read=512)
+    t2 = g.submit(VIRTIO_BLK_T_OUT, 0, write=b"x" * 512)
+    t3 = g.submit(VIRTIO_BLK_T_IN, 1, read=512)
+    g.kick()
+    replies = g.replies()
+    assert replies[t1].status == replies[t3].status == VIRTIO_BLK_S_OK
+    assert replies[t2].status == VIRTIO_BLK_S_IOERR
+    assert image.read_bytes() == before
+    g.close()

@@ -1,0 +1,115 @@
+"""Bounded adaptive polling of the io_uring completion ring (vmmiod/blockio/poll.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import pytest
+
+from tests.test_block_harness import uring_available
+from tests.test_blockio import Collector, buffers
+from vmmiod.blockio import READ, Op, open_engine, uring_engine
+from vmmiod.blockio.poll import GROW_START, POLL_MAX_NS, AdaptivePoll
+
+
+def test_window_grows_while_completions_come_within_the_bound() -> None:
+    p = AdaptivePoll(50_000)
+    assert p.window == 0  # no polling until a completion shows it would pay
+    p.waited(30_000)
+    assert p.window == GROW_START
+    seen = []
+    for _ in range(6):
+        p.waited(30_000)
+        seen.append(p.window)
+    assert seen == [8_000, 16_000, 32_000, 32_000, 32_000, 32_000]  # found inside: kept
+    p.waited(45_000)
+    assert p.window == 50_000  # never above the bound
+    p.waited(49_000)
+    assert p.window == 50_000
+
+
+def test_window_shrinks_to_nothing_when_completions_come_later_than_the_bound() -> None:
+    p = AdaptivePoll(50_000)
+    p.window = 50_000
+    seen = []
+    for _ in range(5):
+        p.waited(200_000)
+        seen.append(p.window)
+    assert seen == [25_000, 12_500, 6_250, 0, 0]
+
+
+def test_bound_zero_never_polls_and_costs_are_counted() -> None:
+    p = AdaptivePoll(0)
+    for _ in range(3):
+        p.waited(1_000)
+    assert p.window == 0
+    p.polled(700, True)
+    p.polled(300, False)
+    assert (p.hits, p.misses, p.spent_ns) == (1, 1, 1_000)
+    assert AdaptivePoll().max_ns == POLL_MAX_NS
+
+
+@pytest.fixture
+def image(tmp_path: Path) -> Path:
+    p = tmp_path / "img"
+    p.write_bytes(os.urandom(1 << 16))
+    return p
+
+
+def _run(image: Path, count: int, window: int, max_ns: int = POLL_MAX_NS
+         ) -> tuple[uring_engine.UringEngine, Collector, bytes]:
+    """Submit `count` buffered 4 KiB reads on a loop with the poll window forced; serve them."""
+    if not uring_available():
+        pytest.skip("io_uring is not available on this machine")
+    got = Collector()
+    eng, _ = open_engine("io_uring", got)
+    assert isinstance(eng, uring_engine.UringEngine)
+    eng.nowait = False  # through the ring, not answered inline
+    eng.poll.max_ns = max_ns
+    eng.poll.window = window
+    fd = os.open(image, os.O_RDONLY)
+    m, views = buffers(count, 4096)
+
+    async def main() -> None:
+        eng.attach(asyncio.get_running_loop())
+        for i in range(count):
+            eng.submit(Op(READ, fd, [views[i]], i * 4096, 4096, owner=i))
+        eng.kick()
+        for _ in range(300):
+            if len(got.ops) == count:
+                break
+            await asyncio.sleep(0.01)
+        eng.detach()
+
+    try:
+        asyncio.run(main())
+        data = b"".join(bytes(v) for v in views)
+    finally:
+        eng.close()
+        os.close(fd)
+        views.clear()
+        m.close()
+    return eng, got, data
+
+
+def test_a_shallow_queue_is_polled_and_every_completion_delivered_once(image: Path) -> None:
+    eng, got, data = _run(image, 1, POLL_MAX_NS)
+    assert [(op.owner, op.result) for op in got.ops] == [(0, 4096)]
+    assert data == image.read_bytes()[:4096]
+    assert eng.poll.hits + eng.poll.misses == 1  # one poll, found or not: bounded either way
+
+
+def test_a_deep_queue_is_not_polled(image: Path) -> None:
+    n = uring_engine.POLL_DEPTH + 1
+    eng, got, data = _run(image, n, POLL_MAX_NS)
+    assert sorted(op.owner for op in got.ops) == list(range(n))
+    assert data == image.read_bytes()[:n * 4096]
+    assert eng.poll.hits + eng.poll.misses == 0
+
+
+def test_polling_off(image: Path) -> None:
+    eng, got, _ = _run(image, 1, 0, max_ns=0)
+    assert len(got.ops) == 1
+    assert eng.poll.hits + eng.poll.misses == 0
