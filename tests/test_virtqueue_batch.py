@@ -170,3 +170,19 @@ def test_add_used_run_refuses_a_head_not_in_flight() -> None:
     assert rig.memory.read(rig.driver.used_addr, 6 + 8 * 8) == used_before
     with pytest.raises(E.UsedIdNotInFlight):
         rig.queue.add_used_run([popped[1][0], 1, popped[1][0], 1])  # twice
+
+
+def test_every_queue_class_that_hooks_pop_hooks_the_batch_too() -> None:
+    """A subclass that records pops or completions (restart record, vhost-user inflight) must
+    see the batch ones as well, or a restart would lose the requests popped in a batch."""
+    from vmmiod.hypervisors.vhost_user.vring import VhostQueue
+    from vmmiod.virtqueue.recorded import RecordedQueue
+    from vmmiod.virtqueue.split import SplitQueue
+
+    for cls in (RecordedQueue, VhostQueue):
+        assert issubclass(cls, SplitQueue)
+        own = vars(cls)
+        if "pop" in own:
+            assert "pop_tables" in own, cls
+        if "add_used" in own:
+            assert "add_used_run" in own, cls

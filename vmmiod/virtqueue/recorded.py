@@ -2,12 +2,14 @@
 
 The window builds its queues from this class. Without a record attached (tests, benchmarks, a
 daemon that could not open its record file) it is a plain SplitQueue with one attribute test
-more per call; with one, every pop, completion, give-back and publish is written down before
-the guest can see its effect, and `resume()` takes a queue over from a dead daemon's record.
+more per call; with one, every pop (a batch's too), completion, give-back and publish is
+written down before the guest can see its effect, and `resume()` takes a queue over from a dead
+daemon's record.
 """
 
 from __future__ import annotations
 
+from vmmiod.virtqueue.batch import Table
 from vmmiod.virtqueue.chain import DescriptorChain
 from vmmiod.virtqueue.record import IN_FLIGHT, QueueRecord, Recovered, recover_rings
 from vmmiod.virtqueue.split import SplitQueue
@@ -54,6 +56,15 @@ class RecordedQueue(SplitQueue):
             rec.entries[chain.head] = IN_FLIGHT  # before the device acts on it
         return chain
 
+    def pop_tables(self, limit: int) -> list[Table]:
+        popped = super().pop_tables(limit)
+        rec = self._rec
+        if rec is not None:
+            entries = rec.entries
+            for head, _table in popped:
+                entries[head] = IN_FLIGHT  # before the device acts on them
+        return popped
+
     def undo_pop(self, chain: DescriptorChain) -> None:
         current = chain.generation == self.generation
         super().undo_pop(chain)
@@ -67,6 +78,13 @@ class RecordedQueue(SplitQueue):
         if added and rec is not None:
             rec.done(head, length)
         return added
+
+    def add_used_run(self, elems: list[int]) -> None:
+        super().add_used_run(elems)
+        rec = self._rec
+        if rec is not None:
+            for i in range(0, len(elems), 2):
+                rec.done(elems[i], elems[i + 1])
 
     def publish_used(self) -> bool:
         rec = self._rec

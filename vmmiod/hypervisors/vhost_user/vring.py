@@ -2,8 +2,8 @@
 SplitQueue the device drains, and the inflight bookkeeping around it.
 
 `VhostQueue` is a SplitQueue that also writes the inflight record (inflight.py) as chains are
-popped, returned and published, and that hands out the chains a killed predecessor left in
-flight before any new one. Everything else about the ring (every rule of VIRTIO 2.7) is the
+popped (one by one or as a batch: `pop_tables`), returned and published, and that hands out
+the chains a killed predecessor left in flight before any new one. Everything else about the ring (every rule of VIRTIO 2.7) is the
 SplitQueue's.
 """
 
@@ -15,6 +15,7 @@ from typing import Any
 
 from vmmiod.hypervisors.vhost_user.inflight import QueueInflight
 from vmmiod.virtqueue import DescriptorChain, SplitQueue
+from vmmiod.virtqueue.batch import Table
 
 EVENTFD_ONE = (1).to_bytes(8, "little")
 
@@ -45,6 +46,18 @@ class VhostQueue(SplitQueue):
                 self.inflight.popped(chain.head)
         return chain
 
+    def pop_tables(self, limit: int) -> list[Table]:
+        if self.resubmit:
+            return []  # what a predecessor left in flight comes first, through pop()
+        popped = super().pop_tables(limit)
+        for head, _table in popped:
+            self.outstanding[head] = None
+            if self.inflight is not None:
+                self.inflight.popped(head)
+        if popped:
+            self._last_head = popped[-1][0]
+        return popped
+
     def _pop_resubmit(self) -> DescriptorChain:
         """A chain the previous back-end had popped and not returned (inflight record)."""
         self._check_generation()
@@ -67,6 +80,13 @@ class VhostQueue(SplitQueue):
             if self.inflight is not None:
                 self.inflight.used(head)
         return done
+
+    def add_used_run(self, elems: list[int]) -> None:
+        super().add_used_run(elems)
+        for head in elems[0::2]:
+            self.outstanding.pop(head, None)
+            if self.inflight is not None:
+                self.inflight.used(head)
 
     def resume_base(self) -> tuple[int, int]:
         """(base, given back): the avail index a restarted ring should resume from.
