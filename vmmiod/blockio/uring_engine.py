@@ -95,7 +95,7 @@ class UringEngine(Engine):
         """A read or write of one buffer goes straight to an SQE (one pack_into); everything
         else (ordering, iovecs, a full ring, helper-thread work) takes the general path. A
         buffered read the page cache answers in full is done inline first (blockio/inline.py)."""
-        if read_inline(self, op):
+        if op.kind == READ and not op.direct and read_inline(self, op):
             return
         ring = self.ring
         views = op.views
