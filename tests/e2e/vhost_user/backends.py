@@ -311,11 +311,11 @@ class Stack:
         return self.procs["qsd"] if be == "qsd" else self.procs["dut"]
 
     # -- called from the console reader ---------------------------------------------------------
-    def bench_mark(self, edge: str, job: str, be: str) -> None:
+    def bench_mark(self, edge: str, job: str, be: str, rnd: int) -> None:
         p = self.bench_proc(be)
         ticks = cpu_ticks(p.pid) if p.pid else None
         with self.lock:
-            s = self.samples.setdefault(f"{be}/{job}", {"pid": p.pid})
+            s = self.samples.setdefault(f"{be}/{job}/{rnd}", {"pid": p.pid})
             s[edge] = ticks
             s[f"t_{edge}"] = time.monotonic()
 
@@ -400,19 +400,39 @@ JOBS = ["randread-qd1", "randread-qd32", "randwrite-qd1", "randwrite-qd32", "seq
         "seqwrite-1m"]
 
 
-def _fio(path: Path) -> tuple[float, int] | None:
+def _fio(path: Path) -> tuple[int, int] | None:
+    """(requests, runtime in ms) of one fio round; None when it is missing or failed."""
     try:
         job = json.loads(path.read_text())["jobs"][0]
-    except (OSError, ValueError, KeyError, IndexError):
+        if job.get("error"):
+            return None
+        return (int(job["read"]["total_ios"]) + int(job["write"]["total_ios"]),
+                int(job["job_runtime"]))
+    except (OSError, ValueError, KeyError, IndexError, TypeError):
         return None
-    if job.get("error"):
-        return None
-    return (job["read"]["iops"] + job["write"]["iops"],
-            int(job["read"]["total_ios"]) + int(job["write"]["total_ios"]))
+
+
+def _rounds(results: Path, cpu: dict[str, Any], be: str, job: str) -> dict[int, Any] | None:
+    """Round number -> (requests, runtime ms, CPU ticks, wall seconds) of `be` in `job`; None
+    when any round it started is missing or incomplete (a figure from part of a job would
+    compare unlike things)."""
+    out: dict[int, Any] = {}
+    for key, s in cpu["samples"].items():
+        b, _, rest = key.partition("/")
+        j, _, rnd = rest.partition("/")
+        if b != be or j != job or not rnd.isdigit():
+            continue
+        fio = _fio(results / f"bench-{be}-{job}-r{rnd}.json")
+        if fio is None or s.get("start") is None or s.get("end") is None or not fio[1]:
+            return None
+        out[int(rnd)] = (fio[0], fio[1], s["end"] - s["start"], s["t_end"] - s["t_start"])
+    return out or None
 
 
 def bench_figures(results: Path, bench: list[str]) -> dict[str, Any]:
-    """Per job and backend: the guest's IOPS and the backend's CPU per request; the ratios."""
+    """Per job and backend, over all of the job's rounds: the guest's IOPS (requests / fio's
+    runtime) and the backend's CPU per request; the ratios of the totals, and of each round
+    (vmmiod's against qemu-storage-daemon's in the same round, next to each other in time)."""
     try:
         cpu = json.loads((results / "cpu.json").read_text())
     except (OSError, ValueError):
@@ -420,29 +440,36 @@ def bench_figures(results: Path, bench: list[str]) -> dict[str, Any]:
     figures: dict[str, Any] = {}
     for job in JOBS:
         row: dict[str, Any] = {}
+        rounds: dict[str, dict[int, Any]] = {}
         for be in bench:
-            fio = _fio(results / f"bench-{be}-{job}.json")
-            s = cpu["samples"].get(f"{be}/{job}", {})
-            if fio is None or s.get("start") is None or s.get("end") is None:
+            r = _rounds(results, cpu, be, job)
+            if r is None:
                 row[be] = None
                 continue
-            iops, ios = fio
-            cpu_s = (s["end"] - s["start"]) / cpu["clk_tck"]
-            row[be] = {"iops": round(iops), "ios": ios, "cpu_seconds": cpu_s,
-                       "wall_seconds": round(s["t_end"] - s["t_start"], 2),
+            rounds[be] = r
+            ios = sum(x[0] for x in r.values())
+            runtime_ms = sum(x[1] for x in r.values())
+            cpu_s = sum(x[2] for x in r.values()) / cpu["clk_tck"]
+            row[be] = {"iops": round(ios * 1000 / runtime_ms), "ios": ios, "cpu_seconds": cpu_s,
+                       "wall_seconds": round(sum(x[3] for x in r.values()), 2),
+                       "rounds": len(r),
+                       "round_iops": [round(r[n][0] * 1000 / r[n][1]) for n in sorted(r)],
                        "cpu_us_per_request": round(cpu_s * 1e6 / ios, 1) if ios else None}
         q, v = row.get("qsd"), row.get("vmmiod")
         if q and v:
             row["iops_ratio"] = round(v["iops"] / q["iops"], 3) if q["iops"] else None
             qc, vc = q["cpu_us_per_request"], v["cpu_us_per_request"]
             row["cpu_ratio"] = round(vc / qc, 2) if qc else None
+            rq, rv = rounds["qsd"], rounds["vmmiod"]
+            row["round_ratios"] = [round((rv[n][0] / rv[n][1]) / (rq[n][0] / rq[n][1]), 3)
+                                   for n in sorted(set(rq) & set(rv)) if rq[n][0]]
         figures[job] = row
     return figures
 
 
 def bench_table(figures: dict[str, Any]) -> str:
     head = (f"{'job':<15} {'qsd IOPS':>9} {'qsd us/req':>10} {'vmmiod IOPS':>11} "
-            f"{'vmmiod us/req':>13} {'IOPS ratio':>10} {'CPU ratio':>9}")
+            f"{'vmmiod us/req':>13} {'IOPS ratio':>10} {'CPU ratio':>9}  rounds' IOPS ratios")
     lines = ["side-by-side (guest IOPS; backend CPU utime+stime per request)", head]
 
     def f(x: Any, key: str) -> str:
@@ -450,7 +477,9 @@ def bench_table(figures: dict[str, Any]) -> str:
 
     for job, row in figures.items():
         q, v = row.get("qsd"), row.get("vmmiod")
+        each = " ".join(f"{x:.2f}" for x in row.get("round_ratios", []))
         lines.append(f"{job:<15} {f(q, 'iops'):>9} {f(q, 'cpu_us_per_request'):>10} "
                      f"{f(v, 'iops'):>11} {f(v, 'cpu_us_per_request'):>13} "
-                     f"{row.get('iops_ratio', '-')!s:>10} {row.get('cpu_ratio', '-')!s:>9}")
+                     f"{row.get('iops_ratio', '-')!s:>10} {row.get('cpu_ratio', '-')!s:>9}  "
+                     f"{each or '-'}")
     return "\n".join(lines)

@@ -85,29 +85,35 @@ fi
 # name rw bs iodepth
 JOBS="randread-qd1:randread:4k:1 randread-qd32:randread:4k:32 randwrite-qd1:randwrite:4k:1
 randwrite-qd32:randwrite:4k:32 seqread-1m:read:1M:8 seqwrite-1m:write:1M:8"
-# Every other job runs the backends in the opposite order, so a drift of the host's load does not
-# favour one of them.
+# Each job runs BENCH_ROUNDS rounds of BENCH_SECONDS/BENCH_ROUNDS per backend, the backends taking
+# turns and their order reversed after every round (A B, B A, A B, ...), so that a change in the
+# host's load during a job falls on both backends alike (docs/e2e.md).
+round_ms=$((BENCH_SECONDS * 1000 / BENCH_ROUNDS))
 order="$BENCH_BACKENDS"
 for job in $JOBS; do
     IFS=: read -r name rw bs qd <<EOF
 $job
 EOF
-    for be in $order; do
-        BE=$(echo "$be" | tr a-z A-Z)
-        eval slot=\$SLOT_BENCH_$BE
-        dev=$(disk_at "$slot") || { r bench job=$name be=$be rc=missing-disk; continue; }
-        echo "E2E-B start job=$name be=$be"
-        timeout "$STEP_TIMEOUT" fio --name="$name" --filename="$dev" --direct=1 \
-            --ioengine=libaio --rw="$rw" --bs="$bs" --iodepth="$qd" --size="${BENCH_MIB}M" \
-            --time_based --runtime="$BENCH_SECONDS" --randrepeat=0 --output-format=json \
-            --output="/out/bench-$be-$name.json"
-        rc=$?
-        echo "E2E-B end job=$name be=$be"
-        r bench job=$name be=$be rc=$rc
+    rnd=1
+    while [ "$rnd" -le "$BENCH_ROUNDS" ]; do
+        for be in $order; do
+            BE=$(echo "$be" | tr a-z A-Z)
+            eval slot=\$SLOT_BENCH_$BE
+            dev=$(disk_at "$slot") || { r bench job=$name be=$be rc=missing-disk; continue; }
+            echo "E2E-B start job=$name be=$be round=$rnd"
+            timeout "$STEP_TIMEOUT" fio --name="$name" --filename="$dev" --direct=1 \
+                --ioengine=libaio --rw="$rw" --bs="$bs" --iodepth="$qd" --size="${BENCH_MIB}M" \
+                --time_based --runtime="${round_ms}ms" --randrepeat=0 --output-format=json \
+                --output="/out/bench-$be-$name-r$rnd.json"
+            rc=$?
+            echo "E2E-B end job=$name be=$be round=$rnd"
+            r bench job=$name be=$be round=$rnd rc=$rc
+        done
+        rev=""
+        for be in $order; do rev="$be $rev"; done
+        order=$rev
+        rnd=$((rnd + 1))
     done
-    rev=""
-    for be in $order; do rev="$be $rev"; done
-    order=$rev
 done
 
 # -- reconnect: the backend under test is SIGKILLed during fio and started again ---------------

@@ -153,8 +153,8 @@ class Guest:
         text = line[line.find("E2E-"):] if "E2E-" in line else line
         self.lines.append({"t": round(t, 2), "line": text})
         print(f"  [{t:6.1f}s] {text}", flush=True)
-        if m := re.match(r"E2E-B (start|end) job=(\S+) be=(\S+)", text):
-            self.stack.bench_mark(m.group(1), m.group(2), m.group(3))
+        if m := re.match(r"E2E-B (start|end) job=(\S+) be=(\S+) round=(\d+)", text):
+            self.stack.bench_mark(m.group(1), m.group(2), m.group(3), int(m.group(4)))
         elif text.startswith("E2E-K kill"):
             threading.Thread(target=self.stack.kill_and_restart, daemon=True).start()
         elif text.startswith("E2E-R done"):
