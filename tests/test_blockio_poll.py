@@ -58,24 +58,28 @@ def image(tmp_path: Path) -> Path:
     return p
 
 
-def _run(image: Path, count: int, window: int, max_ns: int = POLL_MAX_NS
+def _run(image: Path, count: int, window: int, max_ns: int = POLL_MAX_NS, direct: bool = True
          ) -> tuple[uring_engine.UringEngine, Collector, bytes]:
-    """Submit `count` buffered 4 KiB reads on a loop with the poll window forced; serve them."""
+    """Submit `count` 4 KiB reads (O_DIRECT unless told) on a loop with the poll window forced;
+    serve them."""
     if not uring_available():
         pytest.skip("io_uring is not available on this machine")
+    try:
+        fd = os.open(image, os.O_RDONLY | (os.O_DIRECT if direct else 0))
+    except OSError:
+        pytest.skip("no O_DIRECT on this filesystem")
     got = Collector()
     eng, _ = open_engine("io_uring", got)
     assert isinstance(eng, uring_engine.UringEngine)
     eng.nowait = False  # through the ring, not answered inline
     eng.poll.max_ns = max_ns
     eng.poll.window = window
-    fd = os.open(image, os.O_RDONLY)
     m, views = buffers(count, 4096)
 
     async def main() -> None:
         eng.attach(asyncio.get_running_loop())
         for i in range(count):
-            eng.submit(Op(READ, fd, [views[i]], i * 4096, 4096, owner=i))
+            eng.submit(Op(READ, fd, [views[i]], i * 4096, 4096, owner=i, direct=direct))
         eng.kick()
         for _ in range(300):
             if len(got.ops) == count:
@@ -106,6 +110,15 @@ def test_a_deep_queue_is_not_polled(image: Path) -> None:
     eng, got, data = _run(image, n, POLL_MAX_NS)
     assert sorted(op.owner for op in got.ops) == list(range(n))
     assert data == image.read_bytes()[:n * 4096]
+    assert eng.poll.hits + eng.poll.misses == 0
+
+
+def test_buffered_ops_are_not_polled(image: Path) -> None:
+    """A buffered op the page cache cannot answer runs on an io-wq worker thread: a poll would
+    take the CPU that thread needs."""
+    eng, got, data = _run(image, 1, POLL_MAX_NS, direct=False)
+    assert [(op.owner, op.result) for op in got.ops] == [(0, 4096)]
+    assert data == image.read_bytes()[:4096]
     assert eng.poll.hits + eng.poll.misses == 0
 
 

@@ -70,6 +70,7 @@ def test_pop_tables_across_the_avail_ring_and_16_bit_wrap() -> None:
     for i in range(8):
         _blk(rig, i)
     rig.driver.kick_prepare()
+    rig.queue.avail_idx()  # (pop() reads it; pop_tables takes what the last read covers)
     popped = rig.queue.pop_tables(8)
     assert [rig.memory.read(v[0], 1)[0] for _, v in popped] == list(range(8))
     assert rig.queue.next_avail == (65533 + 8) & 0xFFFF
@@ -81,6 +82,7 @@ def test_pop_tables_respects_the_limit() -> None:
     for i in range(6):
         _blk(rig, i)
     rig.driver.kick_prepare()
+    rig.queue.avail_idx()  # (pop() reads it; pop_tables takes what the last read covers)
     assert len(rig.queue.pop_tables(4)) == 4
     assert len(rig.queue.pop_tables(4)) == 2
 
@@ -90,6 +92,7 @@ def test_hostile_head_in_the_middle_stops_the_batch_and_pop_names_it() -> None:
     for i in range(4):
         _blk(rig, i)
     rig.driver.kick_prepare()
+    rig.queue.avail_idx()  # (pop() reads it; pop_tables takes what the last read covers)
     rig.driver.raw_avail(2, 200)  # the third entry names no descriptor
     assert len(rig.queue.pop_tables(8)) == 2
     assert rig.queue.pop_tables(8) == []  # nothing taken from the bad entry on
@@ -102,6 +105,7 @@ def test_a_head_twice_in_one_batch_is_popped_once() -> None:
     for i in range(3):
         _blk(rig, i)
     rig.driver.kick_prepare()
+    rig.queue.avail_idx()  # (pop() reads it; pop_tables takes what the last read covers)
     first = rig.driver.avail_idx - 3
     head0 = rig.memory.read_u16(rig.driver.avail_addr + 4 + 2 * (first % 8))
     rig.driver.raw_avail(first + 1, head0)
@@ -116,6 +120,7 @@ def test_a_bad_table_is_left_to_pop(bad: str) -> None:
     for i in range(3):
         _blk(rig, i)
     rig.driver.kick_prepare()
+    rig.queue.avail_idx()  # (pop() reads it; pop_tables takes what the last read covers)
     slot = rig.driver.avail_idx - 2
     head = rig.memory.read_u16(rig.driver.avail_addr + 4 + 2 * (slot % 8))
     addr = rig.memory.read_u64(rig.driver.desc_addr + 16 * head)
@@ -136,6 +141,7 @@ def test_pop_tables_needs_indirect_negotiated() -> None:
     rig = make_rig(size=8, indirect=True)
     _blk(rig, 0)
     rig.driver.kick_prepare()
+    rig.queue.avail_idx()  # (pop() reads it; pop_tables takes what the last read covers)
     rig.queue.indirect = False
     assert rig.queue.pop_tables(8) == []
     with pytest.raises(E.IndirectNotNegotiated):
@@ -147,6 +153,7 @@ def test_add_used_run_wraps_the_used_ring_and_its_index() -> None:
     for i in range(5):
         _blk(rig, i)
     rig.driver.kick_prepare()
+    rig.queue.avail_idx()  # (pop() reads it; pop_tables takes what the last read covers)
     popped = rig.queue.pop_tables(8)
     elems: list[int] = []
     for head, _v in popped:
@@ -163,6 +170,7 @@ def test_add_used_run_refuses_a_head_not_in_flight() -> None:
     for i in range(2):
         _blk(rig, i)
     rig.driver.kick_prepare()
+    rig.queue.avail_idx()  # (pop() reads it; pop_tables takes what the last read covers)
     popped = rig.queue.pop_tables(8)
     used_before = rig.memory.read(rig.driver.used_addr, 6 + 8 * 8)
     with pytest.raises(E.UsedIdNotInFlight):

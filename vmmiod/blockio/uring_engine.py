@@ -44,8 +44,9 @@ WATCHDOG_S = 0.05  # how often the ring is looked at while completions are owed
 # ones, which the page cache mostly completes inside io_uring_enter, wait for the kick: one
 # system call per notification.) docs/performance.md has the measurements behind the 4.
 SUBMIT_EVERY = 4
-# Completions are polled for (blockio/poll.py) only with at most this many owed: a deep queue
-# keeps the loop busy anyway, and its completions come in batches long after a poll would end.
+# Completions are polled for (blockio/poll.py) only with at most this many owed, the newest an
+# O_DIRECT read or write: a deep queue keeps the loop busy anyway, and its completions come in
+# batches long after a poll would end.
 POLL_DEPTH = 2
 
 
@@ -86,6 +87,10 @@ class UringEngine(Engine):
         self.poll = AdaptivePoll()
         self._poll_from = 0  # perf_counter_ns of the submission a poll may look for, or 0
         self._poll_handle: asyncio.Handle | None = None
+        # The newest entry is an O_DIRECT read or write: only those are polled for. A buffered
+        # one the page cache cannot answer goes to an io-wq worker thread, which needs the CPU
+        # a poll would take (on a small machine, the very CPU that would complete it).
+        self._poll_direct = False
 
     def offered(self) -> list[str]:
         return sorted(uring.OP_NAMES[o] for o in self.ops if o in uring.OP_NAMES)
@@ -118,6 +123,7 @@ class UringEngine(Engine):
                   uring.IORING_OP_READ if op.kind == READ else uring.IORING_OP_WRITE,
                   0, 0, op.fd, op.offset, uring.buffer_address(v), len(v), 0, tag, 0, 0, 0, 0, 0)
         ring._tail = tail = (tail + 1) & 0xFFFFFFFF
+        self._poll_direct = op.direct
         if op.direct and (tail - ring._submitted) & 0xFFFFFFFF >= SUBMIT_EVERY:
             ring.submit()  # the disk starts on these while the rest of the batch is parsed
 
@@ -191,6 +197,7 @@ class UringEngine(Engine):
                 self._backlog.append(op)
                 return
         self._owed += 1
+        self._poll_direct = op.direct
         if k <= WRITE:
             views = op.current_views()
             offset = op.offset + op.done
@@ -256,7 +263,7 @@ class UringEngine(Engine):
                 self._start(op)
             self.ring.submit()
         if self._loop is not None and self.poll.max_ns:
-            if 0 < self._owed <= POLL_DEPTH:
+            if 0 < self._owed <= POLL_DEPTH and self._poll_direct:
                 if not self._poll_from:
                     self._poll_from = time.perf_counter_ns()
                 if self.poll.window and self._poll_handle is None:

@@ -248,16 +248,13 @@ class BlockDevice(BlockIo):
             if not q.event_idx:  # with EVENT_IDX there is nothing to disable
                 q.disable_notification()
             while budget:
-                # A run of the common requests in one pass (block_fast.py), then the chain
-                # it stopped at (if any) the usual way.
-                budget -= handle_tables(self, index, q, memory, limits, budget)
-                if not budget:
-                    break
-                chain = pop()
+                chain = pop()  # (reads avail.idx when what it read last is used up)
                 if chain is None:
                     break
                 handle(index, q, memory, limits, chain)
                 budget -= 1
+                if budget:  # the run behind it: the common requests in one pass (block_fast)
+                    budget -= handle_tables(self, index, q, memory, limits, budget)
             if not budget:
                 self._end_batch(index, q.next_used != used_before)
                 if self._loop is not None:  # the rest on a later loop turn, after other work

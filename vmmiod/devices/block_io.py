@@ -185,7 +185,10 @@ class BlockIo(VirtioDevice):
                 c["bytes_written"] += written_bytes
                 n_fast = 0
                 for index, run in runs.items():
-                    queues[index].add_used_run(run)
+                    if len(run) == 2:  # one element: the plain writer costs less
+                        queues[index].add_used(run[0], run[1])
+                    else:
+                        queues[index].add_used_run(run)
                     touched.add(index)
             sticky = self._sticky
             if sticky:

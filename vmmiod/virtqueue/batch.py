@@ -7,6 +7,9 @@ values of its table; `add_used_run` writes the used elements of a batch with one
 contiguous stretch of the used ring. Both are the rules of `SplitQueue.pop` / `add_used`
 written for a batch, never looser:
 
+- `pop_tables` pops only from the avail entries the last read of avail.idx covers (by
+  `SplitQueue.pop`, which the caller uses for a notification's first chain), at least
+  BATCH_MIN of them.
 - `pop_tables` takes only a chain `SplitQueue.pop` would accept with exactly the same buffers
   (head in range and not in flight, INDIRECT negotiated, the table inside guest memory, linear:
   descriptor i chains to i + 1, readable ones first, total length under 2**32). It stops, having
@@ -35,6 +38,7 @@ VIRTQ_DESC_F_INDIRECT = 4
 DESC = struct.Struct("<QIHH")  # a descriptor (VIRTIO 1.2 2.7.5): addr, len, flags, next
 DESC_SIZE = 16
 TABLE_LEN = 3  # descriptors in the tables popped here
+BATCH_MIN = 2  # fewer available chains: none popped here (the caller's pop() takes them)
 _TABLE = TABLE_STRUCTS[TABLE_LEN]
 _N, _NW, _W = VIRTQ_DESC_F_NEXT, VIRTQ_DESC_F_NEXT | VIRTQ_DESC_F_WRITE, VIRTQ_DESC_F_WRITE
 # The linear flag patterns of three descriptors: 0 to 3 readable ones, then writable ones.
@@ -89,19 +93,18 @@ class BatchOps:
         """Pop up to `limit` available chains that are one INDIRECT descriptor over a linear
         table of three; each as (head, the table's 12 values). Stops before the first chain of
         another shape (or breaking a rule): see the module doc."""
+        out: list[Table] = []
+        nxt_avail = self.next_avail
+        # Only the entries avail.idx, as last read, already covers: pop() reads the index
+        # (a notification's first chain comes from pop(), the rest of the run from here).
+        count = (self._avail_idx - nxt_avail) & 0xFFFF
+        if count < BATCH_MIN or not self.indirect:  # one chain: pop() costs less than a batch
+            return out
+        count = min(count, limit)
         mem = self.memory
         if mem is None or not self.ready or mem.generation != self._gen:
             self._check_generation()
             assert mem is not None
-        out: list[Table] = []
-        if not self.indirect:
-            return out
-        nxt_avail = self.next_avail
-        if self._avail_idx == nxt_avail:
-            self.avail_idx()  # (raises AvailIndexJump as pop does; the read barrier is in it)
-        count = min(limit, (self._avail_idx - nxt_avail) & 0xFFFF)
-        if count <= 0:
-            return out
         n = self.size
         slot = nxt_avail & (n - 1)
         avail, ring = self._avail_buf, self._avail_off + 4
