@@ -75,6 +75,8 @@ class HoldingDevice:
         if self.complete_at_once:
             self.complete()
 
+    queue_kicked = queue_notify
+
     def complete(self) -> None:
         q = self.queues[0]
         for chain in self.held:

@@ -4,6 +4,7 @@ inflight record handed back by the front-end."""
 
 from __future__ import annotations
 
+import asyncio
 import fcntl
 import os
 import select
@@ -16,10 +17,12 @@ import pytest
 from tests.test_vhost_user import block_device
 from tests.test_vhost_user_inflight import HoldingDevice
 from tests.vhost_user_peer import FrontEnd, ThreadedVhost, connect, sealed_memfd
+from vmmiod.devices.base import VirtioDevice
 from vmmiod.hypervisors.vhost_user import wire as w
 from vmmiod.hypervisors.vhost_user.device import VhostTransport
 from vmmiod.hypervisors.vhost_user.memtable import VhostMemory, check_memory_fd
 from vmmiod.hypervisors.vhost_user.vring import VhostQueue, Vring
+from vmmiod.memory import MappedMemory
 
 MiB = 1 << 20
 
@@ -149,5 +152,74 @@ def test_a_corrupted_inflight_record_starts_afresh(tmp_path: Path) -> None:
             fe.kick(0)
             assert [t for t, _ in fe.wait_used(0, 1)] == ["fresh"]
             assert d.call(lambda: dev.popped) == [0]  # nothing "redone" from the bad record
+        finally:
+            fe.close()
+
+
+class _Drained(VirtioDevice):
+    """A device that records when its queue runs (in a kick's callback or on a later turn)."""
+
+    def __init__(self) -> None:
+        super().__init__("drained", [8])
+        self.runs: list[str] = []
+        self.phase = ""
+
+    def process_queue(self, index: int) -> None:
+        self.runs.append(self.phase)
+
+
+def test_a_kick_drains_the_queue_in_its_own_callback() -> None:
+    """queue_kicked (the vhost-user kick fd's reader) runs the queue at once, where
+    queue_notify (a vCPU's exit) only schedules it; a run already scheduled keeps its turn."""
+
+    class Ready:
+        ready = True
+
+    async def go() -> list[str]:
+        dev = _Drained()
+        dev.activate(MappedMemory(), [Ready()], 0, None)  # type: ignore[list-item, arg-type]
+        dev.phase = "kicked"
+        dev.queue_kicked(0)
+        dev.phase = "notify"
+        dev.queue_notify(0)  # scheduled: runs after this callback
+        dev.phase = "kicked-while-scheduled"
+        dev.queue_kicked(0)  # the scheduled run covers it: no second run
+        dev.phase = "later"
+        await asyncio.sleep(0)
+        dev.reset()
+        return dev.runs
+
+    assert asyncio.run(go()) == ["kicked", "later"]
+
+
+def test_the_adaptor_hands_kicks_to_queue_kicked(tmp_path: Path) -> None:
+    class Recording(HoldingDevice):
+        def __init__(self) -> None:
+            super().__init__()
+            self.calls: list[str] = []
+
+        def queue_notify(self, index: int) -> None:
+            self.calls.append("notify")
+            super().queue_notify(index)
+
+        def queue_kicked(self, index: int) -> None:
+            self.calls.append("kicked")
+            super().queue_notify(index)
+
+    dev = Recording()
+    sock = str(tmp_path / "rec.sock")
+    with ThreadedVhost([("rec", dev, sock)]) as d:
+        fe = FrontEnd(connect(sock))
+        try:
+            fe.negotiate()
+            fe.set_mem_table()
+            fe.start_ring(0, size=8)
+            d.call(lambda: setattr(dev, "complete_at_once", True))
+            buf = fe.alloc.alloc(16)
+            fe.rings[0].q.add([], [(buf, 16)], "x")
+            fe.kick(0)
+            assert [t for t, _ in fe.wait_used(0, 1)] == ["x"]
+            # The ring's start drains what arrived before it (scheduled); the kick, at once.
+            assert d.call(lambda: list(dev.calls)) == ["notify", "kicked"]
         finally:
             fe.close()

@@ -15,7 +15,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-AREAS = ("virtqueue", "registers", "channel", "block", "net", "console")
+AREAS = ("virtqueue", "registers", "channel", "block", "net", "console", "vhost")
 
 
 def _flatten(prefix: str, value: Any, out: list[tuple[str, Any]]) -> None:

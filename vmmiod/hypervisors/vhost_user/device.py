@@ -3,17 +3,18 @@
 The adaptor never imports vmmiod.devices: the daemon hands it device objects that fit
 `VhostDevice` (vmmiod.devices.base.VirtioDevice does). vhost-user enters below the register
 window (docs/architecture.md): the front-end owns status, feature and queue registers, so the
-adaptor calls the device at "activate" and "queue_notify" and answers it through
-`VhostTransport`: a used-buffer notification writes the ring's call eventfd, a fault writes the
-error eventfds.
+adaptor calls the device at "activate", "queue_notify" and, in a kick fd's callback,
+"queue_kicked" (the queue is drained there), and answers it through `VhostTransport`: a
+used-buffer notification writes the ring's call eventfd, a fault writes the error eventfds.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
-from vmmiod.hypervisors.vhost_user.vring import Vring
+from vmmiod.hypervisors.vhost_user.vring import EVENTFD_ONE, Vring
 
 
 class VhostDevice(Protocol):
@@ -36,6 +37,8 @@ class VhostDevice(Protocol):
 
     def queue_notify(self, index: int) -> None: ...
 
+    def queue_kicked(self, index: int) -> None: ...
+
     def on_queue_reset(self, index: int) -> None: ...
 
 
@@ -51,11 +54,15 @@ class VhostTransport:
         self._config_change_logged = False
 
     def signal_used(self, queue_index: int) -> None:
-        vr = self.vrings[queue_index]
-        if vr.signal("call_fd"):
-            self.counters["calls"] += 1
-        else:
-            self.counters["calls_dropped"] += 1
+        fd = self.vrings[queue_index].call_fd
+        if fd is not None:
+            try:
+                os.write(fd, EVENTFD_ONE)
+                self.counters["calls"] += 1
+                return
+            except OSError:  # counter full (the front-end does not read it) or a closed fd
+                pass
+        self.counters["calls_dropped"] += 1
 
     def signal_config_change(self) -> None:
         # Telling the front-end needs the back-end request channel (BACKEND_REQ), which is

@@ -148,7 +148,7 @@ class RingHandlers:
         if not vr.enabled:
             vr.kicks_waiting = True
             return
-        self.device.queue_notify(index)
+        self.device.queue_kicked(index)  # drained here, in the kick fd's callback
 
     def _start(self, index: int) -> None:
         vr = self.vrings[index]
