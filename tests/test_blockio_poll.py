@@ -126,3 +126,18 @@ def test_polling_off(image: Path) -> None:
     eng, got, _ = _run(image, 1, 0, max_ns=0)
     assert len(got.ops) == 1
     assert eng.poll.hits + eng.poll.misses == 0
+
+
+@pytest.mark.parametrize("us", [0, 20, 50])
+def test_the_block_config_sets_the_bound(image: Path, us: int) -> None:
+    from tests.test_block_harness import open_device
+
+    if not uring_available():
+        pytest.skip("io_uring is not available on this machine")
+    dev = open_device(image, io_engine="io_uring", io_poll_us=us)
+    try:
+        assert isinstance(dev.engine, uring_engine.UringEngine)
+        assert dev.engine.poll.max_ns == us * 1000
+        assert dev.stats()["io_poll_us"] == 0
+    finally:
+        asyncio.run(dev.close())

@@ -107,6 +107,7 @@ class BlockConfig:
     lock: bool = True
     vhost_user: VhostUserSocket | None = None
     io_engine: Literal["auto", "io_uring", "threads", "sync"] = "auto"
+    io_poll_us: int = 50  # io_uring: the bound of a completion poll (blockio/poll.py); 0: off
     type: Literal["block"] = "block"
 
 

@@ -23,7 +23,8 @@ TOP_KEYS = ("guest", "hypervisor", "log", "devices")
 XEN_KEYS = ("interrupts", "grants", "map_cache_pages", "domain_wait", "backend_domid")
 GENERIC_KEYS = ("socket", "on_disconnect", "socket_mode")
 DEVICE_COMMON = ("id", "mmio", "vhost_user")
-BLOCK_KEYS = ("path", "readonly", "cache", "serial", "queues", "queue_size", "lock", "io_engine")
+BLOCK_KEYS = ("path", "readonly", "cache", "serial", "queues", "queue_size", "lock", "io_engine",
+              "io_poll_us")
 NET_KEYS = ("backend", "mac", "mtu", "queue_size")
 CONSOLE_KEYS = ("ports", "backend", "multiport", "cols", "rows", "queue_size")
 

@@ -29,6 +29,7 @@ def block(s: SchemaBase, m: dict[str, Node], path: str, dev_id: str | None,
         "queues": lambda n, q: r.integer(n, q, 1, 64),
         "queue_size": r.queue_size,
         "io_engine": lambda n, q: r.choice(n, q, ("auto", "io_uring", "threads", "sync")),
+        "io_poll_us": lambda n, q: r.integer(n, q, 0, 1000),
     })
     image = kw.get("path")
     if image is not None:
