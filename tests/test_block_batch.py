@@ -74,10 +74,12 @@ def test_batch_with_bad_requests_in_the_middle_fails_only_those(image: Path) -> 
     g.close()
 
 
-def test_batches_wrap_the_rings(image: Path) -> None:
+@pytest.mark.parametrize("cache", ["writeback", "writethrough", "none"])
+def test_batches_wrap_the_rings(image: Path, cache: str) -> None:
     """Queue of 8: a batch of 5, then batches of 8 that wrap the avail and used rings inside
-    the batch, reads and writes mixed; every request's data and status as one by one."""
-    dev, g = make(image)
+    the batch, reads and writes mixed; every request's data and status as one by one (O_DIRECT
+    with `cache: none`, an fdatasync before each write's status with writethrough)."""
+    dev, g = make(image, cache=cache)
     content = bytearray(image.read_bytes())
     rounds = [5, 8, 8, 3, 8]
     n = 0
@@ -105,6 +107,8 @@ def test_batches_wrap_the_rings(image: Path) -> None:
                 assert r.used_len == 1
     assert image.read_bytes() == bytes(content)
     assert dev.counters["in_flight"] == 0
+    if cache == "writethrough":
+        assert dev.counters["flushes"] >= 1
     g.close()
 
 
