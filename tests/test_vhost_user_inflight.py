@@ -280,3 +280,23 @@ def test_a_record_smaller_than_the_ring_leaves_the_ring_served_without_one(
     assert d.call(lambda: dev.queues[0].inflight) is None
     fe.close()
     __import__("os").close(fds[0])
+
+
+def test_the_per_request_stores_follow_the_layout() -> None:
+    """popped/used/published write the fields the split-ring layout names, read back here
+    with struct (the record is read by the next back-end, which may be another program)."""
+    rec = record()
+    q = rec.queues[0]
+    assert q.start(8, used_idx=9) is None
+    q.popped(5)
+    q.popped(2)
+    assert DESC.unpack_from(q.buf, HEAD.size + DESC.size * 5) == (1, 0, 1)
+    assert DESC.unpack_from(q.buf, HEAD.size + DESC.size * 2) == (1, 0, 2)
+    q.used(2)
+    q.used(5)
+    assert DESC.unpack_from(q.buf, HEAD.size + DESC.size * 5) == (1, 2, 1)  # next: head 2
+    assert HEAD.unpack_from(q.buf, 0)[1:] == (1, 8, 5, 9)  # version, desc_num, last, used_idx
+    q.published(11)
+    assert [DESC.unpack_from(q.buf, HEAD.size + DESC.size * h)[0] for h in (2, 5)] == [0, 0]
+    assert HEAD.unpack_from(q.buf, 0)[4] == 11
+    rec.close()

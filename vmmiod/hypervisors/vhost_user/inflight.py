@@ -52,6 +52,13 @@ def check_shape(num_queues: int, queue_size: int, what: str) -> None:
                                            f"two up to {MAX_QUEUE_SIZE}")
 
 
+# The per-request stores go through memoryview casts of the region (the host is little-endian:
+# vmmiod/memory.py), indexed in their own units: a u16 index and a u64 index per field.
+U16_LAST_BATCH, U16_USED_IDX = OFF_LAST_BATCH // 2, OFF_USED_IDX // 2
+U16_NEXT = (HEAD.size + DESC_NEXT) // 2  # + DESC.size // 2 * head
+U64_COUNTER = (HEAD.size + DESC_COUNTER) // 8  # + DESC.size // 8 * head
+
+
 class QueueInflight:
     """One queue's part of the record."""
 
@@ -60,6 +67,9 @@ class QueueInflight:
         self.desc_num = desc_num
         self.counter = 1
         self._batch: list[int] = []
+        self._h = buf.cast("H")
+        self._q = buf.cast("Q")
+        self._last_batch = 0  # the record's last_batch_head (read back at start())
 
     def _u16(self, off: int) -> int:
         value: int = struct.unpack_from("<H", self.buf, off)[0]
@@ -78,6 +88,7 @@ class QueueInflight:
             self._set_u16(OFF_VERSION, INFLIGHT_VERSION)
             self._set_u16(OFF_DESC_NUM, self.desc_num)
             self._set_u16(OFF_USED_IDX, used_idx)
+            self._last_batch = 0
             return None
         if self._u16(OFF_DESC_NUM) != self.desc_num:
             raise InflightInvalid(f"record was written for {self._u16(OFF_DESC_NUM)} entries, "
@@ -105,30 +116,41 @@ class QueueInflight:
             elif flag:
                 raise InflightInvalid(f"head {head} has inflight mark {flag}")
         self.counter = top + 1
+        self._last_batch = self._u16(OFF_LAST_BATCH)
         pending.sort()
         return (used_idx + len(pending)) & 0xFFFF, [h for _, h in pending]
 
+    # The three per-request steps (the order of libvhost-user's, the stores as few as the
+    # layout allows): the counter then the mark at the pop; the batch link at the add_used,
+    # before used.idx moves; the marks cleared and used_idx recorded after it moved.
     def popped(self, head: int) -> None:
-        off = HEAD.size + DESC.size * head
-        struct.pack_into("<Q", self.buf, off + DESC_COUNTER, self.counter)
+        self._q[U64_COUNTER + 2 * head] = self.counter
         self.counter += 1
-        self.buf[off] = 1
+        self.buf[HEAD.size + DESC.size * head] = 1
 
     def unpopped(self, head: int) -> None:
         self.buf[HEAD.size + DESC.size * head] = 0
 
     def used(self, head: int) -> None:
-        off = HEAD.size + DESC.size * head
-        self._set_u16(off + DESC_NEXT, self._u16(OFF_LAST_BATCH))
-        self._set_u16(OFF_LAST_BATCH, head)
+        h = self._h
+        h[U16_NEXT + 8 * head] = self._last_batch
+        h[U16_LAST_BATCH] = self._last_batch = head
         self._batch.append(head)
 
     def published(self, used_idx: int) -> None:
         """used.idx now reads `used_idx`: the batch is the driver's."""
-        for head in self._batch:
-            self.buf[HEAD.size + DESC.size * head] = 0
-        self._batch.clear()
-        self._set_u16(OFF_USED_IDX, used_idx)
+        batch = self._batch
+        if batch:
+            buf = self.buf
+            for head in batch:
+                buf[HEAD.size + DESC.size * head] = 0
+            batch.clear()
+        self._h[U16_USED_IDX] = used_idx & 0xFFFF
+
+    def release(self) -> None:
+        self._h.release()
+        self._q.release()
+        self.buf.release()
 
 
 class InflightRecord:
@@ -179,7 +201,7 @@ class InflightRecord:
 
     def close(self) -> None:
         for q in self.queues:
-            q.buf.release()
+            q.release()
         self.queues = []
         try:
             self.mapping.close()

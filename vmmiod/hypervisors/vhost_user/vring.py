@@ -38,12 +38,13 @@ class VhostQueue(SplitQueue):
         self._last_head = -1
 
     def pop(self) -> DescriptorChain | None:
-        chain = self._pop_resubmit() if self.resubmit else super().pop()
+        chain = self._pop_resubmit() if self.resubmit else SplitQueue.pop(self)
         if chain is not None:
-            self._last_head = chain.head
-            self.outstanding[chain.head] = None
-            if self.inflight is not None:
-                self.inflight.popped(chain.head)
+            self._last_head = head = chain.head
+            self.outstanding[head] = None
+            inflight = self.inflight
+            if inflight is not None:
+                inflight.popped(head)
         return chain
 
     def pop_tables(self, limit: int) -> list[Table]:
@@ -73,20 +74,22 @@ class VhostQueue(SplitQueue):
         if self.inflight is not None and 0 <= self._last_head < self.size:
             self.inflight.unpopped(self._last_head)
 
-    def add_used(self, head: int, length: int, *args: Any) -> Any:
-        done = super().add_used(head, length, *args)
-        if done is not False:
+    def add_used(self, head: int, length: int, generation: int | None = None) -> bool:
+        done = SplitQueue.add_used(self, head, length, generation)
+        if done:
             self.outstanding.pop(head, None)
-            if self.inflight is not None:
-                self.inflight.used(head)
+            inflight = self.inflight
+            if inflight is not None:
+                inflight.used(head)
         return done
 
     def add_used_run(self, elems: list[int]) -> None:
-        super().add_used_run(elems)
+        SplitQueue.add_used_run(self, elems)
+        outstanding, inflight = self.outstanding, self.inflight
         for head in elems[0::2]:
-            self.outstanding.pop(head, None)
-            if self.inflight is not None:
-                self.inflight.used(head)
+            outstanding.pop(head, None)
+            if inflight is not None:
+                inflight.used(head)
 
     def resume_base(self) -> tuple[int, int]:
         """(base, given back): the avail index a restarted ring should resume from.
@@ -107,10 +110,13 @@ class VhostQueue(SplitQueue):
         return start, k
 
     def publish_used(self) -> bool:
+        inflight = self.inflight
+        if inflight is None:
+            return SplitQueue.publish_used(self)
         ready = self.ready
-        notify = super().publish_used()
-        if ready and self.inflight is not None:
-            self.inflight.published(self.next_used)
+        notify = SplitQueue.publish_used(self)
+        if ready:
+            inflight.published(self.next_used)
         return notify
 
 
