@@ -13,7 +13,10 @@
 3. Loop stall (vmmiod/bench/block_stall.py): a register read of another device while one disk
    is saturated.
 4. The full stack (vmmiod/bench/block_stack.py): `vmmiod run` as a child process and the
-   simulated guest over the generic IOREQ channel.
+   simulated guest over the generic IOREQ channel, page-cache-warm.
+5. The full stack on real storage (vmmiod/bench/block_stack_disk.py): the same daemon with
+   `cache: none` on the real-storage image, the guest a closed loop in its own process, rounds
+   alternated with fio on the same file.
 
 Run: `python -m vmmiod.bench.block [--quick] [--profile] [--no-stack]`. docs/performance.md has
 the figures and what they mean.
@@ -228,6 +231,11 @@ def run(quick: bool = False, profile: bool = False, stack: bool = True) -> dict[
         disk_image = block_disk.make_image(Path(d), (256 if quick else 1024) << 20)
         results["stall"] = block_stall.run(disk_image, (*ENGINES, "sync"),
                                            1.0 if quick else 3.0)
+        if stack:
+            from vmmiod.bench import block_stack_disk
+            stack_disk = Path(d) / "stack-disk"
+            stack_disk.mkdir()
+            results["full_stack_disk"] = block_stack_disk.run(disk_image, stack_disk, quick)
         disk_image.unlink()
         image = Path(d) / "bench.img"
         with open(image, "wb") as f:  # allocated, non-zero, page-cache warm
@@ -266,6 +274,10 @@ def main(argv: list[str] | None = None) -> int:
     print("\n".join(block_disk.report(results["disk"], ENGINES)))
     print()
     print("\n".join(block_stall.report(results["stall"])))
+    if "full_stack_disk" in results:
+        from vmmiod.bench import block_stack_disk
+        print()
+        print("\n".join(block_stack_disk.report(results["full_stack_disk"])))
     print("\npage cache (warm image; default engine unless named)")
     print(f"{'virtio-blk workload':26} {'IOPS':>9} {'MB/s':>8} {'cpu us':>8} | "
           f"{'plain IOPS':>10} {'MB/s':>8} {'cpu us':>8} | {'cpu x':>6} {'tput %':>7}")
