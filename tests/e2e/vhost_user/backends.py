@@ -226,6 +226,8 @@ def vmmiod_config(results: Path, socks: dict[str, Path], params: dict[str, Any],
             lines.append("    lock: false")
         if params.get("VMMIOD_IO_ENGINE"):  # vmmiod's default otherwise (docs/configuration.md)
             lines.append(f"    io_engine: {params['VMMIOD_IO_ENGINE']}")
+        if str(params.get("VMMIOD_IO_POLL_US", "")).isdigit():  # else vmmiod's default (50)
+            lines.append(f"    io_poll_us: {int(params['VMMIOD_IO_POLL_US'])}")
         if params.get("QUEUE_SIZE"):
             lines.append(f"    queue_size: {params['QUEUE_SIZE']}")
     if net:
