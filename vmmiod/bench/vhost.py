@@ -11,6 +11,7 @@ cost"). With `--qsd` (and qemu-storage-daemon installed) the same loop runs agai
 the same image, for a ratio. Figures only: nothing is asserted.
 
     python -m vmmiod.bench.vhost [--requests 3000] [--rounds 2] [--qsd] [--dir DIR]
+                                 [--io-poll-us N]
 """
 
 from __future__ import annotations
@@ -186,7 +187,8 @@ def qd1(path: str, pid: int, image_size: int, n: int, write: bool) -> dict[str, 
             "cpu_us_per_req": round(cpu / n * 1e6, 1)}
 
 
-def start_backend(kind: str, work: Path, image: Path) -> tuple[subprocess.Popen[bytes], str]:
+def start_backend(kind: str, work: Path, image: Path,
+                  poll_us: int | None = None) -> tuple[subprocess.Popen[bytes], str]:
     path = str(work / f"{kind}.sock")
     if kind == "qsd":
         file_node = (f"driver=file,node-name=f0,filename={image},cache.direct=on,"
@@ -200,13 +202,15 @@ def start_backend(kind: str, work: Path, image: Path) -> tuple[subprocess.Popen[
         cfg.write_text("guest: {name: bench}\nhypervisor: {kind: vhost-user}\n"
                        "log: {level: warning, stats_interval: 0}\ndevices:\n"
                        f"  - {{type: block, id: d0, path: '{image}', cache: none, lock: false, "
-                       f"vhost_user: '{path}', queue_size: {RING}}}\n")
+                       f"vhost_user: '{path}', queue_size: {RING}"
+                       + ("" if poll_us is None else f", io_poll_us: {poll_us}") + "}\n")
         cmd = [sys.executable, "-m", "vmmiod", "run", str(cfg)]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return proc, path
 
 
-def measure(n: int, rounds: int, backends: list[str], where: str | None) -> dict[str, Any]:
+def measure(n: int, rounds: int, backends: list[str], where: str | None,
+            poll_us: int | None = None) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="vmmiod-bench-vhost-", dir=where))
     procs: dict[str, tuple[subprocess.Popen[bytes], str]] = {}
     try:
@@ -218,7 +222,7 @@ def measure(n: int, rounds: int, backends: list[str], where: str | None) -> dict
         except OSError as exc:
             return {"error": f"{work}: no O_DIRECT ({exc.strerror}): use --dir on a disk"}
         for kind in backends:
-            procs[kind] = start_backend(kind, work, image)
+            procs[kind] = start_backend(kind, work, image, poll_us)
         out: dict[str, Any] = {}
         for r in range(rounds):
             order = backends if r % 2 == 0 else backends[::-1]  # load drifts: alternate
@@ -252,6 +256,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--qsd", action="store_true", help="qemu-storage-daemon side by side")
     p.add_argument("--dir", default=None, help="scratch directory (a disk, not tmpfs)")
+    p.add_argument("--io-poll-us", type=int, default=None,
+                   help="vmmiod's io_poll_us (0: no completion poll); default: vmmiod's")
     a = p.parse_args(argv)
     backends = ["vmmiod"]
     if a.qsd:
@@ -259,7 +265,7 @@ def main(argv: list[str] | None = None) -> int:
             print("qemu-storage-daemon is not installed", file=sys.stderr)
             return 69
         backends.append("qsd")
-    for key, value in measure(a.requests, a.rounds, backends, a.dir).items():
+    for key, value in measure(a.requests, a.rounds, backends, a.dir, a.io_poll_us).items():
         print(f"{key:<44} {value}")
     return 0
 
