@@ -138,3 +138,45 @@ def test_read_only_device_refuses_writes_inside_a_batch(image: Path) -> None:
     assert replies[t2].status == VIRTIO_BLK_S_IOERR
     assert image.read_bytes() == before
     g.close()
+
+
+@pytest.mark.parametrize("event_idx", [True, False])
+def test_one_chain_per_notification_reads_avail_idx_once_and_still_sees_late_chains(
+        image: Path, event_idx: bool) -> None:
+    """QD1: the chain's own read of avail.idx is the last one before enable_notification's
+    re-read behind the fence (no pop that finds nothing); a chain the driver adds while the
+    device handles the first, without a notification, is still found by that re-read."""
+    dev = open_device(image, queue_size=8)
+    g = Guest(dev, queue_size=8, event_idx=event_idx)
+    q = dev.queues[0]
+    pops: list[bool] = []
+    real_pop = q.pop
+
+    def counting_pop() -> object:
+        chain = real_pop()
+        pops.append(chain is not None)
+        return chain
+
+    q.pop = counting_pop  # type: ignore[method-assign]
+    t1 = g.submit(VIRTIO_BLK_T_IN, 0, read=512)
+    g.kick()
+    assert g.replies()[t1].status == VIRTIO_BLK_S_OK
+    assert pops == [True]  # without the drained() check: [True, False]
+
+    pops.clear()
+    late: list[int] = []
+    real_handle = dev._handle
+
+    def handle_and_add(*args: object) -> None:
+        real_handle(*args)  # type: ignore[arg-type]
+        if not late:  # the driver adds a chain meanwhile and, suppressed, does not notify
+            late.append(g.submit(VIRTIO_BLK_T_IN, 8, read=512))
+
+    dev._handle = handle_and_add  # type: ignore[method-assign]
+    t2 = g.submit(VIRTIO_BLK_T_IN, 0, read=512)
+    g.kick()
+    replies = g.replies()
+    assert replies[t2].status == replies[late[0]].status == VIRTIO_BLK_S_OK
+    assert pops == [True, True]
+    assert replies[late[0]].data == image.read_bytes()[8 * 512:9 * 512]
+    g.close()

@@ -223,3 +223,15 @@ def test_the_adaptor_hands_kicks_to_queue_kicked(tmp_path: Path) -> None:
             assert d.call(lambda: list(dev.calls)) == ["notify", "kicked"]
         finally:
             fe.close()
+
+
+def test_a_queue_with_chains_to_redo_is_never_drained() -> None:
+    """block.process_queue stops popping when the queue says it is drained: chains a restart
+    left to redo (the inflight record's resubmit list) must keep it popping, whatever the
+    avail index says."""
+    q = VhostQueue(16, 0)
+    assert q.drained()  # nothing read, nothing owed
+    q.resubmit = [3, 5]
+    assert not q.drained()
+    q.resubmit = []
+    assert q.drained()

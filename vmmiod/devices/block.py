@@ -246,7 +246,7 @@ class BlockDevice(BlockIo):
         used_before = q.next_used
         budget = q.size  # chains per turn: a guest that refills forever cannot starve the loop
         handle = self._handle
-        pop = q.pop
+        pop, drained = q.pop, q.drained
         while True:
             if not q.event_idx:  # with EVENT_IDX there is nothing to disable
                 q.disable_notification()
@@ -256,8 +256,12 @@ class BlockDevice(BlockIo):
                     break
                 handle(index, q, memory, limits, chain)
                 budget -= 1
+                if drained():  # (QD1) no pop that finds nothing: enable_notification re-reads
+                    break
                 if budget:  # the run behind it: the common requests in one pass (block_fast)
                     budget -= handle_tables(self, index, q, memory, limits, budget)
+                    if drained():
+                        break
             if not budget:
                 self._end_batch(index, q.next_used != used_before)
                 if self._loop is not None:  # the rest on a later loop turn, after other work

@@ -89,6 +89,13 @@ class BatchOps:
     def _check_generation(self) -> None:
         raise NotImplementedError
 
+    def drained(self) -> bool:
+        """True when every chain the last read of avail.idx covered has been popped and no other
+        chain is owed (a subclass adds its redo queue). The caller may then skip `pop`'s read
+        of avail.idx that would find nothing and go to `enable_notification`, which re-reads it
+        behind a full fence (VIRTIO 1.2 2.7.10) and so finds whatever came meanwhile."""
+        return self._avail_idx == self.next_avail
+
     def pop_tables(self, limit: int) -> list[Table]:
         """Pop up to `limit` available chains that are one INDIRECT descriptor over a linear
         table of three; each as (head, the table's 12 values). Stops before the first chain of

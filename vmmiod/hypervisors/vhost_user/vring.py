@@ -47,6 +47,9 @@ class VhostQueue(SplitQueue):
                 inflight.popped(head)
         return chain
 
+    def drained(self) -> bool:
+        return not self.resubmit and SplitQueue.drained(self)
+
     def pop_tables(self, limit: int) -> list[Table]:
         if self.resubmit:
             return []  # what a predecessor left in flight comes first, through pop()
