@@ -85,3 +85,23 @@ def test_slot_driver_rejects_what_a_device_must_not_return() -> None:
     finally:
         mem.close()
         os.close(fd)
+
+
+def test_block_benchmark_help_and_bad_options_run_nothing(
+        monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """`python -m vmmiod.bench.block --help` prints its options; an unknown option is refused;
+    neither starts the benchmark (several minutes of disk and CPU)."""
+    from vmmiod.bench import block as bench_block
+
+    def started(**_: object) -> None:
+        raise AssertionError("the benchmark started")
+
+    monkeypatch.setattr(bench_block, "run", started)
+    with pytest.raises(SystemExit) as exc:
+        bench_block.main(["--help"])
+    assert exc.value.code == 0
+    assert "--no-stack" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as exc:
+        bench_block.main(["--jobs", "randread"])
+    assert exc.value.code == 2
+    assert "unrecognized arguments: --jobs" in capsys.readouterr().err

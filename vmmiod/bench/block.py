@@ -24,6 +24,7 @@ the figures and what they mean.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import cProfile
 import io
@@ -265,9 +266,18 @@ def run(quick: bool = False, profile: bool = False, stack: bool = True) -> dict[
 
 def main(argv: list[str] | None = None) -> int:
     from vmmiod.bench import block_disk, block_stall
-    argv = sys.argv[1:] if argv is None else argv
-    results = run(quick="--quick" in argv, profile="--profile" in argv,
-                  stack="--no-stack" not in argv)
+    ap = argparse.ArgumentParser(
+        prog="python -m vmmiod.bench.block",
+        description="virtio-blk figures in one run: real storage next to fio and the plain loop, "
+                    "the loop stall, the page cache, the full stack (docs/performance.md). "
+                    "The image goes in VMMIOD_BENCH_DIR (default: the temp dir). Figures only.")
+    ap.add_argument("--quick", action="store_true", help="short runs (figures are rougher)")
+    ap.add_argument("--profile", action="store_true",
+                    help="also profile the device side of the page-cache jobs (cProfile)")
+    ap.add_argument("--no-stack", action="store_true",
+                    help="leave out the full-stack sections (`vmmiod run` in a child process)")
+    args = ap.parse_args(sys.argv[1:] if argv is None else argv)
+    results = run(quick=args.quick, profile=args.profile, stack=not args.no_stack)
     load0, load1 = results["load_average_start"], results["load_average_end"]
     print(f"run from {results['started']}, load average (1/5/15 min) at start "
           f"{'/'.join(f'{x:.2f}' for x in load0)}, at end {'/'.join(f'{x:.2f}' for x in load1)}")
