@@ -18,7 +18,6 @@ from __future__ import annotations
 import os
 import random
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -165,4 +164,8 @@ def run(quick: bool = False) -> dict[str, Any]:
 if __name__ == "__main__":
     import json
 
-    print(json.dumps(run(quick="--quick" in sys.argv[1:]), indent=2))
+    from vmmiod.bench.options import quick_option
+
+    quick = quick_option("channel", "Generic IOREQ channel figures, as JSON: IOREQ round trips, "
+                         "notify-to-interrupt latency, block and net through `vmmiod run`.")
+    print(json.dumps(run(quick=quick), indent=2))

@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -21,6 +20,7 @@ from typing import Any
 
 import structlog
 
+from vmmiod.bench.options import quick_option
 from vmmiod.config import ConsoleConfig, ConsolePortConfig, GuestConfig, MmioConfig, SocketBackend
 from vmmiod.devices.console import ConsoleDevice
 from vmmiod.devices.console_port import RECEIVEQ0, TRANSMITQ0
@@ -153,8 +153,7 @@ def run(quick: bool = False) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    results = run(quick="--quick" in argv)
+    results = run(quick=quick_option("console", "virtio-console figures: MB/s each way through the device, per buffer shape.", argv))
     print(f"{'console shape':28} {'guest->host MB/s':>17} {'host->guest MB/s':>17}")
     for key, r in results.items():
         print(f"{key:28} {r['guest_to_host_MBps']:17.1f} {r['host_to_guest_MBps']:17.1f}")

@@ -34,6 +34,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from vmmiod.bench.options import quick_option
 from vmmiod.config import (
     DgramBackend,
     GuestConfig,
@@ -372,8 +373,7 @@ def run(quick: bool = False) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    results = run(quick="--quick" in argv)
+    results = run(quick=quick_option("net", "virtio-net figures: frames per second through the device, end to end and a plain loop.", argv))
     print(f"virtio-net benchmark, backend: {results['backend']}")
     if "note" in results:
         print(f"note: {results['note']}")

@@ -17,13 +17,13 @@ Run: `python -m vmmiod.bench.registers [--quick]`.
 from __future__ import annotations
 
 import mmap
-import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
 import structlog
 
+from vmmiod.bench.options import quick_option
 from vmmiod.bus import MmioBus
 from vmmiod.devices.base import VirtioDevice
 from vmmiod.hypervisors.ioreq_slot import serve_ioreq_slot
@@ -190,8 +190,7 @@ def measure(n: int) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    results = run(quick="--quick" in argv)
+    results = run(quick=quick_option("registers", "Register access figures: virtio-mmio register reads and writes per second, per path.", argv))
     print(f"{'register access path':48} {'accesses/s':>12} {'ns/access':>10}")
     for key, r in results.items():
         if isinstance(r, dict):

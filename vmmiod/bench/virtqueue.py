@@ -10,10 +10,10 @@ Run: `python -m vmmiod.bench.virtqueue [--quick]`.
 
 from __future__ import annotations
 
-import sys
 import time
 from typing import Any
 
+from vmmiod.bench.options import quick_option
 from vmmiod.memory import MappedMemory
 from vmmiod.sim.vring import Allocator, DriverQueue
 from vmmiod.virtqueue import SplitQueue
@@ -90,8 +90,7 @@ def run(quick: bool = False) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    results = run(quick="--quick" in argv)
+    results = run(quick=quick_option("virtqueue", "Split-virtqueue figures: chains popped and completed per second, per chain shape.", argv))
     print(f"{'virtqueue shape':34} {'chains/s':>12} {'us/chain':>10}")
     for key, r in results.items():
         print(f"{key:34} {r['chains_per_s']:12,.0f} {r['us_per_chain']:10.2f}")
