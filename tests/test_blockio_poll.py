@@ -72,6 +72,7 @@ def _run(image: Path, count: int, window: int, max_ns: int = POLL_MAX_NS, direct
     eng, _ = open_engine("io_uring", got)
     assert isinstance(eng, uring_engine.UringEngine)
     eng.nowait = False  # through the ring, not answered inline
+    assert eng.poll is not None
     eng.poll.max_ns = max_ns
     eng.poll.window = window
     m, views = buffers(count, 4096)

@@ -20,14 +20,17 @@ from vmmiod.blockio.engine import (
     Op,
     fallocate,
 )
+from vmmiod.blockio.poll import POLL_MAX_NS
 from vmmiod.blockio.threads import SyncEngine, ThreadEngine
 from vmmiod.blockio.uring import UringUnavailable
 
 ENGINES = ("auto", "io_uring", "threads", "sync")
 
 
-def open_engine(kind: str, handler: Handler) -> tuple[Engine, str | None]:
-    """The engine `kind` names, and why auto fell back (None when it did not).
+def open_engine(kind: str, handler: Handler,
+                poll_max_ns: int = POLL_MAX_NS) -> tuple[Engine, str | None]:
+    """The engine `kind` names, and why auto fell back (None when it did not). `poll_max_ns`
+    bounds io_uring's completion poll (blockio/poll.py; 0: none); the others do not poll.
 
     Raises UringUnavailable (an OSError) when `io_uring` is asked for and cannot be had.
     """
@@ -37,7 +40,7 @@ def open_engine(kind: str, handler: Handler) -> tuple[Engine, str | None]:
         return SyncEngine(handler), None
     from vmmiod.blockio.uring_engine import UringEngine
     try:
-        return UringEngine(handler), None
+        return UringEngine(handler, poll_max_ns=poll_max_ns), None
     except OSError as exc:
         if kind == "io_uring":
             raise UringUnavailable(exc.errno or 0, exc.strerror or str(exc)) from exc

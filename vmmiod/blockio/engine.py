@@ -34,6 +34,8 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
+from vmmiod.blockio.poll import AdaptivePoll
+
 READ, WRITE, FSYNC, FALLOCATE, CALL = range(5)
 KIND_NAMES = ("read", "write", "fsync", "fallocate", "call")
 IOV_MAX = 1024  # Linux UIO_MAXIOV
@@ -131,8 +133,8 @@ class Engine:
     overflow_flushes = 0  # io_uring: completions found on the kernel's CQ overflow list
     missed_wakeups = 0  # io_uring: completions found by the watchdog, without a wake-up
     nowait = True  # buffered reads are tried inline first (io_uring, threads: blockio/inline.py)
-    inline_reads = 0  # reads the page cache answered in full, inline
-    inline_backoff = inline_skip = 0  # after misses, reads not tried inline (inline.py)
+    inline_reads = inline_backoff = inline_skip = 0  # reads done inline, back-off (inline.py)
+    poll: AdaptivePoll | None = None  # io_uring: the completion poll (blockio/poll.py)
 
     def __init__(self, handler: Handler, threads: int = 1) -> None:
         self._handler = handler

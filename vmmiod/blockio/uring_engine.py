@@ -30,7 +30,7 @@ from vmmiod import barrier
 from vmmiod.blockio import uring
 from vmmiod.blockio.engine import FALLOCATE, FSYNC, READ, WRITE, Engine, Handler, Op
 from vmmiod.blockio.inline import read_inline
-from vmmiod.blockio.poll import AdaptivePoll
+from vmmiod.blockio.poll import POLL_MAX_NS, AdaptivePoll
 from vmmiod.blockio.uring import CQE_SIZE, SQE_SIZE, U32, Ring, UringUnavailable
 
 _pack_sqe = uring.SQE.pack_into
@@ -53,7 +53,10 @@ POLL_DEPTH = 2
 class UringEngine(Engine):
     name = "io_uring"
 
-    def __init__(self, handler: Handler, entries: int = DEFAULT_ENTRIES) -> None:
+    poll: AdaptivePoll
+
+    def __init__(self, handler: Handler, entries: int = DEFAULT_ENTRIES,
+                 poll_max_ns: int = POLL_MAX_NS) -> None:
         super().__init__(handler, threads=1)  # one helper thread for blocking calls
         try:
             self.ring = Ring(entries)
@@ -84,7 +87,7 @@ class UringEngine(Engine):
         self._watchdog: asyncio.TimerHandle | None = None
         self._reaped_at_check = 0
         self._reaped = 0  # CQEs reaped so far (the watchdog sees whether wake-ups came)
-        self.poll = AdaptivePoll()
+        self.poll = AdaptivePoll(poll_max_ns)
         self._poll_from = 0  # perf_counter_ns of the submission a poll may look for, or 0
         self._poll_handle: asyncio.Handle | None = None
         # The newest entry is an O_DIRECT read or write: only those are polled for. A buffered

@@ -18,7 +18,6 @@ import errno
 from typing import Any
 
 from vmmiod.blockio import READ, WRITE, Op, UringUnavailable, open_engine
-from vmmiod.blockio.poll import AdaptivePoll
 from vmmiod.config import BlockConfig, GuestConfig
 from vmmiod.devices.base import BackendError
 from vmmiod.devices.block_backend import IOV_MAX, Backing, ImageLocked
@@ -126,15 +125,13 @@ class BlockDevice(BlockIo):
             max_discard_seg=MAX_RANGES, max_write_zeroes_sectors=MAX_RANGE_SECTORS,
             max_write_zeroes_seg=MAX_RANGES)
         try:
-            self.engine, fallback = open_engine(self.cfg.io_engine, self._completed)
+            self.engine, fallback = open_engine(self.cfg.io_engine, self._completed,
+                                                   self.cfg.io_poll_us * 1000)
         except UringUnavailable as exc:
             b.close()
             raise BackendError(
                 f"block device {self.name!r}: io_engine io_uring is not available here "
                 f"({exc.strerror}); set 'io_engine: auto' or 'threads' for this device") from exc
-        poll = getattr(self.engine, "poll", None)
-        if isinstance(poll, AdaptivePoll):
-            poll.max_ns = self.cfg.io_poll_us * 1000
         self.log.info("block_io_engine", engine=self.engine.name, requested=self.cfg.io_engine,
                       fallback_reason=fallback)
         self.log.info("block_opened", path=str(self.cfg.path), size=b.size,
@@ -164,9 +161,9 @@ class BlockDevice(BlockIo):
         """The engine's own counts, read while it exists and kept after close."""
         e = self.engine
         if e is not None:
-            poll = getattr(e, "poll", None)  # io_uring only (blockio/poll.py)
+            poll = e.poll  # io_uring only (blockio/poll.py)
             hits, misses, spent = ((poll.hits, poll.misses, poll.spent_ns // 1000)
-                                   if isinstance(poll, AdaptivePoll) else (0, 0, 0))
+                                   if poll is not None else (0, 0, 0))
             self._engine_counts = (e.overflow_flushes, e.missed_wakeups, e.inline_reads,
                                    hits, misses, spent)
         return self._engine_counts
