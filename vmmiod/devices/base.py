@@ -209,14 +209,18 @@ class VirtioDevice:
         return bool(self.driver_features >> n & 1)
 
     # -- queue work -----------------------------------------------------------------------------
-    def queue_notify(self, index: int) -> None:
-        """QueueNotify from the window (inside the IOREQ): schedule, never process here."""
+    def _notified(self, index: int) -> bool:
+        """Count a notification; True when queue `index` may run now (active, not failed)."""
         self.counters["notifications"] += 1
         if not self.active or index >= len(self.queues) or self.failed:
-            return
+            return False
         if index < len(self.queue_notifies):
             self.queue_notifies[index] += 1
-        if index in self._pending:
+        return True
+
+    def queue_notify(self, index: int) -> None:
+        """QueueNotify from the window (inside the IOREQ): schedule, never process here."""
+        if not self._notified(index) or index in self._pending:
             return
         self._pending.add(index)
         if self._loop is not None:
@@ -228,12 +232,7 @@ class VirtioDevice:
         """A notification from outside any vCPU exit (a vhost-user kick eventfd's reader
         callback): the queue is drained at once, in that callback, without the call_soon hop
         and the extra loop turn of `queue_notify`. A run already scheduled keeps its turn."""
-        self.counters["notifications"] += 1
-        if not self.active or index >= len(self.queues) or self.failed:
-            return
-        if index < len(self.queue_notifies):
-            self.queue_notifies[index] += 1
-        if index not in self._pending:
+        if self._notified(index) and index not in self._pending:
             self._run_queue(index)
 
     def _run_queue(self, index: int) -> None:

@@ -3,8 +3,8 @@ SplitQueue the device drains, and the inflight bookkeeping around it.
 
 `VhostQueue` is a SplitQueue that also writes the inflight record (inflight.py) as chains are
 popped (one by one or as a batch: `pop_tables`), returned and published, and that hands out
-the chains a killed predecessor left in flight before any new one. Everything else about the ring (every rule of VIRTIO 2.7) is the
-SplitQueue's.
+the chains a killed predecessor left in flight before any new one. Everything else about the
+ring (every rule of VIRTIO 2.7) is the SplitQueue's.
 """
 
 from __future__ import annotations
