@@ -18,11 +18,11 @@ from tests.vhost_user_peer import (
     FrontEnd,
     ThreadedVhost,
     blk_request,
-    connect,
 )
 from vmmiod.config import NO_WINDOW, BlockConfig, GuestConfig, VhostUserSocket
 from vmmiod.devices.block import BlockDevice
 from vmmiod.hypervisors.vhost_user import wire as w
+from vmmiod.sim.sockets import connect_unix as connect
 
 GUEST = GuestConfig("vu")
 

@@ -12,8 +12,9 @@ import sys
 import time
 from pathlib import Path
 
-from tests.vhost_user_peer import BLK_T_IN, BLK_T_OUT, FrontEnd, blk_request, connect
+from tests.vhost_user_peer import BLK_T_IN, BLK_T_OUT, FrontEnd, blk_request
 from vmmiod.hypervisors.vhost_user import wire as w
+from vmmiod.sim.sockets import connect_unix as connect
 
 CONFIG = """\
 guest: {name: vu}

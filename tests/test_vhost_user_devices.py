@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.vhost_user_peer import FrontEnd, ThreadedVhost, connect
+from tests.vhost_user_peer import FrontEnd, ThreadedVhost
 from vmmiod.config import (
     NO_WINDOW,
     ConsoleConfig,
@@ -26,6 +26,7 @@ from vmmiod.config import (
 from vmmiod.devices.console import ConsoleDevice
 from vmmiod.devices.net import NetDevice
 from vmmiod.hypervisors.vhost_user import wire as w
+from vmmiod.sim.sockets import connect_unix as connect
 
 GUEST = GuestConfig("vu")
 NET_HDR = 12  # struct virtio_net_hdr_v1 (VERSION_1)

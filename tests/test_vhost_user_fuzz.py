@@ -26,10 +26,10 @@ from tests.vhost_user_peer import (
     FrontEnd,
     ThreadedVhost,
     blk_request,
-    connect,
     sealed_memfd,
 )
 from vmmiod.hypervisors.vhost_user import wire as w
+from vmmiod.sim.sockets import connect_unix as connect
 
 RAM = 1 << 20
 EXAMPLES = int(os.environ.get("VMMIOD_VHOST_FUZZ_EXAMPLES", "300"))

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from tests.vhost_user_peer import FrontEnd, ThreadedVhost, connect
+from tests.vhost_user_peer import FrontEnd, ThreadedVhost
 from vmmiod.hypervisors.vhost_user import wire as w
 from vmmiod.hypervisors.vhost_user.inflight import (
     DESC,
@@ -22,6 +22,7 @@ from vmmiod.hypervisors.vhost_user.inflight import (
     InflightRecord,
     queue_stride,
 )
+from vmmiod.sim.sockets import connect_unix as connect
 
 
 class HoldingDevice:

@@ -16,13 +16,14 @@ import pytest
 
 from tests.test_vhost_user import block_device
 from tests.test_vhost_user_inflight import HoldingDevice
-from tests.vhost_user_peer import FrontEnd, ThreadedVhost, connect, sealed_memfd
+from tests.vhost_user_peer import FrontEnd, ThreadedVhost, sealed_memfd
 from vmmiod.devices.base import VirtioDevice
 from vmmiod.hypervisors.vhost_user import wire as w
 from vmmiod.hypervisors.vhost_user.device import VhostTransport
 from vmmiod.hypervisors.vhost_user.memtable import VhostMemory, check_memory_fd
 from vmmiod.hypervisors.vhost_user.vring import VhostQueue, Vring
 from vmmiod.memory import MappedMemory
+from vmmiod.sim.sockets import connect_unix as connect
 
 MiB = 1 << 20
 

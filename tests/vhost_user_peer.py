@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 
 from vmmiod.hypervisors.vhost_user import wire as w
 from vmmiod.memory import MappedMemory
+from vmmiod.sim import vhost_front as front
 from vmmiod.sim.vring import Allocator, DriverQueue
 
 GPA = 0x1_0000_0000  # guest-physical base of the RAM
@@ -34,21 +35,6 @@ def sealed_memfd(size: int, name: str = "guest-ram") -> int:
     os.ftruncate(fd, size)
     fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
     return fd
-
-
-def connect(path: str, timeout: float = 10.0) -> socket.socket:
-    deadline = time.monotonic() + timeout
-    while True:
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            s.connect(path)
-            s.settimeout(timeout)
-            return s
-        except OSError:
-            s.close()
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.02)
 
 
 @dataclass
@@ -84,33 +70,19 @@ class FrontEnd:
         data = w.request(req, payload, need_reply)
         if flags is not None:
             data = w.HEADER.pack(req, flags, len(payload)) + payload
-        if fds:
-            socket.send_fds(self.sock, [data], list(fds))
-        else:
-            self.sock.sendall(data)
+        front.send(self.sock, data, fds)
 
     def recv_reply(self, req: int) -> bytes:
-        hdr = self._recv_exact(w.HEADER_SIZE)
-        request, flags, size = w.HEADER.unpack(hdr)
-        assert request == req, f"reply to {request}, expected {req}"
-        assert flags & w.FLAG_REPLY and flags & w.VERSION_MASK == w.VERSION
-        return self._recv_exact(size)
+        payload, fds = self.recv_reply_fds(req)
+        for fd in fds:  # a reply that carries none is what every caller of this expects
+            os.close(fd)
+        return payload
 
     def recv_reply_fds(self, req: int) -> tuple[bytes, list[int]]:
-        data, fds, _, _ = socket.recv_fds(self.sock, w.HEADER_SIZE, 4)
-        data += self._recv_exact(w.HEADER_SIZE - len(data))
-        request, flags, size = w.HEADER.unpack(data)
-        assert request == req and flags & w.FLAG_REPLY
-        return self._recv_exact(size), fds
-
-    def _recv_exact(self, n: int) -> bytes:
-        out = b""
-        while len(out) < n:
-            chunk = self.sock.recv(n - len(out))
-            if not chunk:
-                raise ConnectionError("the back-end closed the connection")
-            out += chunk
-        return out
+        request, flags, payload, fds = front.recv_message(self.sock)
+        assert request == req, f"reply to {request}, expected {req}"
+        assert flags & w.FLAG_REPLY and flags & w.VERSION_MASK == w.VERSION
+        return payload, fds
 
     def call_u64(self, req: int, payload: bytes = b"") -> int:
         self.send(req, payload)

@@ -23,7 +23,6 @@ import os
 import random
 import select
 import shutil
-import socket
 import struct
 import subprocess
 import sys
@@ -34,6 +33,8 @@ from typing import Any
 
 from vmmiod.hypervisors.vhost_user import wire as w
 from vmmiod.memory import MappedMemory
+from vmmiod.sim import vhost_front as front
+from vmmiod.sim.sockets import connect_unix
 from vmmiod.sim.vring import Allocator, DriverQueue
 
 GPA, UVA = 0x1_0000_0000, 0x7F00_0000_0000
@@ -50,19 +51,7 @@ class FrontEnd:
     """Just enough of a vhost-user front-end for one virtio-blk ring."""
 
     def __init__(self, path: str, timeout: float = 20.0) -> None:
-        deadline = time.monotonic() + timeout
-        while True:
-            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                s.connect(path)
-                break
-            except OSError:
-                s.close()
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-        s.settimeout(timeout)
-        self.sock = s
+        self.sock = connect_unix(path, timeout)
         self.memfd = os.memfd_create("bench-ram", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         os.ftruncate(self.memfd, RAM)
         fcntl.fcntl(self.memfd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
@@ -73,23 +62,13 @@ class FrontEnd:
         self.fds: list[int] = [self.memfd]
 
     def send(self, req: int, payload: bytes = b"", fds: tuple[int, ...] = ()) -> None:
-        data = w.request(req, payload, need_reply=False)
-        socket.send_fds(self.sock, [data], list(fds)) if fds else self.sock.sendall(data)
+        front.send(self.sock, w.request(req, payload, need_reply=False), fds)
 
     def reply(self, req: int) -> tuple[bytes, list[int]]:
-        data, fds, _, _ = socket.recv_fds(self.sock, w.HEADER_SIZE, 4)
-        while len(data) < w.HEADER_SIZE:
-            data += self.sock.recv(w.HEADER_SIZE - len(data))
-        got, _, size = w.HEADER.unpack(data)
+        got, _, body, fds = front.recv_message(self.sock)
+        self.fds += fds
         if got != req:
             raise ConnectionError(f"reply to request {got}, {req} expected")
-        body = b""
-        while len(body) < size:
-            chunk = self.sock.recv(size - len(body))
-            if not chunk:
-                raise ConnectionError("the back-end closed the connection")
-            body += chunk
-        self.fds += fds
         return body, fds
 
     def u64(self, req: int) -> int:

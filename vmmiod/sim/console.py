@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vmmiod.hypervisors.generic.protocol import Window
+from vmmiod.sim.sockets import connect_unix
 from vmmiod.sim.virtio_mmio import DeviceFailed, VirtioMmioDriver
 from vmmiod.sim.vmm import SimError, SimVmm
 from vmmiod.sim.vring import DriverQueue
@@ -116,19 +117,7 @@ class ConsoleDriver:
         self.drv.teardown()
 
 
-def connect_console(path: str, timeout: float = 10.0) -> socket.socket:
-    deadline = time.monotonic() + timeout
-    while True:
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            s.connect(path)
-            s.settimeout(timeout)
-            return s
-        except (FileNotFoundError, ConnectionRefusedError):
-            s.close()
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.05)
+connect_console = connect_unix  # the console socket of a `unix` console port
 
 
 def _recv_exact(sock: socket.socket, n: int) -> bytes:
