@@ -9,96 +9,21 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 from typing import Any, Self
 
-CLK_TCK = os.sysconf("SC_CLK_TCK")
+import netmirror
+from procs import CLK_TCK, STOP_WAIT, Proc, cpu_ticks
+
 KILL_WATCH = 30.0  # seconds the kill waits for requests in flight before it kills anyway
 KILL_ATTEMPTS = 3  # kills at most, until a restarted vmmiod redid requests (kill_and_restart)
 KILL_DEVICE = "verify"  # the disk the guest's fio writes during the kill
 RESUME_WAIT = 60.0  # seconds for a restarted vmmiod to resume that disk's ring
 INFLIGHT_NAME = "/memfd:vmmiod-inflight"  # vmmiod's inflight records, as QEMU's fds show them
-START_WAIT = 120  # seconds for a backend's sockets to appear (Python under a loaded host)
-STOP_WAIT = 15
-
-
-def cpu_ticks(pid: int) -> int | None:
-    """utime + stime of the whole process (every thread), in clock ticks; None once it is gone."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    fields = stat[stat.rindex(")") + 2:].split()
-    return int(fields[11]) + int(fields[12])  # fields 14 and 15 of proc(5), counted from 1
-
-
-class Proc:
-    """One backend process, started in the run's network namespace, logging to a file."""
-
-    def __init__(self, name: str, cmd: list[str], log: Path, sockets: list[Path],
-                 cwd: Path | None = None) -> None:
-        self.name, self.cmd, self.log, self.sockets, self.cwd = name, cmd, log, sockets, cwd
-        self.popen: subprocess.Popen[bytes] | None = None
-        self.expected_exit = False
-        self.history: list[dict[str, Any]] = []
-
-    def start(self, log: Path | None = None, wait_sockets: bool = True) -> None:
-        self.log = log or self.log
-        if wait_sockets:
-            for s in self.sockets:
-                s.unlink(missing_ok=True)
-        with open(self.log, "ab") as f:
-            self.popen = subprocess.Popen(self.cmd, stdin=subprocess.DEVNULL, stdout=f, stderr=f,
-                                          cwd=self.cwd, start_new_session=True)
-        self.expected_exit = False
-        self.history.append({"pid": self.popen.pid, "log": self.log.name,
-                             "started": time.monotonic()})
-        if not wait_sockets:
-            return
-        deadline = time.monotonic() + START_WAIT
-        while not all(s.exists() for s in self.sockets):
-            if self.popen.poll() is not None:
-                raise SystemExit(f"vu-e2e: {self.name} exited ({self.popen.returncode}) before "
-                                 f"serving; see {self.log}")
-            if time.monotonic() > deadline:
-                raise SystemExit(f"vu-e2e: {self.name} made no socket in {START_WAIT}s")
-            time.sleep(0.2)
-
-    @property
-    def pid(self) -> int | None:
-        return self.popen.pid if self.popen else None
-
-    def died(self) -> int | None:
-        """Exit status when the process ended without being asked to."""
-        if self.popen is None or self.expected_exit:
-            return None
-        return self.popen.poll()
-
-    def kill9(self) -> None:
-        assert self.popen is not None
-        self.expected_exit = True
-        self.popen.send_signal(signal.SIGKILL)
-        rc = self.popen.wait(timeout=STOP_WAIT)
-        self.history[-1].update(ended=time.monotonic(), rc=rc, how="SIGKILL")
-
-    def stop(self) -> None:
-        if self.popen is None or "rc" in self.history[-1]:
-            return
-        self.expected_exit = True
-        unasked = self.popen.poll()
-        if unasked is None:
-            self.popen.send_signal(signal.SIGTERM)
-        try:
-            rc = self.popen.wait(timeout=STOP_WAIT)
-            how = "exited by itself" if unasked is not None else "SIGTERM"
-        except subprocess.TimeoutExpired:
-            os.killpg(self.popen.pid, signal.SIGKILL)
-            rc = self.popen.wait()
-            how = f"SIGKILL after SIGTERM was ignored for {STOP_WAIT}s"
-        self.history[-1].update(ended=time.monotonic(), rc=rc, how=how)
 
 
 def inflight_counts(fds: list[int]) -> list[int]:
@@ -207,7 +132,8 @@ def qsd_command(exports: list[tuple[str, Path, Path]]) -> list[str]:
 
 
 def vmmiod_config(results: Path, socks: dict[str, Path], params: dict[str, Any], net: bool,
-                  disks: tuple[str, ...] = ("ext4", "verify", "bench")) -> str:
+                  disks: tuple[str, ...] = ("ext4", "verify", "bench"),
+                  mirror: tuple[Path, Path] | None = None) -> str:
     """vmmiod's YAML for the devices it serves (docs/vhost-user.md)."""
     lines = [
         "# Written by tests/e2e/vhost_user/run for one run.",
@@ -242,6 +168,11 @@ def vmmiod_config(results: Path, socks: dict[str, Path], params: dict[str, Any],
                   f"    vhost_user: {socks['net']}"]
         if params.get("QUEUE_SIZE"):
             lines.append(f"    queue_size: {params['QUEUE_SIZE']}")
+    if mirror is not None:  # the net side by side: dgram to the swapping peer (netmirror.py)
+        local, remote = mirror
+        lines += ["  - type: net", "    id: mirror", f"    mac: \"{params['MIRROR_MAC_VMMIOD']}\"",
+                  f"    backend: {{kind: dgram, local: \"unix:{local}\", remote: \"unix:{remote}\"}}",
+                  f"    vhost_user: {socks['mirror']}"]
     return "\n".join(lines) + "\n"
 
 
@@ -250,7 +181,8 @@ class Stack:
 
     def __init__(self, results: Path, params: dict[str, Any], *, dut: str, bench: list[str],
                  net: bool, repo: Path,
-                 disks: tuple[str, ...] = ("ext4", "verify", "bench")) -> None:
+                 disks: tuple[str, ...] = ("ext4", "verify", "bench"),
+                 testpmd: dict[str, Any] | None = None) -> None:
         self.results, self.params, self.dut_kind, self.net = results, params, dut, net
         self.disks = disks  # the microvm pass: ("verify",) and no benchmark backend
         self.repo = repo
@@ -263,6 +195,11 @@ class Stack:
         self.lock = threading.Lock()
         self.bench = bench
         self.qemu_pid: int | None = None  # set by the guest once QEMU runs (the kill's watch)
+        self.mirror: netmirror.Mirror | None = None  # the net side by side (NET_MIRROR=1)
+        if params.get("NET_MIRROR") == 1 and testpmd is not None:
+            self.mirror = netmirror.Mirror(
+                results, testpmd, str(params["MIRROR_LCORES"]), self.sock("testpmd"),
+                self.sockdir / "peer.dgram", sys.executable, self.in_ns)
 
     def sock(self, name: str) -> Path:
         return self.sockdir / f"{name}.sock"
@@ -297,21 +234,26 @@ class Stack:
                 qsd_command([("bench", r / "bench.img", self.sock("qsd-bench"))]),
                 r / "qsd-bench.log", [self.sock("qsd-bench")])
         if self.dut_kind == "vmmiod":
-            socks = {n: self.sock(f"dut-{n}") for n in ("ext4", "verify", "bench", "net")}
+            socks = {n: self.sock(f"dut-{n}") for n in ("ext4", "verify", "bench", "net", "mirror")}
             cfg = r / "vmmiod.yaml"
-            cfg.write_text(vmmiod_config(r, socks, self.params, self.net, self.disks))
+            dgram = (self.sockdir / "vmmiod.dgram", self.sockdir / "peer.dgram")
+            cfg.write_text(vmmiod_config(r, socks, self.params, self.net, self.disks,
+                                         dgram if self.mirror else None))
             py = self.repo / ".venv/bin/python"
             cmd = self.in_ns([str(py if py.exists() else "python3"), "-m", "vmmiod", "run",
                               str(cfg)])
             wanted = [socks[d] for d in self.disks]
             self.procs["dut"] = Proc("vmmiod", cmd, r / "dut-1.log",
-                                     wanted + ([socks["net"]] if self.net else []),
+                                     wanted + ([socks["net"]] if self.net else [])
+                                     + ([socks["mirror"]] if self.mirror else []),
                                      cwd=self.repo)  # `python -m vmmiod` from the checkout
         else:
             exports = [("ext4", r / "ext4.img", self.sock("dut-ext4")),
                        ("verify", r / "verify.img", self.sock("dut-verify"))]
             self.procs["dut"] = Proc("qemu-storage-daemon (under test)", qsd_command(exports),
                                      r / "dut-1.log", [s for _, _, s in exports])
+        if self.mirror:  # testpmd must answer when QEMU starts: QEMU waits for a net back-end
+            self.procs.update(self.mirror.procs())
         for p in self.procs.values():
             p.start()
 
@@ -326,6 +268,11 @@ class Stack:
             s = self.samples.setdefault(f"{be}/{job}/{rnd}", {"pid": p.pid})
             s[edge] = ticks
             s[f"t_{edge}"] = time.monotonic()
+
+    def net_line(self, text: str) -> None:
+        """A guest's `E2E-N` line (the net side by side's rounds: netmirror.Mirror.on_line)."""
+        if self.mirror:
+            self.mirror.on_line(text, self.procs["dut"])
 
     def kill_and_restart(self) -> None:
         """SIGKILL the backend under test and start it again KILL_DOWN s later. vmmiod is
@@ -382,7 +329,8 @@ class Stack:
         if self.netns:
             subprocess.run(["ip", "netns", "del", self.netns], check=False, timeout=30)
         shutil.rmtree(self.sockdir, ignore_errors=True)
-        cpu = {"clk_tck": CLK_TCK, "samples": self.samples, "events": self.events}
+        cpu = {"clk_tck": CLK_TCK, "samples": self.samples, "events": self.events,
+               "net_samples": self.mirror.samples if self.mirror else {}}
         (self.results / "cpu.json").write_text(json.dumps(cpu, indent=1))
         (self.results / "backends.json").write_text(json.dumps(self.summary(), indent=1))
 

@@ -6,7 +6,10 @@ Everything comes from Debian packages of the archive the host's apt sources name
   apt-get when missing;
 - the kernel that linux-image-amd64 depends on and busybox-static, fetched with `apt-get
   download` into the cache and unpacked there (`dpkg-deb -x`; depmod on the extracted tree);
-- the guest's fio, mke2fs and iperf3 are the host's own binaries with every library ldd resolves.
+- the guest's fio, mke2fs and iperf3 are the host's own binaries with every library ldd resolves;
+- dpdk-testpmd, the net side by side's reference back-end: the closure of its shared libraries
+  and two plugins, fetched with `apt-get download` and unpacked under `dpdk/` (testpmd.py); when
+  that fails the net side by side is skipped with the reason, nothing else.
 
 Outputs in `$VMMIOD_VU_CACHE/out/` (default ~/.cache/vmmiod/vhost-user): `vmlinuz`,
 `initramfs.cpio` (uncompressed: nothing to inflate under TCG), `manifest.json`. The image's
@@ -35,6 +38,7 @@ sys.path.insert(0, str(HERE.parent / "xen"))
 sys.path.insert(1, str(HERE.parent))
 import images  # the Xen stage's generic helpers: rootfs, .deb, modules, cpio
 import stagecache
+import testpmd
 from stagecache import cache_lock  # shared by the e2e stages, with default_cache
 
 default_cache = functools.partial(stagecache.default_cache, "VMMIOD_VU_CACHE", "vhost-user")
@@ -272,6 +276,22 @@ class Build:
         log(f"images built: initramfs {size >> 20} MiB, kernel {kver}")
         return self.out
 
+    def testpmd(self) -> dict[str, object]:
+        """dpdk-testpmd fetched (or taken from the cache) under dpdk/; `status` ok or missing."""
+        def refresh() -> None:
+            log("apt-get update (for dpdk-testpmd)")
+            subprocess.run(["apt-get", "update", "-qq"], env=apt_env(), check=False,
+                           timeout=STEP_TIMEOUT)
+
+        info = testpmd.Fetch(self.top, log).run(refresh)
+        if info["status"] == "ok":
+            log(f"dpdk-testpmd {info['version']}: {len(info['packages'])} packages, "
+                f"{info['deb_bytes'] >> 20} MiB of .debs")
+        else:
+            log(f"dpdk-testpmd unavailable (the net side by side will be skipped): "
+                f"{info['reason']}")
+        return info
+
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
@@ -279,7 +299,9 @@ def main() -> int:
     args = ap.parse_args()
     ensure_host_tools()
     with cache_lock(args.cache.expanduser()):
-        out = Build(args.cache.expanduser()).run()
+        build = Build(args.cache.expanduser())
+        out = build.run()
+        build.testpmd()  # never fails the build: the net side by side is skipped instead
     print(out)
     return 0
 

@@ -23,6 +23,9 @@ fio_line() {
 }
 
 r boot uptime="$(cut -d' ' -f1 /proc/uptime)" kernel="$(uname -r)"
+# The NICs are probed (QEMU has had testpmd's answers): the host stops testpmd's busy poll until
+# the net side by side needs it.
+[ "$NET_MIRROR" = 1 ] && echo "E2E-N idle"
 EXT4=$(disk_at "$SLOT_EXT4")
 VERIFY=$(disk_at "$SLOT_VERIFY")
 r disks ext4="$EXT4" verify="$VERIFY" \
@@ -115,6 +118,71 @@ EOF
         rnd=$((rnd + 1))
     done
 done
+
+# -- net side by side: the same pings and UDP burst through testpmd's mirror and vmmiod's -----
+# The interface of the virtio-net device in PCI slot $1; frames counted by interface $1 ($2: rx|tx).
+nic_at() {
+    for n in /sys/class/net/*; do
+        case "$(readlink -f "$n/device")" in
+            */0000:00:$1.0/virtio*) echo "${n##*/}"; return 0 ;;
+        esac
+    done
+    return 1
+}
+frames() { cat "/sys/class/net/$1/statistics/$2_packets"; }
+if [ "$NET_MIRROR" = 1 ]; then
+    ip link set lo up
+    for be in $MIRROR_BACKENDS; do
+        BE=$(echo "$be" | tr a-z A-Z)
+        eval slot=\$SLOT_MIRROR_$BE net=\$MIRROR_NET_$BE
+        ifc=$(nic_at "$slot") || { r mirror-setup be=$be rc=missing-nic; continue; }
+        # No IPv6 (its router and neighbour solicitations would be mirrored frames too); the far
+        # end is a static ARP entry: a mirror answers no ARP.
+        echo 1 > "/proc/sys/net/ipv6/conf/$ifc/disable_ipv6"
+        ip addr add "$net.2/24" dev "$ifc" && ip link set "$ifc" up \
+            && arp -i "$ifc" -s "$net.1" "$MIRROR_PEER_MAC"
+        rc=$?
+        r mirror-setup be=$be ifc=$ifc mac="$(cat "/sys/class/net/$ifc/address")" rc=$rc
+        eval IFC_$BE=$ifc
+    done
+    # Rounds as in the block side by side: the back-ends take turns, the order reversed each round.
+    order="$MIRROR_BACKENDS"
+    rnd=1
+    while [ "$rnd" -le "$BENCH_ROUNDS" ]; do
+        for be in $order; do
+            BE=$(echo "$be" | tr a-z A-Z)
+            eval ifc=\$IFC_$BE net=\$MIRROR_NET_$BE
+            [ -n "$ifc" ] || continue
+            echo "E2E-N start be=$be round=$rnd"
+            rx0=$(frames "$ifc" rx); tx0=$(frames "$ifc" tx)
+            i=0  # the host resumes testpmd on the line above: wait for the mirror (bounded)
+            until ping -c 1 -W 1 "$net.1" >/dev/null 2>&1 || [ $i -ge 5 ]; do i=$((i + 1)); done
+            for size in 56 1400; do
+                out=$(timeout 30 ping -c "$MIRROR_PINGS" -i 0.2 -W 2 -s $size "$net.1" 2>&1)
+                r mirror be=$be round=$rnd size=$size \
+                    sent="$(echo "$out" | sed -n 's/^\([0-9]*\) packets transmitted.*/\1/p')" \
+                    received="$(echo "$out" | sed -n 's/.* \([0-9]*\) packets received.*/\1/p')" \
+                    rtt="$(echo "$out" | sed -n 's/^round-trip .* = \([0-9.\/]*\) ms$/\1/p')"
+            done
+            brx=$(frames "$ifc" rx); btx=$(frames "$ifc" tx)
+            timeout 60 fio --name=burst --ioengine=net --protocol=udp --hostname="$net.1" --port=9 \
+                --rw=write --bs="$MIRROR_BURST_BS" --size="${MIRROR_BURST_KIB}k" \
+                --runtime="$MIRROR_BURST_SECONDS" --output-format=json \
+                --output="/out/netburst-$be-r$rnd.json" >/dev/null 2>&1
+            rc=$?
+            usleep 200000  # the last frames on their way back
+            rx1=$(frames "$ifc" rx); tx1=$(frames "$ifc" tx)
+            echo "E2E-N end be=$be round=$rnd"
+            r burst be=$be round=$rnd rc=$rc rx=$((rx1 - brx)) tx=$((tx1 - btx))
+            r mirror-round be=$be round=$rnd rx=$((rx1 - rx0)) tx=$((tx1 - tx0)) warmup=$i
+        done
+        rev=""
+        for be in $order; do rev="$be $rev"; done
+        order=$rev
+        rnd=$((rnd + 1))
+    done
+    echo "E2E-N done"
+fi
 
 # -- reconnect: the backend under test is SIGKILLed during fio and started again ---------------
 # Queue depth 32: the host kills vmmiod when its inflight record shows requests popped and not

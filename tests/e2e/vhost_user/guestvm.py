@@ -23,7 +23,7 @@ from backends import Stack
 
 # PCI slots (QEMU addr=) of the guest's devices; guest.sh finds its disks by slot.
 SLOTS = {"ext4": 0x04, "verify": 0x05, "bench-qsd": 0x06, "bench-vmmiod": 0x07, "net": 0x08,
-         "share": 0x09}
+         "share": 0x09, "mirror-testpmd": 0x0A, "mirror-vmmiod": 0x0B}
 GRACE = 5  # seconds the console keeps being read after a backend died
 
 
@@ -61,6 +61,13 @@ def qemu_command(out: Path, results: Path, params: dict[str, Any], stack: Stack,
         else:  # the harness's own check: QEMU's TAP netdev on the same TAP
             cmd += ["-netdev", f"tap,id=n0,ifname={params['TAP_IF']},script=no,downscript=no",
                     "-device", f"virtio-net-pci,netdev=n0,mac={mac},addr={SLOTS['net']:#x}"]
+    if stack.mirror:  # the net side by side: one NIC per mirroring back-end, same options
+        for be, sock in (("testpmd", stack.sock("testpmd")), ("vmmiod", stack.sock("dut-mirror"))):
+            mac = params[f"MIRROR_MAC_{be.upper()}"]
+            cmd += ["-chardev", f"socket,id=c-m{be},path={sock},reconnect=1",
+                    "-netdev", f"vhost-user,id=m{be},chardev=c-m{be}",
+                    "-device", (f"virtio-net-pci,netdev=m{be},mac={mac},vectors=0,"
+                                f"addr={SLOTS['mirror-' + be]:#x}")]
     cmd += ["-fsdev", f"local,id=out,path={results},security_model=none",
             "-device", f"virtio-9p-pci,fsdev=out,mount_tag=out,addr={SLOTS['share']:#x}"]
     wrapped: list[str] = stack.in_ns(cmd)
@@ -155,6 +162,8 @@ class Guest:
         print(f"  [{t:6.1f}s] {text}", flush=True)
         if m := re.match(r"E2E-B (start|end) job=(\S+) be=(\S+) round=(\d+)", text):
             self.stack.bench_mark(m.group(1), m.group(2), m.group(3), int(m.group(4)))
+        elif text.startswith("E2E-N "):
+            self.stack.net_line(text)
         elif text.startswith("E2E-K kill"):
             threading.Thread(target=self.stack.kill_and_restart, daemon=True).start()
         elif text.startswith("E2E-R done"):

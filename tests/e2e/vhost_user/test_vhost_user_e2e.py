@@ -366,3 +366,70 @@ def test_microvm_vmmiod_served_and_logged_no_problem(microvm: Run) -> None:
         net = [e for e in events if e.get("event") == "net_device_closed"]
         assert net and net[-1]["tx_frames"] >= 5 and net[-1]["rx_frames"] >= 5, net
     assert microvm.info["backends"]["dut"]["history"][-1].get("rc") == 0
+
+
+# -- the net side by side: dpdk-testpmd's mirror and vmmiod's, same guest, same traffic ---------
+MIRRORS = ["testpmd", "vmmiod"]
+
+
+def _mirror(run: Run) -> None:
+    m = run.info.get("net_mirror") or {"status": "skipped",
+                                       "reason": "the run has no net side by side"}
+    if m["status"] != "on":
+        pytest.skip(f"net side by side: {m['reason']}")
+
+
+def _mirror_lines(run: Run, kind: str, be: str) -> list[dict[str, str]]:
+    return [kv for _, name, kv in run.lines if name == kind and kv.get("be") == be]
+
+
+@pytest.mark.parametrize("be", MIRRORS)
+def test_net_mirror_nic_is_set_up(run: Run, be: str) -> None:
+    _mirror(run)
+    setup = _mirror_lines(run, "mirror-setup", be)
+    assert setup and setup[0]["rc"] == "0", setup
+    assert setup[0]["mac"] == run.params[f"MIRROR_MAC_{be.upper()}"]
+
+
+@pytest.mark.parametrize("size", ["56", "1400"])
+@pytest.mark.parametrize("be", MIRRORS)
+def test_net_mirror_pings(run: Run, be: str, size: str) -> None:
+    """Every ping of every round came back through the back-end's mirror (netmirror.py: the
+    echo request is mirrored, the guest answers it, the answer is mirrored back)."""
+    _mirror(run)
+    pings = [kv for kv in _mirror_lines(run, "mirror", be) if kv.get("size") == size]
+    assert len(pings) == run.params["BENCH_ROUNDS"], pings
+    for kv in pings:
+        assert kv["sent"] == str(run.params["MIRROR_PINGS"]) and kv["received"] == kv["sent"], kv
+    print(f"{be}, {size} bytes: RTT min/avg/max per round (ms):", [kv["rtt"] for kv in pings])
+
+
+def test_net_mirror_frames_per_second_for_both(run: Run) -> None:
+    _mirror(run)
+    figures = run.json("net-bench.json")
+    for be in MIRRORS:
+        burst, cpu = figures[be]["burst"], figures[be]["cpu"]
+        assert burst["rounds"] == run.params["BENCH_ROUNDS"], (be, burst)
+        assert burst["frames_per_second"] and burst["frames_back"] > 0, (be, burst)
+        assert cpu["cpu_us_per_frame"] is not None, (be, cpu)
+    assert figures["ratios"]["frames_per_second"] is not None
+    sys.path.insert(0, str(HERE))
+    import netmirror
+
+    print("\n" + netmirror.net_table(figures))
+
+
+def test_net_mirror_each_backend_got_exactly_the_guests_frames(run: Run) -> None:
+    """The same traffic against both: testpmd's own count of the frames it received (its forward
+    statistics at exit) and vmmiod's peer's count are the guest's transmitted frames in that
+    back-end's rounds (the NICs send nothing else: no IPv6, a static ARP entry)."""
+    _mirror(run)
+    sent = {be: sum(int(kv["tx"]) for kv in _mirror_lines(run, "mirror-round", be))
+            for be in MIRRORS}
+    stats = re.findall(r"RX-packets: (\d+)", (run.dir / "testpmd.log").read_text())
+    assert stats, "testpmd printed no forward statistics (it did not exit through its stdin)"
+    peer = [json.loads(line) for line in (run.dir / "mirror-peer.log").read_text().splitlines()
+            if line.startswith("{")]
+    print(f"guest sent {sent}; testpmd received {stats[-1]}; vmmiod's peer {peer[-1]['frames']}")
+    assert int(stats[-1]) == sent["testpmd"]
+    assert peer[-1]["frames"] == sent["vmmiod"] and peer[-1]["dropped"] == 0
