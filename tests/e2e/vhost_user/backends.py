@@ -196,6 +196,7 @@ class Stack:
         self.bench = bench
         self.qemu_pid: int | None = None  # set by the guest once QEMU runs (the kill's watch)
         self.mirror: netmirror.Mirror | None = None  # the net side by side (NET_MIRROR=1)
+        self.mirror_failed: str | None = None  # why it is left out after all (a failed start)
         if params.get("NET_MIRROR") == 1 and testpmd is not None:
             self.mirror = netmirror.Mirror(
                 results, testpmd, str(params["MIRROR_LCORES"]), self.sock("testpmd"),
@@ -252,10 +253,19 @@ class Stack:
                        ("verify", r / "verify.img", self.sock("dut-verify"))]
             self.procs["dut"] = Proc("qemu-storage-daemon (under test)", qsd_command(exports),
                                      r / "dut-1.log", [s for _, _, s in exports])
-        if self.mirror:  # testpmd must answer when QEMU starts: QEMU waits for a net back-end
-            self.procs.update(self.mirror.procs())
         for p in self.procs.values():
             p.start()
+        if self.mirror:  # testpmd must answer when QEMU starts: QEMU waits for a net back-end
+            try:
+                for p in self.mirror.procs().values():
+                    p.start()
+            except SystemExit as exc:  # the net side by side is left out, nothing else
+                for p in self.mirror.procs().values():
+                    p.stop()
+                self.mirror_failed = str(exc)
+                self.mirror = None
+            else:
+                self.procs.update(self.mirror.procs())
 
     def bench_proc(self, be: str) -> Proc:
         return self.procs["qsd"] if be == "qsd" else self.procs["dut"]
