@@ -124,7 +124,7 @@ devices: [{{type: console, id: c, mmio: {{base: {written}, irq: 1}}, backend: pt
     assert cfg.devices[0].mmio.base == 0x10000000
 
 
-@pytest.mark.parametrize("written", ["0600", '"0600"', '"0o600"', "384"])
+@pytest.mark.parametrize("written", ["0600", '"0600"', '"0o600"', "600", '"600"', "0x180"])
 def test_socket_mode_is_octal(tmp_path: Path, written: str) -> None:
     cfg = parse(f"""
 guest: g1
@@ -133,6 +133,23 @@ devices: [{{type: console, id: c, mmio: {{base: 0x1000, irq: 1}}, backend: pty}}
 """, tmp_path)
     assert isinstance(cfg.hypervisor, c.GenericConfig)
     assert cfg.hypervisor.socket_mode == 0o600
+
+
+@pytest.mark.parametrize("kind", ["generic", "vhost-user"])
+def test_a_bare_socket_mode_is_read_as_chmod_reads_it(tmp_path: Path, kind: str) -> None:
+    """`socket_mode: 440` is 0o440, as docs/configuration.md says file modes are octal; YAML
+    reads the bare 440 as the decimal number 440, which vmmiod took as the mode 0o670 before
+    (and 600 as out of range)."""
+    device = ("{type: console, id: c, mmio: {base: 0x1000, irq: 1}, backend: pty}"
+              if kind == "generic" else
+              f"{{type: console, id: c, vhost_user: {tmp_path / 'c.sock'}, backend: pty}}")
+    cfg = parse(f"""
+guest: g1
+hypervisor: {{kind: {kind}, socket_mode: 440}}
+devices: [{device}]
+""", tmp_path)
+    assert isinstance(cfg.hypervisor, (c.GenericConfig, c.VhostUserConfig))
+    assert cfg.hypervisor.socket_mode == 0o440
 
 
 def test_auto_window_and_domid_with_xen(tmp_path: Path) -> None:

@@ -177,14 +177,14 @@ class Reader:
             return None
         return text
 
-    def integer(self, node: Node, path: str, lo: int | None = None, hi: int | None = None,
-                *, octal_strings: bool = False) -> int | None:
+    def integer(self, node: Node, path: str, lo: int | None = None,
+                hi: int | None = None) -> int | None:
         """An integer, written as a YAML number or as a decimal/0x-hex string ("0x2000000")."""
         value: int | None = None
         if isinstance(node, ScalarNode) and node.tag == TAG_INT:
             value = self._construct_int(node)
         elif isinstance(node, ScalarNode) and node.tag == TAG_STR:
-            value = parse_int(str(node.value), octal=octal_strings)
+            value = parse_int(str(node.value))
         if value is None:
             self.problem(node, path,
                          f"expected an integer (decimal or 0x hex), got {describe(node)}")
@@ -249,7 +249,29 @@ class Reader:
 
     # -- vmmiod's own value types ---------------------------------------------------------------
     def bool_or_auto(self, node: Node, path: str) -> bool | str | None:
-        return "auto" if self.is_word(node, "auto") else self.boolean(node, path)
+        if self.is_word(node, "auto"):
+            return "auto"
+        if isinstance(node, ScalarNode) and node.tag == TAG_BOOL:
+            return bool(self._loader.construct_yaml_bool(node))
+        self.problem(node, path, f"expected true, false or auto, got {describe(node)}")
+        return None
+
+    def file_mode(self, node: Node, path: str) -> int | None:
+        """A file mode, octal however it is written (as chmod reads it): 0600, 600, "0600" and
+        "0o600" are all 0o600. The text as written is read, so YAML's reading of a bare 600 as
+        the decimal number 600 does not turn it into another mode."""
+        value: int | None = None
+        if isinstance(node, ScalarNode) and node.tag in (TAG_INT, TAG_STR):
+            value = parse_int(str(node.value), octal=True)
+        if value is None:
+            self.problem(node, path, f"expected a file mode in octal (like 0600), got "
+                                     f"{describe(node)}")
+            return None
+        if not 0 <= value <= 0o777:
+            self.problem(node, path, f"{node.value} is not a file mode: expected 0 to 0777 in "
+                                     "octal, like 0600 or \"0660\"")
+            return None
+        return value
 
     def queue_size(self, node: Node, path: str) -> int | None:
         size = self.integer(node, path, 1, QUEUE_SIZE_MAX)

@@ -105,7 +105,7 @@ class Schema(SchemaBase):
         kw = self.fields(m, p, {
             "socket": r.path,
             "on_disconnect": lambda n, q: r.choice(n, q, ("wait", "exit")),
-            "socket_mode": lambda n, q: r.integer(n, q, 0, 0o777, octal_strings=True),
+            "socket_mode": r.file_mode,
         })
         if "socket" in kw:
             self.claim("path", str(kw["socket"]), m["socket"], child(p, "socket"))

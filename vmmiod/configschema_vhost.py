@@ -22,7 +22,7 @@ ENDPOINT_KEYS = ("socket", "connect", "config")
 def hypervisor(schema: Schema, m: dict[str, Node]) -> c.VhostUserConfig:
     r = schema.r
     kw: dict[str, Any] = schema.fields(m, "hypervisor", {
-        "socket_mode": lambda n, q: r.integer(n, q, 0, 0o777, octal_strings=True),
+        "socket_mode": r.file_mode,
         "reconnect": lambda n, q: r.number(n, q, 0.05, 3600),
     })
     return c.VhostUserConfig(**kw)
