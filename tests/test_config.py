@@ -178,6 +178,26 @@ devices:
                                                                    ("second", 1024)]
 
 
+def test_paths_expand_the_home_directory_unix_addresses_too(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """docs/configuration.md: in paths `~` is expanded; a dgram `unix:~/...` address was taken
+    relative to the config's folder instead (`<dir>/~/peer.sock`)."""
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    cfg = parse("""
+guest: g1
+hypervisor: {kind: generic, socket: ~/vmm.sock}
+devices:
+  - {type: net, id: n0, mmio: {base: 0x1000, irq: 1},
+     backend: {kind: dgram, local: "unix:~/n0.sock", remote: "unix:peer.sock"}}
+""", tmp_path)
+    assert isinstance(cfg.hypervisor, c.GenericConfig)
+    assert cfg.hypervisor.socket == tmp_path / "home" / "vmm.sock"
+    net = cfg.devices[0]
+    assert isinstance(net, c.NetConfig) and isinstance(net.backend, c.DgramBackend)
+    assert net.backend.local.path == tmp_path / "home" / "n0.sock"
+    assert net.backend.remote is not None and net.backend.remote.path == tmp_path / "peer.sock"
+
+
 def test_a_dgram_address_is_named_as_written(tmp_path: Path) -> None:
     """IPv6 in brackets, as configuration.md writes it, in problems and in `check`'s output."""
     text = """

@@ -240,3 +240,34 @@ def test_multiqueue_block_each_ring_started_on_its_own(tmp_path: Path) -> None:
             assert d.call(lambda: dev.active) is False
         finally:
             fe.close()
+
+
+def test_a_stale_socket_is_replaced_but_a_live_one_is_left_alone(tmp_path: Path) -> None:
+    """docs/configuration.md: a stale socket file of an earlier run is replaced; the socket of
+    a back-end still listening (a second vmmiod started for the same guest) is not taken over:
+    the daemon refuses to start and the running one keeps its socket."""
+    path = tmp_path / "disk0.sock"
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(str(path))
+    stale.close()  # the file stays, nobody listens: a killed predecessor's
+    with ThreadedVhost([("disk0", block_device(tmp_path), str(path))]):
+        fe = FrontEnd(connect(str(path)))
+        try:
+            assert fe.call_u64(w.GET_FEATURES) >> w.F_PROTOCOL_FEATURES & 1
+        finally:
+            fe.close()
+    live = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    live.bind(str(path))
+    live.listen(1)
+    try:
+        d = ThreadedVhost([("disk0", block_device(tmp_path), str(path))])
+        with pytest.raises(FileExistsError, match="another process listens"):
+            d.start()
+        d.stop()
+        client = connect(str(path))  # still the live back-end's socket
+        live.settimeout(5)
+        accepted, _ = live.accept()
+        accepted.close()
+        client.close()
+    finally:
+        live.close()

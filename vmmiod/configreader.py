@@ -332,7 +332,7 @@ class Reader:
             return None
         family, _, rest = text.partition(":")
         if family == "unix" and rest:
-            return SocketAddress("unix", path=r.base_dir / Path(rest))
+            return SocketAddress("unix", path=r.base_dir / Path(rest).expanduser())
         if family == "udp":
             host, _, port_text = rest.rpartition(":")
             host = host[1:-1] if host.startswith("[") and host.endswith("]") else host

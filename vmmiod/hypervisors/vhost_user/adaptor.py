@@ -89,6 +89,9 @@ class Endpoint:
             if not stat.S_ISSOCK(st_mode):
                 raise FileExistsError(errno.EEXIST, f"{path} exists and is not a socket; it was "
                                       "left alone: remove it or choose another socket path")
+            if _someone_listens(path):
+                raise FileExistsError(errno.EADDRINUSE, f"{path}: another process listens on "
+                                      "it (a second vmmiod for this guest?); it was left alone")
             os.unlink(path)  # a stale socket of an earlier run (or of a killed predecessor)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
@@ -282,6 +285,22 @@ class Endpoint:
                     os.unlink(self.path)
             except OSError:
                 pass
+
+
+def _someone_listens(path: Path) -> bool:
+    """True when a connection to the socket file is accepted (or waits in a full backlog): a
+    live back-end's socket, not a stale one, which refuses (ECONNREFUSED)."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        probe.setblocking(False)
+        probe.connect(str(path))
+    except BlockingIOError:
+        return True
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return True
 
 
 class VhostUserAdaptor(Adaptor):
