@@ -70,7 +70,9 @@ def net_backend(s: SchemaBase, node: Node, path: str) -> c.NetBackend | None:
         return c.TapBackend(**kw)
     kw = s.fields(m, path, {"local": r.address, "remote": r.address})
     local, remote = kw.get("local"), kw.get("remote")
-    if local is not None and (local.port or local.path):
+    if local is not None and local.path is not None:  # a socket file: no other may use it
+        s.claim("path", str(local.path), m["local"], child(path, "local"))
+    elif local is not None and local.port:
         s.claim("address", str(local), m["local"], child(path, "local"))
     if local is not None and remote is not None and local.family != remote.family:
         r.problem(m["remote"], child(path, "remote"),
