@@ -73,6 +73,10 @@ class Schema(SchemaBase):
         if m is None:
             return None
         name = self.r.name(m["name"], "guest.name") if "name" in m else None
+        if name in (".", ".."):  # /run/vmmiod/<name>/ would be another directory
+            r.problem(m["name"], "guest.name", f"{name!r} is not a valid name: it names the "
+                                               "guest's directories (/run/vmmiod/<name>/)")
+            name = None
         domid: int | None = None
         if "domid" in m and not r.is_word(m["domid"], "auto"):
             domid = r.integer(m["domid"], "guest.domid", 0, DOMID_MAX)
