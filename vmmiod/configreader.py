@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import ipaddress
 import math
+import os
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -30,6 +31,7 @@ TAG_MERGE = "tag:yaml.org,2002:merge"
 QUEUE_SIZE_MAX = 32768  # split virtqueue limit (VIRTIO 1.2, 2.7)
 BLK_ID_BYTES = 20  # VIRTIO_BLK_ID_BYTES: the GET_ID serial
 IFNAMSIZ = 16  # including the NUL
+SUN_PATH_MAX = 107  # sockaddr_un.sun_path holds 108 bytes, the last one a NUL
 _ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]{0,31}$")
 _NAME = re.compile(r"^[^\x00-\x20\x7f/]{1,64}$")  # printable, no blanks, no '/'
 _MAC = re.compile(r"^[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){5}$")
@@ -225,6 +227,20 @@ class Reader:
         p = Path(text).expanduser()
         return p if p.is_absolute() else self.base_dir / p
 
+    def socket_path(self, node: Node, path: str) -> Path | None:
+        """A path a Unix socket is bound to or connected at: it must fit sockaddr_un."""
+        p = self.path(node, path)
+        if p is not None and not self._fits_sun_path(node, path, p):
+            return None
+        return p
+
+    def _fits_sun_path(self, node: Node, path: str, p: Path) -> bool:
+        n = len(os.fsencode(p))
+        if n > SUN_PATH_MAX:
+            self.problem(node, path, f"{p} is {n} bytes long; a Unix socket's path holds at "
+                                     f"most {SUN_PATH_MAX}")
+        return n <= SUN_PATH_MAX
+
     def is_word(self, node: Node, word: str) -> bool:
         """True for a plain string scalar equal to `word` (e.g. `auto`)."""
         return isinstance(node, ScalarNode) and node.tag == TAG_STR and node.value == word
@@ -332,7 +348,9 @@ class Reader:
             return None
         family, _, rest = text.partition(":")
         if family == "unix" and rest:
-            return SocketAddress("unix", path=r.base_dir / Path(rest).expanduser())
+            where = r.base_dir / Path(rest).expanduser()
+            return SocketAddress("unix", path=where) if r._fits_sun_path(node, path, where) \
+                else None
         if family == "udp":
             host, _, port_text = rest.rpartition(":")
             host = host[1:-1] if host.startswith("[") and host.endswith("]") else host

@@ -107,7 +107,7 @@ class Schema(SchemaBase):
             self.interrupts = kw.get("interrupts", "auto")
             return c.XenConfig(**kw)
         kw = self.fields(m, p, {
-            "socket": r.path,
+            "socket": r.socket_path,
             "on_disconnect": lambda n, q: r.choice(n, q, ("wait", "exit")),
             "socket_mode": r.file_mode,
         })

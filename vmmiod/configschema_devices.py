@@ -149,7 +149,8 @@ def console_backend(s: SchemaBase, node: Node, path: str) -> c.ConsoleBackend | 
     kind, m = s.variant(node, path, "kind", variants)
     if kind is None or m is None:
         return None
-    kw = s.fields(m, path, {"link": r.path, "path": r.path, "takeover": r.boolean})
+    kw = s.fields(m, path, {"link": r.path, "takeover": r.boolean,
+                            "path": r.socket_path if kind == "socket" else r.path})
     for key in ("link", "path"):
         if key in kw:
             s.claim("path", str(kw[key]), m[key], child(path, key))

@@ -33,7 +33,7 @@ def endpoint(schema: Schema, node: Node, path: str) -> c.VhostUserSocket | None:
     (`config` left out: None, decided by the device type, VhostUserSocket.offers_config)."""
     r = schema.r
     if isinstance(node, ScalarNode) and node.tag == TAG_STR:
-        sock = r.path(node, path)
+        sock = r.socket_path(node, path)
         if sock is None:
             return None
         schema.claim("path", str(sock), node, path)
@@ -44,7 +44,7 @@ def endpoint(schema: Schema, node: Node, path: str) -> c.VhostUserSocket | None:
     m = r.mapping(node, path, ENDPOINT_KEYS, required=("socket",))
     if m is None:
         return None
-    kw: dict[str, Any] = schema.fields(m, path, {"socket": r.path, "connect": r.boolean,
+    kw: dict[str, Any] = schema.fields(m, path, {"socket": r.socket_path, "connect": r.boolean,
                                                  "config": r.boolean})
     if "socket" not in kw:
         return None
