@@ -186,6 +186,10 @@ def test_get_id(image: Path) -> None:
     long = default_serial("a-very-long-guest-name", "data-disk-1")
     assert len(long.encode()) <= 20
     assert long != default_serial("a-very-long-guest-name", "data-disk-2")
+    for guest in ("gäst", "服务器-数据库"):  # valid guest names: the serial stays ASCII
+        serial = default_serial(guest, "root")
+        assert serial.isascii() and len(serial) <= 20, serial
+        assert serial != default_serial(guest, "data")
 
 
 def test_discard_punches_hole(image: Path) -> None:

@@ -385,3 +385,27 @@ def test_log_event_scan_sees_wrappers_and_conditionals(tmp_path: Path) -> None:
     assert set(events) == {"via_wrapper", "via_two_wrappers", "open", "closed", "via_alias",
                            "via_getattr"}
     assert unreadable == ["pkg/m.py:11 name"]
+
+
+def test_a_second_daemon_leaves_a_running_daemons_socket_alone(tmp_path: Path,
+                                                               daemons: list[Daemon]) -> None:
+    first = Daemon(tmp_path)
+    daemons.append(first)
+    first.wait_for("READY=1")
+    sock = tmp_path / "vmm.sock"
+    inode = sock.stat().st_ino
+    other = tmp_path / "second"
+    other.mkdir()
+    (other / "g1.yaml").write_text(
+        f"guest: {{name: g1}}\nhypervisor: {{kind: generic, socket: '{sock}'}}\n"
+        "devices:\n  - type: console\n    id: con0\n    mmio: {base: 0x10000000, irq: 5}\n"
+        "    backend: {kind: file, path: console.log}\n")
+    second = subprocess.run([sys.executable, "-m", "vmmiod", "run", "--log-format", "json",
+                             str(other / "g1.yaml")], capture_output=True, text=True, timeout=60)
+    assert second.returncode == 69, second.stderr
+    assert "in use" in second.stderr and str(sock) in second.stderr
+    assert sock.stat().st_ino == inode  # not unlinked and rebound
+    with SimVmm() as vmm:  # the first daemon still serves its guest on it
+        vmm.connect(sock, wait=5)
+        assert vmm.read(0x10000000 + MAGIC_VALUE) == MAGIC_VALUE_VIRT
+        vmm.disconnect()

@@ -75,9 +75,12 @@ def config_space(backing: Backing, *, seg_max: int, writeback: bool, queues: int
 
 
 def default_serial(guest: str, device: str) -> str:
-    """A stable GET_ID serial of at most 20 bytes from the guest and device names."""
+    """A stable ASCII GET_ID serial of at most 20 bytes from the guest and device names (names
+    may hold any printable character: a longer or non-ASCII one is shortened, its other
+    characters made '_', and a hash of the whole added)."""
     s = f"{guest}-{device}"
-    if len(s.encode()) <= ID_BYTES:
+    if s.isascii() and len(s) <= ID_BYTES:
         return s
     digest = hashlib.sha256(s.encode()).hexdigest()[:8]
-    return f"{s.encode()[:11].decode(errors='ignore')}-{digest}"
+    head = "".join(c if c.isascii() else "_" for c in s[:11])
+    return f"{head}-{digest}"

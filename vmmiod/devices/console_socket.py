@@ -12,15 +12,14 @@ periodic tick or when the next client knocks (so a dead client never blocks a ne
 
 from __future__ import annotations
 
-import errno
 import os
 import select
 import socket
-import stat
 from pathlib import Path
 from typing import Any
 
 from vmmiod.devices.console_backends import PortBackend
+from vmmiod.unixsock import clear_stale_socket
 
 REFUSED_MESSAGE = b"vmmiod: this console port already has a client; try again later\r\n"
 TAKEN_OVER_MESSAGE = b"\r\nvmmiod: another client took over this console port\r\n"
@@ -42,7 +41,7 @@ class SocketBackend(PortBackend):
 
     # -- lifecycle ------------------------------------------------------------------------------
     async def open(self) -> None:
-        self._clear_stale_path()
+        clear_stale_socket(self.path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
@@ -59,23 +58,6 @@ class SocketBackend(PortBackend):
         assert self.loop is not None
         self.loop.add_reader(sock.fileno(), self._on_accept)
         self.log.info("console_socket_listening", port=self.port, path=str(self.path))
-
-    def _clear_stale_path(self) -> None:
-        try:
-            st = os.lstat(self.path)
-        except FileNotFoundError:
-            return
-        if not stat.S_ISSOCK(st.st_mode):
-            raise OSError(errno.EEXIST, f"{self.path} exists and is not a socket")
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        try:
-            probe.connect(str(self.path))
-        except OSError:
-            self.path.unlink()  # nobody listens: left over by a daemon that died
-            return
-        finally:
-            probe.close()
-        raise OSError(errno.EADDRINUSE, f"{self.path} is in use by another process")
 
     async def close(self) -> None:
         await super().close()

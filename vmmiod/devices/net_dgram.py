@@ -14,13 +14,13 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
-import stat
 from collections.abc import Callable
 from typing import Any
 
 from vmmiod.config import DgramBackend, SocketAddress
 from vmmiod.devices.base import BackendError
 from vmmiod.devices.net_proto import scatter, skip_views
+from vmmiod.unixsock import clear_stale_socket
 
 RECV_FOREIGN = -1  # recv() result: a datagram from someone other than the remote, dropped
 
@@ -78,7 +78,10 @@ class DgramSocket:
         if local.path is None:
             raise BackendError("dgram backend: a unix local address needs a path")
         path = str(local.path)
-        self._unlink_stale(path)
+        try:
+            clear_stale_socket(path, socket.SOCK_DGRAM)
+        except OSError as exc:
+            raise BackendError(f"dgram backend: {exc.strerror}") from None
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_NONBLOCK
                              | socket.SOCK_CLOEXEC)
         try:
@@ -88,27 +91,6 @@ class DgramSocket:
             raise
         self._bound_path = path
         return sock
-
-    @staticmethod
-    def _unlink_stale(path: str) -> None:
-        """Remove a socket file nobody serves any more (a crashed daemon's); refuse a live one."""
-        try:
-            st = os.lstat(path)
-        except FileNotFoundError:
-            return
-        if not stat.S_ISSOCK(st.st_mode):
-            raise BackendError(f"dgram backend: {path} exists and is not a socket")
-        probe = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-        try:
-            probe.connect(path)
-        except ConnectionRefusedError:
-            os.unlink(path)
-            return
-        except OSError:
-            return
-        finally:
-            probe.close()
-        raise BackendError(f"dgram backend: {path} is in use by another process")
 
     @staticmethod
     def _open_udp(local: SocketAddress,

@@ -10,11 +10,9 @@ exits when the config says `on_disconnect: exit`.
 from __future__ import annotations
 
 import asyncio
-import errno
 import mmap
 import os
 import socket
-import stat
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -43,6 +41,7 @@ from vmmiod.hypervisors.generic.protocol import (
 )
 from vmmiod.hypervisors.ioreq_slot import serve_ioreq_slot
 from vmmiod.memory import MappedMemory
+from vmmiod.unixsock import clear_stale_socket
 
 MSG_ACCEPT_BYTES = header(3)
 HELLO_TIMEOUT = 10.0  # seconds a connected peer has to send its hello
@@ -115,15 +114,7 @@ class GenericAdaptor(Adaptor):
         assert self._loop is not None
         path = self.hv.socket
         path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            mode = os.lstat(path).st_mode
-        except FileNotFoundError:
-            mode = None
-        if mode is not None:
-            if not stat.S_ISSOCK(mode):
-                raise FileExistsError(errno.EEXIST, f"{path} exists and is not a socket; it was "
-                                      f"left alone: remove it or choose another socket path")
-            os.unlink(path)  # a stale socket of an earlier run
+        clear_stale_socket(path, socket.SOCK_SEQPACKET)  # a stale socket of an earlier run
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         try:
             sock.bind(str(path))

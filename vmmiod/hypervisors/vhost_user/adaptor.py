@@ -12,10 +12,8 @@ so the fds that arrive belong to the message being read (they travel with its fi
 from __future__ import annotations
 
 import asyncio
-import errno
 import os
 import socket
-import stat
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +22,7 @@ from vmmiod.hypervisors.vhost_user import wire as w
 from vmmiod.hypervisors.vhost_user.device import VhostDevice
 from vmmiod.hypervisors.vhost_user.session import Session
 from vmmiod.hypervisors.vhost_user.vring import close_quietly
+from vmmiod.unixsock import clear_stale_socket
 
 MESSAGES_PER_WAKEUP = 64  # then yield to the loop: one chatty front-end cannot starve others
 # A front-end speaks first, at once (QEMU sends GET_FEATURES as it connects): a connection
@@ -81,18 +80,7 @@ class Endpoint:
             return
         path = self.path
         path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            st_mode: int | None = os.lstat(path).st_mode
-        except FileNotFoundError:
-            st_mode = None
-        if st_mode is not None:
-            if not stat.S_ISSOCK(st_mode):
-                raise FileExistsError(errno.EEXIST, f"{path} exists and is not a socket; it was "
-                                      "left alone: remove it or choose another socket path")
-            if _someone_listens(path):
-                raise FileExistsError(errno.EADDRINUSE, f"{path}: another process listens on "
-                                      "it (a second vmmiod for this guest?); it was left alone")
-            os.unlink(path)  # a stale socket of an earlier run (or of a killed predecessor)
+        clear_stale_socket(path)  # a stale socket of an earlier run (or a killed predecessor)
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
         try:
             sock.bind(str(path))
@@ -285,22 +273,6 @@ class Endpoint:
                     os.unlink(self.path)
             except OSError:
                 pass
-
-
-def _someone_listens(path: Path) -> bool:
-    """True when a connection to the socket file is accepted (or waits in a full backlog): a
-    live back-end's socket, not a stale one, which refuses (ECONNREFUSED)."""
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-    try:
-        probe.setblocking(False)
-        probe.connect(str(path))
-    except BlockingIOError:
-        return True
-    except OSError:
-        return False
-    finally:
-        probe.close()
-    return True
 
 
 class VhostUserAdaptor(Adaptor):
