@@ -5,6 +5,7 @@
 # tests/e2e/vhost_user/test_vhost_user_e2e.py checks everything on the host afterwards.
 . /out/params.env
 r() { echo "E2E-R $*"; }
+reversed() { out=""; for w in "$@"; do out="$w $out"; done; echo $out; }  # the back-ends' turns
 
 # /dev/vdX of the virtio-blk device in PCI slot $1 (two hex digits): QEMU's addr= fixes the slots.
 disk_at() {
@@ -112,9 +113,7 @@ EOF
             echo "E2E-B end job=$name be=$be round=$rnd"
             r bench job=$name be=$be round=$rnd rc=$rc
         done
-        rev=""
-        for be in $order; do rev="$be $rev"; done
-        order=$rev
+        order=$(reversed $order)
         rnd=$((rnd + 1))
     done
 done
@@ -176,9 +175,7 @@ if [ "$NET_MIRROR" = 1 ]; then
             r burst be=$be round=$rnd rc=$rc rx=$((rx1 - brx)) tx=$((tx1 - btx))
             r mirror-round be=$be round=$rnd rx=$((rx1 - rx0)) tx=$((tx1 - tx0)) warmup=$i
         done
-        rev=""
-        for be in $order; do rev="$be $rev"; done
-        order=$rev
+        order=$(reversed $order)
         rnd=$((rnd + 1))
     done
     echo "E2E-N done"
