@@ -92,6 +92,38 @@ def test_disconnect_resets_devices_and_next_vmm_is_served(daemon: ThreadedDaemon
     assert daemon.call(lambda: daemon.adaptor.counters["connections"]) == 2
 
 
+def test_a_wake_up_of_a_gone_connection_is_ignored(daemon: ThreadedDaemon) -> None:
+    """Each vCPU's reader is bound to its connection (fds, slot, page): one that runs after that
+    connection is gone (its wake-up collected in the same turn as the socket's EOF) touches
+    nothing, not even the next VMM's READY slot on an eventfd that reuses the old fd number."""
+    with SimVmm() as vmm:
+        vmm.connect(daemon.socket_path)
+        stale = daemon.call(lambda: list(daemon.adaptor._conn.readers))  # type: ignore[union-attr]
+        assert len(stale) == 1 and vmm.read(BASE) == MAGIC
+    deadline = time.monotonic() + 5
+    while daemon.call(lambda: daemon.adaptor.connected) and time.monotonic() < deadline:
+        time.sleep(0.01)
+    with SimVmm() as vmm:
+        vmm.connect(daemon.socket_path)
+        ioreqs = daemon.call(lambda: daemon.adaptor.counters["ioreqs"])
+        vmm.page[30] = 0x21  # vCPU 0: a READY read of address 0
+
+        def stale_wake_up() -> tuple[int, int]:
+            os.write(vmm.req_fds[0], (1).to_bytes(8, "little"))  # the kick, then the old reader
+            stale[0]()  # in the same callback: the new connection's reader cannot run between
+            return vmm.page[30], daemon.adaptor.counters["ioreqs"]
+
+        assert daemon.call(stale_wake_up) == (0x21, ioreqs)  # untouched by the old reader
+        deadline = time.monotonic() + 5  # the new connection's own reader answers the kick
+        while vmm.page[30] & 0xF != 3 and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert vmm.page[30] == 0x23
+        vmm._wait_response(0)  # take its response, then the slot is the VMM's again
+        vmm.page[30] = 0
+        assert vmm.read(BASE) == MAGIC
+        assert daemon.call(lambda: daemon.adaptor.counters["ioreqs"]) == ioreqs + 2
+
+
 def test_vmm_killed_mid_session(daemon: ThreadedDaemon) -> None:
     """A VMM process that dies without a word (SIGKILL) is a disconnect like any other."""
     code = textwrap.dedent(f"""

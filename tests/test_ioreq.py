@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 from tests.test_mmio_rig import Rig, bring_up, make_rig
 from vmmiod import barrier
 from vmmiod.bus import MmioBus
-from vmmiod.hypervisors.ioreq_slot import serve_ioreq_slot
+from vmmiod.hypervisors.ioreq_slot import serve_ioreq_slot, slot_server
 from vmmiod.ioreq import (
     IOREQ_READ,
     IOREQ_TYPE_COPY,
@@ -122,6 +122,19 @@ def bus(rig: Rig) -> MmioBus:
     return b
 
 
+Serve = Callable[[mmap.mmap, int, MmioBus], bool]
+
+
+def _through_slot_server(page: mmap.mmap, vcpu: int, bus: MmioBus) -> bool:
+    return slot_server(page, vcpu, bus)()
+
+
+@pytest.fixture(params=["serve_ioreq_slot", "slot_server"])
+def serve(request: pytest.FixtureRequest) -> Serve:
+    """Both ways of answering a slot: every case below holds for each (they must not drift)."""
+    return serve_ioreq_slot if request.param == "serve_ioreq_slot" else _through_slot_server
+
+
 def put(page: mmap.mmap, vcpu: int, **fields: int) -> None:
     f = {"addr": 0, "data": 0, "count": 1, "size": 4, "vp_eport": 40 + vcpu,
          "state": STATE_IOREQ_READY, "data_is_ptr": 0, "dir_": IOREQ_READ, "df": 0,
@@ -130,11 +143,11 @@ def put(page: mmap.mmap, vcpu: int, **fields: int) -> None:
     page[vcpu * 32:(vcpu + 1) * 32] = xen_bytes(**f)
 
 
-def test_slot_not_ready_is_left_alone(page: mmap.mmap, bus: MmioBus) -> None:
+def test_slot_not_ready_is_left_alone(page: mmap.mmap, bus: MmioBus, serve: Serve) -> None:
     for state in (STATE_IOREQ_NONE, STATE_IOREQ_INPROCESS, STATE_IORESP_READY, 9):
         put(page, 0, addr=BASE, state=state)
         before = page[:]
-        assert serve_ioreq_slot(page, 0, bus) is False
+        assert serve(page, 0, bus) is False
         assert page[:] == before
     assert bus.requests == 0
 
@@ -157,10 +170,10 @@ def test_slot_left_in_process_by_a_dead_daemon_is_served_on_resume(page: mmap.mm
     assert page[:] == before and bus.requests == requests
 
 
-def test_slot_read_answers_data_and_state_only(page: mmap.mmap, bus: MmioBus) -> None:
+def test_slot_read_answers_data_and_state_only(page: mmap.mmap, bus: MmioBus, serve: Serve) -> None:
     put(page, 3, addr=BASE + MAGIC_VALUE, data=0xDEAD_BEEF_0000_0000, df=0)
     page[30 + 3 * 32] |= 0x80  # the reserved bit, which must survive
-    assert serve_ioreq_slot(page, 3, bus) is True
+    assert serve(page, 3, bus) is True
     x = decode_ioreq(page, 3 * 32)
     assert x.state == STATE_IORESP_READY and x.data == MAGIC_VALUE_VIRT
     assert x.vp_eport == 43 and x.addr == BASE + MAGIC_VALUE and x.dir == IOREQ_READ
@@ -168,7 +181,8 @@ def test_slot_read_answers_data_and_state_only(page: mmap.mmap, bus: MmioBus) ->
     assert page[:3 * 32] == bytes(96) and page[4 * 32:] == bytes(4096 - 128)
 
 
-def test_slot_write_leaves_data_alone(page: mmap.mmap, bus: MmioBus, rig: Rig) -> None:
+def test_slot_write_leaves_data_alone(page: mmap.mmap, bus: MmioBus, rig: Rig,
+                                      serve: Serve) -> None:
     dqs = bring_up(rig)
     out, in_ = rig.buffer(b"xen!"), rig.buffer(4)
     dqs[1].add([out], [in_], token=1)
@@ -176,44 +190,44 @@ def test_slot_write_leaves_data_alone(page: mmap.mmap, bus: MmioBus, rig: Rig) -
     put(page, 0, addr=BASE + QUEUE_NOTIFY, data=1, dir_=IOREQ_WRITE)
     expect = bytearray(xen_bytes(BASE + QUEUE_NOTIFY, 1, 1, 4, 40, STATE_IORESP_READY, 0,
                                  IOREQ_WRITE, 0, IOREQ_TYPE_COPY))
-    assert serve_ioreq_slot(page, 0, bus) is True
+    assert serve(page, 0, bus) is True
     assert page[:32] == expect
     assert rig.memory.read(in_[0], 4) == b"!nex"
 
 
-def test_slot_config_read_sizes(page: mmap.mmap, bus: MmioBus) -> None:
+def test_slot_config_read_sizes(page: mmap.mmap, bus: MmioBus, serve: Serve) -> None:
     for size, expect in ((1, 0x10), (2, 0x1110), (4, 0x1312_1110), (8, 0x1716_1514_1312_1110)):
         put(page, 1, addr=BASE + CONFIG, size=size, data=2**64 - 1)
-        assert serve_ioreq_slot(page, 1, bus)
+        assert serve(page, 1, bus)
         assert decode_ioreq(page, 32).data == expect
 
 
-def test_slot_unhandled_and_invalidate(page: mmap.mmap, bus: MmioBus) -> None:
+def test_slot_unhandled_and_invalidate(page: mmap.mmap, bus: MmioBus, serve: Serve) -> None:
     put(page, 0, addr=0x3F8, size=1, type_=IOREQ_TYPE_PIO)
-    assert serve_ioreq_slot(page, 0, bus)
+    assert serve(page, 0, bus)
     assert decode_ioreq(page).data == 0xFF and decode_ioreq(page).state == STATE_IORESP_READY
     put(page, 0, addr=BASE, count=2)  # rep: all ones
-    assert serve_ioreq_slot(page, 0, bus) and decode_ioreq(page).data == 0xFFFF_FFFF
+    assert serve(page, 0, bus) and decode_ioreq(page).data == 0xFFFF_FFFF
     put(page, 0, addr=BASE, data_is_ptr=1, dir_=IOREQ_WRITE, data=0x4000_0000)
-    assert serve_ioreq_slot(page, 0, bus) and decode_ioreq(page).data == 0x4000_0000
+    assert serve(page, 0, bus) and decode_ioreq(page).data == 0x4000_0000
     mem = bus.memory
     assert isinstance(mem, MappedMemory)
     gen = mem.generation
     put(page, 0, addr=0, data=2**64 - 1, size=8, dir_=IOREQ_WRITE, type_=IOREQ_TYPE_INVALIDATE)
-    assert serve_ioreq_slot(page, 0, bus)
+    assert serve(page, 0, bus)
     assert mem.generation == gen + 1 and decode_ioreq(page).state == STATE_IORESP_READY
     assert bus.unhandled == {"pio": 1, "rep": 1, "data_is_ptr": 1}
 
 
-def test_slot_works_on_a_memoryview_and_bytearray(bus: MmioBus) -> None:
+def test_slot_works_on_a_memoryview_and_bytearray(bus: MmioBus, serve: Serve) -> None:
     buf = bytearray(4096)
     for page in (buf, memoryview(buf)):
         put(page, 127, addr=BASE + MAGIC_VALUE)  # type: ignore[arg-type]
-        assert serve_ioreq_slot(page, 127, bus)
+        assert serve(page, 127, bus)
         assert decode_ioreq(page, 127 * 32).data == MAGIC_VALUE_VIRT
 
 
-def test_slot_barriers_order_the_stores(page: mmap.mmap, bus: MmioBus) -> None:
+def test_slot_barriers_order_the_stores(page: mmap.mmap, bus: MmioBus, serve: Serve) -> None:
     """rmb after seeing READY, before reading the request; wmb after the data, before the state."""
     seen: list[tuple[str, int, int]] = []
 
@@ -224,9 +238,40 @@ def test_slot_barriers_order_the_stores(page: mmap.mmap, bus: MmioBus) -> None:
     barrier.install(snap("mb"), snap("wmb"), snap("rmb"))
     try:
         put(page, 0, addr=BASE + MAGIC_VALUE, data=0)
-        assert serve_ioreq_slot(page, 0, bus)
+        assert serve(page, 0, bus)
     finally:
         barrier.mb, barrier.wmb, barrier.rmb = saved
     assert seen == [("rmb", STATE_IOREQ_READY, 0),
                     ("wmb", STATE_IOREQ_INPROCESS, MAGIC_VALUE_VIRT)]
     assert page[30] & 0xF == STATE_IORESP_READY
+
+
+def test_slot_server_is_built_once_and_serves_every_request(page: mmap.mmap,
+                                                            bus: MmioBus) -> None:
+    """The adaptor builds one per vCPU at connect time: it answers each new READY request, leaves
+    a slot that is not READY alone, and takes fences installed after it was built."""
+    srv = slot_server(page, 2, bus)
+    assert srv() is False  # NONE: nothing asked
+    for data in (1, 2, 3):
+        put(page, 2, addr=BASE + MAGIC_VALUE, data=data)
+        assert srv() is True
+        assert decode_ioreq(page, 64).data == MAGIC_VALUE_VIRT
+        assert srv() is False  # IORESP_READY: already answered, nothing more
+    fences: list[str] = []
+    saved = barrier.mb, barrier.wmb, barrier.rmb
+    barrier.install(lambda: fences.append("mb"), lambda: fences.append("wmb"),
+                    lambda: fences.append("rmb"))
+    try:
+        put(page, 2, addr=BASE + MAGIC_VALUE)
+        assert srv() is True
+    finally:
+        barrier.mb, barrier.wmb, barrier.rmb = saved
+    assert fences == ["rmb", "wmb"]
+    assert bus.requests == 4
+
+
+@pytest.mark.parametrize("vcpu", [-1, 128])
+def test_slot_server_refuses_a_vcpu_without_a_slot(page: mmap.mmap, bus: MmioBus,
+                                                   vcpu: int) -> None:
+    with pytest.raises(ValueError):
+        slot_server(page, vcpu, bus)

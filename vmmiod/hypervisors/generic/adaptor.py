@@ -1,8 +1,9 @@
 """The generic adaptor: IOREQs from any VMM over a Unix socket (docs/generic-ioreq.md).
 
 Xen's request page is kept as it is (ioreq_t slots, READY -> INPROCESS -> IORESP_READY), so
-`vmmiod.hypervisors.ioreq_slot.serve_ioreq_slot` serves both adaptors; Xen's event channels become eventfds and
-foreign mapping becomes memfds mapped once at connect time. One VMM at a time; a VMM that goes
+vmmiod/hypervisors/ioreq_slot.py serves both adaptors (here one `slot_server` per vCPU, built at
+connect time); Xen's event channels become eventfds and foreign mapping becomes memfds mapped
+once at connect time. One VMM at a time; a VMM that goes
 away resets every device (`bus.detach_memory()`) and the daemon waits for the next one, or
 exits when the config says `on_disconnect: exit`.
 """
@@ -39,7 +40,7 @@ from vmmiod.hypervisors.generic.protocol import (
     parse_client_hello,
     parse_header,
 )
-from vmmiod.hypervisors.ioreq_slot import serve_ioreq_slot
+from vmmiod.hypervisors.ioreq_slot import serve_ioreq_slot, slot_server
 from vmmiod.memory import MappedMemory
 from vmmiod.unixsock import clear_stale_socket
 
@@ -59,6 +60,7 @@ class _Connection:
     req_fds: list[int]
     resp_fds: list[int]
     fds: list[int] = field(default_factory=list)  # every fd received, closed at disconnect
+    readers: list[Callable[[], None]] = field(default_factory=list)  # per vCPU, see _activate
 
 
 class GenericAdaptor(Adaptor):
@@ -78,7 +80,6 @@ class GenericAdaptor(Adaptor):
         self._pending: dict[socket.socket, asyncio.TimerHandle] = {}
         self._conn: _Connection | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._serve: Callable[[Any, int, Any], bool] | None = None
         self.hello_timeout = HELLO_TIMEOUT
 
     # -- Adaptor interface -------------------------------------------------------------------------
@@ -108,7 +109,6 @@ class GenericAdaptor(Adaptor):
         return out
 
     async def start(self) -> None:
-        self._serve = serve_ioreq_slot
         if self._loop is None:
             await self.prepare()
         assert self._loop is not None
@@ -282,8 +282,9 @@ class GenericAdaptor(Adaptor):
         if self.on_guest is not None:  # resume from the state record (docs/restart.md)
             st = os.fstat(conn.fds[len(conn.hello.regions)])  # the ioreq page: same memfd,
             self.on_guest(f"generic:{st.st_dev}:{st.st_ino}")  # same guest
-        for vcpu, fd in enumerate(conn.req_fds):
-            self._loop.add_reader(fd, self._on_request, vcpu)
+        conn.readers = [self._request_reader(conn, vcpu) for vcpu in range(len(conn.req_fds))]
+        for fd, reader in zip(conn.req_fds, conn.readers):
+            self._loop.add_reader(fd, reader)
         self._loop.add_reader(conn.sock.fileno(), self._on_message)
         # A request the previous daemon left READY (or took, INPROCESS, and died) is answered
         # before ACCEPT: after it, the VMM's next requests come through the eventfds.
@@ -305,24 +306,37 @@ class GenericAdaptor(Adaptor):
                       ram_bytes=sum(r.size for r in conn.hello.regions),
                       irqs=[i.irq for i in conn.hello.irqs])
 
-    def _on_request(self, vcpu: int) -> None:
-        conn = self._conn
-        if conn is None:
-            return
-        try:
-            os.read(conn.req_fds[vcpu], 8)
-        except (BlockingIOError, InterruptedError):
-            return
-        assert self._serve is not None
-        self.counters["ioreqs"] += 1
-        if self._serve(conn.page_view, vcpu, self.bus):
+    def _request_reader(self, conn: _Connection, vcpu: int) -> Callable[[], None]:
+        """The reader callback of vCPU `vcpu`'s request eventfd, built once per connection.
+
+        Everything it needs is bound here (fds, the slot server with its offsets, the
+        counters), so a wake-up costs one call: read the eventfd, serve the slot, write the
+        response eventfd. It does nothing once `conn` is no longer the served connection (a
+        wake-up already collected when the socket's EOF disconnected it).
+        """
+        req_fd, resp_fd = conn.req_fds[vcpu], conn.resp_fds[vcpu]
+        serve = slot_server(conn.page_view, vcpu, self.bus)
+        counters = self.counters
+        read, write = os.read, os.write
+
+        def on_request() -> None:
+            if self._conn is not conn:
+                return
             try:
-                os.write(conn.resp_fds[vcpu], EVENTFD_ONE)
-            except OSError:
-                pass
-        else:
-            # Not READY (spurious kick, or a VMM scribbling the page): nothing to answer.
-            self.counters["ioreqs_unanswered"] += 1
+                read(req_fd, 8)
+            except (BlockingIOError, InterruptedError):
+                return
+            counters["ioreqs"] += 1
+            if serve():
+                try:
+                    write(resp_fd, EVENTFD_ONE)
+                except OSError:
+                    pass
+            else:
+                # Not READY (spurious kick, or a VMM scribbling the page): nothing to answer.
+                counters["ioreqs_unanswered"] += 1
+
+        return on_request
 
     def _on_message(self) -> None:
         conn = self._conn
