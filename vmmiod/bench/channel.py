@@ -3,7 +3,9 @@ process) and the simulated guest (this process), nothing in between.
 
 Figures:
 - IOREQ round trips per second: a register read (MagicValue) from the guest's vCPU, answered by
-  the daemon through the shared page and two eventfds; daemon CPU per round trip.
+  the daemon through the shared page and two eventfds; daemon CPU per round trip. Then the two
+  IOREQs a virtio-mmio guest makes per interrupt (InterruptStatus read, InterruptACK write),
+  each timed alone. Daemon CPU per round trip is from /proc/<pid>/task/*/schedstat (ns).
 - notify-to-interrupt latency: QueueNotify of one 4 KiB block read until the interrupt eventfd
   fires in the guest (median, p99).
 - block: 4 KiB random reads and writes at queue depth 32, 128 KiB sequential reads at depth 8:
@@ -27,7 +29,7 @@ from vmmiod.sim.block import VIRTIO_BLK_T_IN, VIRTIO_BLK_T_OUT, BlockDriver
 from vmmiod.sim.guest import probe_windows
 from vmmiod.sim.harness import DaemonProcess, GuestFiles, write_config
 from vmmiod.sim.net import NetDriver, run_net_workload, udp_peer
-from vmmiod.sim.virtio_mmio import MAGIC_VALUE
+from vmmiod.sim.virtio_mmio import INTERRUPT_ACK, INTERRUPT_STATUS, MAGIC_VALUE
 from vmmiod.sim.vmm import SimError, SimVmm
 
 SECTOR = 512
@@ -38,14 +40,35 @@ def _percentile(values: list[float], p: float) -> float:
     return ordered[min(len(ordered) - 1, round(p / 100 * (len(ordered) - 1)))]
 
 
-def ioreq_round_trips(vmm: SimVmm, daemon: DaemonProcess, base: int, n: int) -> dict[str, Any]:
-    addr = base + MAGIC_VALUE
+def run_time(pid: int) -> float:
+    """Seconds every thread of `pid` has run (schedstat, ns: finer than /proc/<pid>/stat)."""
+    total = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[0])
+        except (FileNotFoundError, ProcessLookupError):
+            pass  # a thread that ended meanwhile
+    return total / 1e9
+
+
+def ioreq_round_trips(vmm: SimVmm, daemon: DaemonProcess, base: int, n: int,
+                      offset: int = MAGIC_VALUE, write: bool = False) -> dict[str, Any]:
+    """`n` register accesses at `base + offset` (reads, or writes of 0), one at a time."""
+    addr = base + offset
+
+    def access() -> None:
+        if write:
+            vmm.write(addr, 0)
+        else:
+            vmm.read(addr)
+
     for _ in range(100):
-        vmm.read(addr)
-    cpu0, t0 = daemon.cpu_seconds(), time.perf_counter()
+        access()
+    cpu0, t0 = run_time(daemon.pid), time.perf_counter()
     for _ in range(n):
-        vmm.read(addr)
-    wall, cpu = time.perf_counter() - t0, daemon.cpu_seconds() - cpu0
+        access()
+    wall, cpu = time.perf_counter() - t0, run_time(daemon.pid) - cpu0
     return {"round_trips_per_s": round(n / wall), "us_per_round_trip": round(1e6 * wall / n, 2),
             "daemon_cpu_us_per_round_trip": round(1e6 * cpu / n, 2)}
 
@@ -128,8 +151,12 @@ def run(quick: bool = False) -> dict[str, Any]:
         with DaemonProcess(files) as daemon, SimVmm(ram_size=128 << 20) as vmm:
             vmm.connect(files.socket)
             windows = probe_windows(vmm)
-            out["ioreq"] = ioreq_round_trips(vmm, daemon, windows["block"].base,
-                                             3000 if quick else 30000)
+            base, rounds = windows["block"].base, 3000 if quick else 30000
+            out["ioreq"] = ioreq_round_trips(vmm, daemon, base, rounds)
+            out["ioreq_interrupt_status_read"] = ioreq_round_trips(
+                vmm, daemon, base, rounds, INTERRUPT_STATUS)
+            out["ioreq_interrupt_ack_write"] = ioreq_round_trips(
+                vmm, daemon, base, rounds, INTERRUPT_ACK, write=True)
             blk = BlockDriver(vmm, windows["block"], max_io=128 * 1024, depth=32)
             blk.start()
             out["notify_to_interrupt"] = notify_to_interrupt(blk, 300 if quick else 3000)

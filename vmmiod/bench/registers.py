@@ -8,15 +8,26 @@ costs:
 - `slot`: a ready ioreq_t in a page (mmap, as the Xen/generic adaptors map it) served by
   serve_ioreq_slot (state checks, barriers, unpack, bus, window, data and state stores). The
   loop re-arms the slot's state byte each time, as the hypervisor would.
+- `slot server`: the same through `slot_server` (what the generic adaptor calls: one per vCPU,
+  offsets and the bus bound once).
 The notify reaches a real device with an enabled, empty queue (the device's queue_notify and an
 empty pop run inside the measurement, there being no event loop to defer them to).
+
+Then `eventfd loop`: InterruptStatus reads as the generic channel carries them, on an event
+loop (uvloop when importable) in this one process: a reader on the request eventfd does what
+the adaptor's does (read it, serve the slot, write the response eventfd) and a second reader
+plays the VMM (read the response, re-arm the slot, kick). The figure is CPU per IOREQ for both
+sides together: two loop turns, four eventfd system calls, no other process to wake (what a
+VMM in another process adds is in `python -m vmmiod.bench.channel`).
 
 Run: `python -m vmmiod.bench.registers [--quick]`.
 """
 
 from __future__ import annotations
 
+import asyncio
 import mmap
+import os
 import time
 from collections.abc import Callable
 from typing import Any
@@ -26,7 +37,7 @@ import structlog
 from vmmiod.bench.options import quick_option
 from vmmiod.bus import MmioBus
 from vmmiod.devices.base import VirtioDevice
-from vmmiod.hypervisors.ioreq_slot import serve_ioreq_slot
+from vmmiod.hypervisors.ioreq_slot import serve_ioreq_slot, slot_server
 from vmmiod.ioreq import (
     IOREQ_READ,
     IOREQ_TYPE_COPY,
@@ -46,6 +57,7 @@ from vmmiod.mmio_regs import (
     DRIVER_FEATURES_SEL,
     DRIVER_OK,
     FEATURES_OK,
+    INTERRUPT_STATUS,
     QUEUE_DESC_LOW,
     QUEUE_DEVICE_LOW,
     QUEUE_DRIVER_LOW,
@@ -167,12 +179,21 @@ def measure(n: int) -> dict[str, Any]:
                     page[SLOT_FLAGS] = armed  # the hypervisor's part: a new request is READY
                     serve_ioreq_slot(page, 0, bus)
 
+            server = slot_server(page, 0, bus)
+
+            def server_loop(k: int, armed: int = armed,
+                            server: Callable[[], bool] = server) -> None:
+                for _ in range(k):
+                    page[SLOT_FLAGS] = armed
+                    server()
+
             r_window = _rate(window_loop, n)
             r_bus = _rate(bus_loop, n)
             r_slot = _rate(slot_loop, n)
             results[f"{name} window"] = r_window
             results[f"{name} bus"] = r_bus
             results[f"{name} slot"] = r_slot
+            results[f"{name} slot server"] = _rate(server_loop, n)
             results[f"{name} slot/window time ratio"] = (
                 r_slot["ns_per_access"] / r_window["ns_per_access"])
 
@@ -181,12 +202,68 @@ def measure(n: int) -> dict[str, Any]:
                 decode_ioreq(page, 0)
 
         results["ioreq_t decode to XenIoreq (not on the hot path)"] = _rate(decode_loop, n)
+        results["InterruptStatus eventfd loop (both sides, CPU)"] = eventfd_loop(
+            page, bus, max(1000, n // 5))
         results["notifications seen by device"] = device.counters["notifications"]
         if bus.unhandled:  # every access above must have reached the window
             raise RuntimeError(f"benchmark accesses went unhandled: {bus.unhandled}")
     finally:
         page.close()
     return results
+
+
+def _new_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+    except ImportError:  # the daemon falls back to asyncio too
+        return asyncio.new_event_loop()
+    loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+    return loop
+
+
+def eventfd_loop(page: mmap.mmap, bus: MmioBus, n: int) -> dict[str, float]:
+    """`n` InterruptStatus reads through eventfds on one event loop (module docstring)."""
+    pack_ioreq_into(page, 0, XenIoreq(WINDOW_BASE + INTERRUPT_STATUS, 0, 1, 4, 7,
+                                      STATE_IOREQ_READY, False, IOREQ_READ, False,
+                                      IOREQ_TYPE_COPY))
+    armed, one = page[SLOT_FLAGS], (1).to_bytes(8, "little")
+    req, resp = os.eventfd(0, os.EFD_NONBLOCK), os.eventfd(0, os.EFD_NONBLOCK)
+    loop = _new_loop()
+    try:
+        serve = slot_server(page, 0, bus)
+        left = [n]
+        done = loop.create_future()
+
+        def daemon_side() -> None:  # the generic adaptor's reader, short of its counters
+            os.read(req, 8)
+            if serve():
+                os.write(resp, one)
+            elif not done.done():  # cannot happen: the slot was armed before every kick
+                done.set_exception(RuntimeError("the armed slot was not served"))
+
+        def vmm_side() -> None:
+            os.read(resp, 8)
+            left[0] -= 1
+            if left[0] <= 0:
+                done.set_result(None)
+                return
+            page[SLOT_FLAGS] = armed
+            os.write(req, one)
+
+        loop.add_reader(req, daemon_side)
+        loop.add_reader(resp, vmm_side)
+        page[SLOT_FLAGS] = armed
+        os.write(req, one)
+        c0 = time.process_time()
+        loop.run_until_complete(done)
+        cpu = time.process_time() - c0
+        loop.remove_reader(req)
+        loop.remove_reader(resp)
+    finally:
+        loop.close()
+        os.close(req)
+        os.close(resp)
+    return {"accesses_per_s": n / cpu, "ns_per_access": cpu / n * 1e9}
 
 
 def main(argv: list[str] | None = None) -> int:

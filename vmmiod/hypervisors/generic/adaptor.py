@@ -307,13 +307,10 @@ class GenericAdaptor(Adaptor):
                       irqs=[i.irq for i in conn.hello.irqs])
 
     def _request_reader(self, conn: _Connection, vcpu: int) -> Callable[[], None]:
-        """The reader callback of vCPU `vcpu`'s request eventfd, built once per connection.
+        """vCPU `vcpu`'s request eventfd reader, with all it needs bound once per connection.
 
-        Everything it needs is bound here (fds, the slot server with its offsets, the
-        counters), so a wake-up costs one call: read the eventfd, serve the slot, write the
-        response eventfd. It does nothing once `conn` is no longer the served connection (a
-        wake-up already collected when the socket's EOF disconnected it).
-        """
+        A wake-up reads the eventfd, serves the slot, writes the response eventfd; once `conn`
+        is gone (a wake-up collected in the turn that saw the socket's EOF) it does nothing."""
         req_fd, resp_fd = conn.req_fds[vcpu], conn.resp_fds[vcpu]
         serve = slot_server(conn.page_view, vcpu, self.bus)
         counters = self.counters
