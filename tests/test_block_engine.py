@@ -199,7 +199,7 @@ def test_worker_exception_fails_its_request_with_ioerr(image: Path,
     """Issue 15 item 7: a blocking call on an engine thread raising something other than
     OSError (here the write-zeroes fallback) completes its request with IOERR, is logged, and
     the device keeps serving."""
-    from vmmiod.blockio import engine as engine_mod
+    from vmmiod.blockio import op as op_mod
     from vmmiod.devices.block_backend import Backing
     from vmmiod.devices.block_request import VIRTIO_BLK_S_IOERR, VIRTIO_BLK_T_WRITE_ZEROES
 
@@ -209,7 +209,7 @@ def test_worker_exception_fails_its_request_with_ioerr(image: Path,
     def bug(self: Backing, offset: int, length: int, unmap: bool) -> None:
         raise ValueError("a bug in the fallback")
 
-    monkeypatch.setattr(engine_mod, "fallocate", refuse)
+    monkeypatch.setattr(op_mod, "fallocate", refuse)
     monkeypatch.setattr(Backing, "write_zeroes", bug)
     dev = BlockDevice(block_config(image, io_engine="threads"), GuestConfig("g"))
     events: list[str] = []

@@ -245,3 +245,25 @@ def test_status_byte_outside_guest_memory_faults_the_device(tmp_path: Path) -> N
         assert dev.counters["bytes_read"] == (8192 if status == VIRTIO_BLK_S_OK else 4096)
     finally:
         close(dev, g)
+
+
+def test_a_lone_read_whose_status_is_outside_memory_faults_the_device(tmp_path: Path) -> None:
+    """Queue depth 1: a lone completion takes the short path of `_completed` (`_completed_one`),
+    which keeps the batch path's rules: the status write is refused, the device asks for a
+    reset, nothing is published, and the counters add up."""
+    from tests.test_block_harness import GPA, MEM_SIZE
+    img = tmp_path / "disk.img"
+    img.write_bytes(os.urandom(1 << 20))
+    dev = open_device(img)
+    g = Guest(dev)
+    try:
+        hdr, data = g.header(VIRTIO_BLK_T_IN, 8), g.buf(4096)
+        g.dq[0].add([(hdr, 16)], [(data, 4096), (GPA + MEM_SIZE + 4096, 1)], 999, None)
+        g.kick()
+        assert g.transport.faults
+        assert not g.replies()
+        assert dev.counters["in_flight"] == 0
+        assert dev.counters["bytes_read"] == 4096
+        assert g.mem.read(data, 4096) == img.read_bytes()[8 * 512:8 * 512 + 4096]
+    finally:
+        close(dev, g)

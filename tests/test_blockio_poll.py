@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import os
+import time
 from pathlib import Path
 
 import pytest
 
 from tests.test_block_harness import uring_available
 from tests.test_blockio import Collector, buffers
-from vmmiod.blockio import READ, Op, open_engine, uring_engine
+from vmmiod.blockio import READ, Op, open_engine, uring, uring_engine
 from vmmiod.blockio.poll import GROW_START, POLL_MAX_NS, AdaptivePoll
 
 
@@ -158,3 +159,108 @@ def test_the_block_config_sets_the_bound(image: Path, us: int) -> None:
         assert dev.stats()["io_poll_us"] == 0
     finally:
         asyncio.run(dev.close())
+
+
+def _quiet_setup(image: Path) -> tuple[uring_engine.UringEngine, Collector, int, object, list]:
+    if not uring_available():
+        pytest.skip("io_uring is not available on this machine")
+    try:
+        fd = os.open(image, os.O_RDONLY | os.O_DIRECT)
+    except OSError:
+        pytest.skip("no O_DIRECT on this filesystem")
+    got = Collector()
+    eng, _ = open_engine("io_uring", got, poll_max_ns=10**10)
+    assert isinstance(eng, uring_engine.UringEngine)
+    if not eng.ring.eventfd_switch:
+        eng.close()
+        os.close(fd)
+        pytest.skip("this kernel's io_uring has no IORING_CQ_EVENTFD_DISABLED (Linux 5.8)")
+    eng.nowait = False
+    eng.poll.window = 10**10  # a test's bound: the poll always outlasts the read
+    m, views = buffers(1, 4096)
+    return eng, got, fd, m, views
+
+
+def _eventfd_count(efd: int) -> int:
+    try:
+        return os.eventfd_read(efd)
+    except BlockingIOError:
+        return 0
+
+
+def _cq_quiet(eng: uring_engine.UringEngine) -> bool:
+    ring = eng.ring
+    return bool(uring.U32.unpack_from(ring.cq, ring._cq_flags_off)[0]
+                & uring.IORING_CQ_EVENTFD_DISABLED)
+
+
+def _wait_cq(eng: uring_engine.UringEngine) -> None:
+    deadline = time.monotonic() + 10
+    while not eng.ring.cq_ready():
+        assert time.monotonic() < deadline, "the read never completed"
+
+
+def test_a_polled_completion_signals_no_eventfd(image: Path) -> None:
+    """While a poll is scheduled, the ring's eventfd signals are off: the completion the poll
+    reaps costs no eventfd read (a system call per request at queue depth 1); they are back on
+    once the poll has run."""
+    eng, got, fd, m, views = _quiet_setup(image)
+
+    async def main() -> None:
+        eng.attach(asyncio.get_running_loop())
+        eng.submit(Op(READ, fd, [views[0]], 0, 4096, owner=0, direct=True))
+        eng.kick()
+        assert _cq_quiet(eng)  # off before the submission: its completion signals nothing
+        for _ in range(300):
+            if got.ops:
+                break
+            await asyncio.sleep(0.01)
+        assert not _cq_quiet(eng)
+        assert _eventfd_count(eng.efd) == 0
+        eng.detach()
+
+    try:
+        asyncio.run(main())
+        assert [(op.owner, op.result) for op in got.ops] == [(0, 4096)]
+        assert bytes(views[0]) == image.read_bytes()[:4096]
+        assert (eng.poll.hits, eng.poll.misses, eng.missed_wakeups) == (1, 0, 0)
+    finally:
+        eng.close()
+        os.close(fd)
+        views.clear()
+        m.close()
+
+
+@pytest.mark.parametrize("how", ["poll_ends", "detach"])
+def test_a_completion_while_the_eventfd_is_quiet_is_never_lost(image: Path, how: str) -> None:
+    """A completion posted while the signals are off, found by no poll: the poll that ends
+    without it looks at the ring once more after turning them back on (poll_ends); a detach
+    with one there signals the eventfd itself (detach). Without either, it waits for the
+    watchdog (50 ms, counted in missed_wakeups) or for ever."""
+    eng, got, fd, m, views = _quiet_setup(image)
+
+    async def main() -> None:
+        eng.attach(asyncio.get_running_loop())
+        eng.submit(Op(READ, fd, [views[0]], 0, 4096, owner=0, direct=True))
+        eng.kick()
+        assert _cq_quiet(eng)
+        _wait_cq(eng)  # completed, and signalled nothing
+        if how == "poll_ends":
+            eng._poll_from = 1  # the poll's window ended long ago: it will find nothing
+            for _ in range(3):
+                await asyncio.sleep(0)
+            assert [(op.owner, op.result) for op in got.ops] == [(0, 4096)]
+            assert (eng.poll.hits, eng.poll.misses, eng.missed_wakeups) == (0, 1, 0)
+            eng.detach()
+        else:
+            eng.detach()
+            assert not _cq_quiet(eng)
+            assert _eventfd_count(eng.efd) == 1
+
+    try:
+        asyncio.run(main())
+    finally:
+        eng.close()
+        os.close(fd)
+        views.clear()
+        m.close()

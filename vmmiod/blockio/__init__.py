@@ -8,18 +8,8 @@ threads where the kernel lacks or refuses it. Neutral: no device or hypervisor i
 
 from __future__ import annotations
 
-from vmmiod.blockio.engine import (
-    CALL,
-    FALLOCATE,
-    FSYNC,
-    KIND_NAMES,
-    READ,
-    WRITE,
-    Engine,
-    Handler,
-    Op,
-    fallocate,
-)
+from vmmiod.blockio.engine import Engine, Handler
+from vmmiod.blockio.op import CALL, FALLOCATE, FSYNC, KIND_NAMES, READ, WRITE, Op, fallocate
 from vmmiod.blockio.poll import POLL_MAX_NS
 from vmmiod.blockio.threads import SyncEngine, ThreadEngine
 from vmmiod.blockio.uring import UringUnavailable

@@ -23,7 +23,8 @@ from __future__ import annotations
 import errno
 import os
 
-from vmmiod.blockio.engine import READ, Engine, Op
+from vmmiod.blockio.engine import Engine
+from vmmiod.blockio.op import READ, Op
 
 RWF_NOWAIT = getattr(os, "RWF_NOWAIT", 0)
 MAX_SKIP = 64

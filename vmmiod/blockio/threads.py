@@ -11,8 +11,9 @@ everything else), and only fdatasync, fallocate and calls go to one thread, in s
 
 from __future__ import annotations
 
-from vmmiod.blockio.engine import WRITE, Engine, Handler, Op, run_blocking
+from vmmiod.blockio.engine import Engine, Handler
 from vmmiod.blockio.inline import read_inline
+from vmmiod.blockio.op import WRITE, Op, run_blocking
 
 DEFAULT_THREADS = 16
 

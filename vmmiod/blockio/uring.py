@@ -51,6 +51,7 @@ IOSQE_IO_DRAIN = 1 << 1
 IORING_FSYNC_DATASYNC = 1 << 0
 IORING_ENTER_GETEVENTS = 1 << 0
 IORING_SQ_CQ_OVERFLOW = 1 << 1  # in the SQ ring's flags: completions wait on the overflow list
+IORING_CQ_EVENTFD_DISABLED = 1 << 0  # in the CQ ring's flags (Linux 5.8): no eventfd signals
 IORING_FEAT_NODROP = 1 << 1
 IORING_REGISTER_EVENTFD = 4
 IORING_REGISTER_PROBE = 8
@@ -150,7 +151,7 @@ class Ring:
         self.cq_entries: int = int(p[1])
         self.features: int = int(p[5])
         sq_head, sq_tail, sq_mask, _sq_n, sq_flags, sq_dropped, sq_array = p[10:17]
-        cq_head, cq_tail, cq_mask, _cq_n, cq_overflow, cq_cqes = p[19:25]
+        cq_head, cq_tail, cq_mask, _cq_n, cq_overflow, cq_cqes, cq_flags = p[19:26]
         prot, flags = mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED | mmap.MAP_POPULATE
         self._sq_map = mmap.mmap(self.fd, sq_array + 4 * self.sq_entries, flags, prot,
                                  offset=IORING_OFF_SQ_RING)
@@ -169,6 +170,9 @@ class Ring:
         self._cq_overflow_off = cq_overflow
         self.cq_mask = U32.unpack_from(self.cq, cq_mask)[0]
         self._cqes_off = cq_cqes
+        # The CQ ring's flags word (Linux 5.8; offset 0 before: no such word, no switch).
+        self._cq_flags_off = cq_flags
+        self.eventfd_switch = cq_flags != 0
         # Slot i of the SQ index array always names SQE i: entries are written in ring order.
         for i in range(self.sq_entries):
             U32.pack_into(self.sq, sq_array + 4 * i, i)
@@ -245,6 +249,14 @@ class Ring:
         head: int = U32.unpack_from(self.cq, self._cq_head_off)[0]
         tail: int = U32.unpack_from(self.cq, self._cq_tail_off)[0]
         return (tail - head) & 0xFFFFFFFF
+
+    def eventfd_signals(self, on: bool) -> None:
+        """Turn the registered eventfd's signals off (IORING_CQ_EVENTFD_DISABLED) or back on.
+        Completions posted while they are off signal nothing: the caller looks at the ring
+        itself, and after turning them back on looks once more (`cq_ready`)."""
+        U32.pack_into(self.cq, self._cq_flags_off, 0 if on else IORING_CQ_EVENTFD_DISABLED)
+        if on:
+            barrier.mb()  # the flag is stored before the tail is read again
 
     def cq_overflowed(self) -> bool:
         """Completions wait on the kernel's overflow list (no eventfd signal announced them)."""

@@ -28,8 +28,9 @@ import time
 
 from vmmiod import barrier
 from vmmiod.blockio import uring
-from vmmiod.blockio.engine import FALLOCATE, FSYNC, READ, WRITE, Engine, Handler, Op
+from vmmiod.blockio.engine import Engine, Handler
 from vmmiod.blockio.inline import read_inline
+from vmmiod.blockio.op import FALLOCATE, FSYNC, READ, WRITE, Op
 from vmmiod.blockio.poll import POLL_MAX_NS, AdaptivePoll
 from vmmiod.blockio.uring import CQE_SIZE, SQE_SIZE, U32, Ring, UringUnavailable
 
@@ -90,6 +91,7 @@ class UringEngine(Engine):
         self.poll = AdaptivePoll(poll_max_ns)
         self._poll_from = 0  # perf_counter_ns of the submission a poll may look for, or 0
         self._poll_handle: asyncio.Handle | None = None
+        self._quiet = False  # the eventfd's signals are off while a poll is scheduled
         # The newest entry is an O_DIRECT read or write: only those are polled for. A buffered
         # one the page cache cannot answer goes to an io-wq worker thread, which needs the CPU
         # a poll would take (on a small machine, the very CPU that would complete it).
@@ -247,6 +249,8 @@ class UringEngine(Engine):
             self._poll_handle.cancel()
             self._poll_handle = None
         self._poll_from = 0
+        if not self.closed and self._signals_on():
+            os.eventfd_write(self.efd, 1)  # not lost: the next loop attached sees it
         if self._watchdog is not None:
             self._watchdog.cancel()
             self._watchdog = None
@@ -258,30 +262,41 @@ class UringEngine(Engine):
             self._arm()
         if ring._tail == ring._khead and not self._backlog:
             return  # nothing queued, and the kernel took everything it was shown
-        ring.submit()
+        poll = self.poll
+        if (self._loop is not None and poll.max_ns and 0 < self._owed <= POLL_DEPTH
+                and self._poll_direct):
+            if poll.window and self._poll_handle is None and ring.eventfd_switch:
+                # A poll will look at the ring: the completion need not signal the eventfd
+                # (that signal costs a read of it, a system call, per request).
+                ring.eventfd_signals(False)
+                self._quiet = True
+            ring.submit()
+            if not self._poll_from:
+                self._poll_from = time.perf_counter_ns()
+            if poll.window and self._poll_handle is None:
+                # After whatever else this loop turn runs, before the loop's epoll.
+                self._poll_handle = self._loop.call_soon(self._poll_ring)
+        else:
+            self._poll_from = 0  # a deep queue: its wait says nothing about polling
+            ring.submit()
         while (self._backlog and self.ring.space()
                and self._owed < self._owed_max):
             backlog, self._backlog = self._backlog, []
             for op in backlog:
                 self._start(op)
             self.ring.submit()
-        if self._loop is not None and self.poll.max_ns:
-            if 0 < self._owed <= POLL_DEPTH and self._poll_direct:
-                if not self._poll_from:
-                    self._poll_from = time.perf_counter_ns()
-                if self.poll.window and self._poll_handle is None:
-                    # After whatever else this loop turn runs, before the loop's epoll.
-                    self._poll_handle = self._loop.call_soon(self._poll_ring)
-            else:
-                self._poll_from = 0  # a deep queue: its wait says nothing about polling
 
     # -- polling (blockio/poll.py) ----------------------------------------------------------------
     def _poll_ring(self) -> None:
         """Look at the completion ring until the poll window (counted from the submission)
         ends: a completion found is reaped at once, without the epoll sleep and wake-up."""
         self._poll_handle = None
+        if self.closed:
+            return
         start = self._poll_from
-        if self.closed or not start or not self._owed:
+        if not start or not self._owed:
+            if self._signals_on():
+                self._serve()
             return
         ring = self.ring
         cq, tail_off, unpack, clock = ring.cq, ring._cq_tail_off, U32.unpack_from, \
@@ -291,17 +306,48 @@ class UringEngine(Engine):
         deadline = start + self.poll.window  # bounded: at most POLL_MAX_NS from the submission
         while now < deadline:
             if unpack(cq, tail_off)[0] != head:
-                self.poll.polled(clock() - t0, True)
-                self._on_readable()
+                now = clock()
+                self.poll.polled(now - t0, True)
+                if self._quiet:  # the eventfd was not signalled: nothing to read from it
+                    self._quiet = False
+                    ring.eventfd_signals(True)
+                    self._poll_hit(now - start)
+                else:
+                    self._on_readable()
                 return
             now = clock()
         self.poll.polled(now - t0, False)
+        if self._signals_on():  # came just as the poll ended, while the eventfd was quiet
+            self._serve()
 
-    def _on_readable(self) -> None:
+    def _poll_hit(self, waited_ns: int) -> None:
+        """What a poll found, the short way: reaped and handed to the handler at once (the
+        general path, `_serve`, for anything unusual: an overflow, or more work after it)."""
+        self.poll.waited(waited_ns)
+        self._poll_from = 0
+        self._reap()
+        if self._owed and self.ring.cq_overflowed():
+            self._serve()
+            return
+        if self._done and not self._holding:
+            self._deliver()
+        if self._done or self._raw or self._results:
+            self._serve()
+
+    def _signals_on(self) -> bool:
+        """The eventfd's signals back on (if a poll turned them off); True when completions
+        came meanwhile, which signalled nothing: the caller reaps them."""
+        if not self._quiet:
+            return False
+        self._quiet = False
+        self.ring.eventfd_signals(True)
+        return bool(self.ring.cq_ready() or self.ring.cq_overflowed())
+
+    def _serve(self) -> None:
         if self._poll_from:  # how long the completion took: the poll window adapts to it
             self.poll.waited(time.perf_counter_ns() - self._poll_from)
             self._poll_from = 0
-        super()._on_readable()
+        super()._serve()
 
     def _wait(self) -> None:
         if not self._owed:  # only helper-thread work is out: its eventfd write wakes us

@@ -244,6 +244,8 @@ class BlockDevice(BlockIo):
         budget = q.size  # chains per turn: a guest that refills forever cannot starve the loop
         handle = self._handle
         pop, drained = q.pop, q.drained
+        engine = self.engine
+        assert engine is not None
         while True:
             if not q.event_idx:  # with EVENT_IDX there is nothing to disable
                 q.disable_notification()
@@ -254,6 +256,7 @@ class BlockDevice(BlockIo):
                 handle(index, q, memory, limits, chain)
                 budget -= 1
                 if drained():  # (QD1) no pop that finds nothing: enable_notification re-reads
+                    engine.flush()  # the disk starts before the notification bookkeeping
                     break
                 if budget:  # the run behind it: the common requests in one pass (block_fast)
                     budget -= handle_tables(self, index, q, memory, limits, budget)

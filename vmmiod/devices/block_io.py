@@ -116,6 +116,8 @@ class BlockIo(VirtioDevice):
     def _completed(self, ops: list[Op]) -> None:
         if not self.active or self.failed or self.memory is None:
             return  # reset meanwhile: these requests belong to nobody now
+        if len(ops) == 1 and self._completed_one(ops[0]):
+            return
         touched: set[int] = set()
         syncs: list[Pending] = []
         queues, mem, c = self.queues, self.memory, self.counters
@@ -209,6 +211,35 @@ class BlockIo(VirtioDevice):
             return
         assert self.engine is not None
         self.engine.kick()
+
+    def _completed_one(self, op: Op) -> bool:
+        """A lone plain read or write that transferred everything (queue depth 1): the batch
+        path's common case without its per-batch set-up. False when it is anything else (an
+        error, writethrough, another kind, a stale queue, a sticky failure waiting): the batch
+        path takes it."""
+        p = op.owner
+        res = op.result
+        if type(p) is not Pending or op.kind > WRITE or res < 0 or p.sync or self._sticky:
+            return False
+        index = p.queue
+        queues = self.queues
+        if index >= len(queues) or queues[index].generation != p.gen:
+            return False
+        mem = self.memory
+        assert mem is not None
+        c = self.counters
+        self._inflight_q[index] -= 1
+        c["in_flight"] -= 1
+        c["bytes_read" if op.kind == READ else "bytes_written"] += res
+        req = p.req
+        try:
+            buf, off = mem.locate(req.status_gpa, 1, True)
+            buf[off] = VIRTIO_BLK_S_OK
+            queues[index].add_used(req.head, p.used)
+            self.notify_used(index)
+        except (VirtqueueError, GuestMemoryError) as exc:
+            self.fault(f"{exc}", error=type(exc).__name__)
+        return True  # (nothing submitted here: no kick, unlike the batch path's syncs)
 
     def _op_error(self, op: Op, res: int) -> OSError:
         if op.error is not None:  # a worker exception that is not an OSError (issue 15 item 7)
