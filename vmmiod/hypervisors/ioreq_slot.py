@@ -52,39 +52,17 @@ def serve_ioreq_slot(page: WritableBuffer, vcpu: int, bus: MmioBus, resume: bool
     left IORESP_READY returns True untouched: that daemon answered but died before signalling,
     so the vCPU waits for the signal.
     """
-    base = vcpu * IOREQ_SIZE
-    flags_at = base + SLOT_FLAGS_OFFSET
-    flags = page[flags_at]
-    state = flags & STATE_MASK
-    if state != STATE_IOREQ_READY:
-        if resume and state == STATE_IORESP_READY:
-            return True
-        if not (resume and state == STATE_IOREQ_INPROCESS):
-            return False
-    barrier.rmb()
-    keep = flags & ~STATE_MASK
-    page[flags_at] = keep | STATE_IOREQ_INPROCESS
-    addr, data, count, size, _eport, _pad, flags, typ = _unpack_slot(page, base)
-    is_write = not flags & DIR_BIT
-    if typ == IOREQ_TYPE_COPY and count == 1 and not flags & (DATA_IS_PTR_BIT | DF_BIT):
-        result = bus.access(addr, size, is_write, data)
-    else:
-        result = bus.dispatch(IoRequest(addr, size, is_write, data, typ, count,
-                                        bool(flags & DATA_IS_PTR_BIT), bool(flags & DF_BIT)))
-    if not is_write:
-        _pack_u64(page, base + SLOT_DATA_OFFSET, result & ALL_ONES)
-    barrier.wmb()
-    page[flags_at] = keep | STATE_IORESP_READY
-    return True
+    return slot_server(page, vcpu, bus, resume)()
 
 
-def slot_server(page: WritableBuffer, vcpu: int, bus: MmioBus) -> Callable[[], bool]:
-    """`serve_ioreq_slot(page, vcpu, bus)` (never `resume`) as a function of no arguments.
+def slot_server(page: WritableBuffer, vcpu: int, bus: MmioBus,
+                resume: bool = False) -> Callable[[], bool]:
+    """`serve_ioreq_slot(page, vcpu, bus, resume)` as a function of no arguments: the one
+    implementation of the slot handshake (serve_ioreq_slot calls it once).
 
-    The adaptor builds one per vCPU when a guest connects and calls it on every wake-up of that
-    vCPU: the slot's offsets, the page and the bus's fast path are bound once instead of per
-    request. Every check and store is the same, in the same order, as serve_ioreq_slot's (the
-    tests run both through the same cases); the barriers are still looked up at call time.
+    The generic adaptor builds one per vCPU when a guest connects and calls it on every wake-up
+    of that vCPU: the slot's offsets, the page and the bus's fast path are bound once instead of
+    per request; the barriers are looked up at call time (they are installed at start-up).
     """
     if not 0 <= vcpu < len(page) // IOREQ_SIZE:
         raise ValueError(f"vCPU {vcpu} has no slot on a page of {len(page)} bytes")
@@ -98,8 +76,14 @@ def slot_server(page: WritableBuffer, vcpu: int, bus: MmioBus) -> Callable[[], b
 
     def serve() -> bool:
         flags = page[flags_at]
-        if flags & STATE_MASK != STATE_IOREQ_READY:
-            return False
+        state = flags & STATE_MASK
+        if state != STATE_IOREQ_READY:
+            if not resume:
+                return False
+            if state == STATE_IORESP_READY:
+                return True  # answered by a daemon that died before signalling
+            if state != STATE_IOREQ_INPROCESS:
+                return False
         barrier.rmb()
         keep = flags & ~STATE_MASK
         page[flags_at] = keep | STATE_IOREQ_INPROCESS

@@ -8,9 +8,10 @@ values appear in the page only now); bind every vCPU's port, online or not; map 
 teardown errors after the guest is gone are expected and only logged at debug level.
 
 Serving: the event-channel fd is read by the asyncio loop. For each pending port: unmask first
-(an event that arrives while we work is then not lost), find its vCPU, let
-`vmmiod.hypervisors.ioreq_slot.serve_ioreq_slot` complete the slot (it owns the barriers and
-the state order), and notify the port only when a request was answered.
+(an event that arrives while we work is then not lost), let its vCPU's
+`vmmiod.hypervisors.ioreq_slot.slot_server` (built once when the port is bound) complete the
+slot (it owns the barriers and the state order), and notify the port only when a request was
+answered.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ class IoreqServer:
         self._port_vcpu: dict[int, int] = {}
         self.ranges: list[tuple[int, int]] = []  # (start, end inclusive)
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._serve: Callable[[memoryview, int, Any], bool] = ioreq_slot.serve_ioreq_slot
+        self._servers: dict[int, Callable[[], bool]] = {}  # local port -> its vCPU's slot server
 
     # -- set-up -----------------------------------------------------------------------------------
     def create(self, ranges: list[tuple[int, int]]) -> None:
@@ -109,6 +110,7 @@ class IoreqServer:
             port = self.evtchn.bind_interdomain(self.domid, eport)
             self.ports.append(port)
             self._port_vcpu[port] = vcpu
+            self._servers[port] = ioreq_slot.slot_server(self.page, vcpu, self.bus)
 
     def serve_pending(self) -> int:
         """Answer every slot a dead predecessor left READY or INPROCESS (its vCPU waits on it;
@@ -155,13 +157,14 @@ class IoreqServer:
                 evtchn.unmask(port)
             except OSError as exc:
                 self.log.warning("xen_evtchn_failed", port=port, error=str(exc))
-            vcpu = self._port_vcpu.get(port)
-            if vcpu is None:
+            serve = self._servers.get(port)
+            if serve is None:
                 continue
             try:
-                answered = self._serve(page, vcpu, self.bus)
+                answered = serve()
             except Exception as exc:  # a bug below the bus: log it, keep serving the others
-                self.log.exception("xen_ioreq_failed", vcpu=vcpu, error=repr(exc))
+                self.log.exception("xen_ioreq_failed", vcpu=self._port_vcpu[port],
+                                   error=repr(exc))
                 continue
             if answered:
                 self.counters["ioreqs"] = self.counters.get("ioreqs", 0) + 1
@@ -205,6 +208,7 @@ class IoreqServer:
             self._quiet(self.evtchn.unbind, port)
         self.ports.clear()
         self._port_vcpu.clear()
+        self._servers.clear()
         if self.page is not None:
             self.page.release()
             self.page = None
