@@ -6,10 +6,11 @@ costs:
 - `window`: VirtioMmio.write/read called directly (the register state machine alone);
 - `bus`: MmioBus.access (window lookup, size mask, exception guard) + window;
 - `slot`: a ready ioreq_t in a page (mmap, as the Xen/generic adaptors map it) served by
-  serve_ioreq_slot (state checks, barriers, unpack, bus, window, data and state stores). The
-  loop re-arms the slot's state byte each time, as the hypervisor would.
-- `slot server`: the same through `slot_server` (what the generic adaptor calls: one per vCPU,
-  offsets and the bus bound once).
+  serve_ioreq_slot (state checks, barriers, unpack, bus, window, data and state stores), which
+  builds a slot server and calls it once: what a restart's pass over the slots costs. The loop
+  re-arms the slot's state byte each time, as the hypervisor would.
+- `slot server`: the same through one `slot_server` built beforehand (what both adaptors call
+  per IOREQ: one per vCPU, offsets and the bus bound once).
 The notify reaches a real device with an enabled, empty queue (the device's queue_notify and an
 empty pop run inside the measurement, there being no event loop to defer them to).
 
