@@ -19,7 +19,6 @@ from vmmiod.devices.net_ctrl import (
     RxFilter,
     execute,
 )
-from vmmiod.devices.net_ifctl import default_ifname
 from vmmiod.devices.net_proto import (
     MAX_FRAME_WITH_HDR,
     NET_FEATURES,
@@ -39,6 +38,7 @@ from vmmiod.devices.net_proto import (
     skip_views,
 )
 from vmmiod.devices.net_tap import tun_offload_flags
+from vmmiod.ifnames import default_ifname
 
 ALL = NET_FEATURES | OFFLOAD_FEATURES
 

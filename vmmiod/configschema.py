@@ -83,6 +83,7 @@ class Schema(SchemaBase):
             if domid == 0 and self.kind == "xen":
                 r.problem(m["domid"], "guest.domid",
                           "0 is dom0, where vmmiod runs; give the guest's domid or auto")
+        self.guest_name = name
         return c.GuestConfig(name=name, domid=domid) if name is not None else None
 
     def hypervisor(self, node: Node) -> c.HypervisorConfig | None:

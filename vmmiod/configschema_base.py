@@ -31,6 +31,7 @@ class SchemaBase:
         self.check_files = check_files
         self.claims: dict[tuple[str, str], tuple[str, int]] = {}
         self.images: dict[str, tuple[str, int, bool]] = {}
+        self.guest_name: str | None = None  # once guest.name is read (defaults derive from it)
 
     def variant(self, node: Node, path: str, tag_key: str,
                 variants: Mapping[str, tuple[tuple[str, ...], tuple[str, ...]]],

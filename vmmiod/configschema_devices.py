@@ -12,6 +12,7 @@ from yaml.nodes import Node
 from vmmiod import configmodel as c
 from vmmiod.configreader import child, line_of
 from vmmiod.configschema_base import SchemaBase
+from vmmiod.ifnames import default_ifname
 
 CONSOLE_PORTS_MAX = 32
 CONSOLE_BUFFER_MAX = 64 << 20
@@ -46,7 +47,8 @@ def net(s: SchemaBase, m: dict[str, Node], path: str, dev_id: str | None,
         "mac": r.mac, "mtu": lambda n, q: r.integer(n, q, 68, 65535),
         "queue_size": r.queue_size,
     })
-    backend = net_backend(s, m["backend"], child(path, "backend")) if "backend" in m else None
+    backend = net_backend(s, m["backend"], child(path, "backend"), dev_id) \
+        if "backend" in m else None
     if isinstance(backend, c.DgramBackend) and backend.local.family == "udp" \
             and kw.get("mtu", 1500) + ETH_HLEN > UDP_PAYLOAD_MAX:
         r.problem(m["mtu"], child(path, "mtu"), f"a UDP datagram carries at most "
@@ -56,7 +58,7 @@ def net(s: SchemaBase, m: dict[str, Node], path: str, dev_id: str | None,
     return c.NetConfig(id=dev_id, mmio=mmio, backend=backend, **kw)
 
 
-def net_backend(s: SchemaBase, node: Node, path: str) -> c.NetBackend | None:
+def net_backend(s: SchemaBase, node: Node, path: str, dev_id: str | None) -> c.NetBackend | None:
     r = s.r
     variants = {"tap": (("ifname", "bridge", "create"), ()), "dgram": (("local", "remote"), ())}
     kind, m = s.variant(node, path, "kind", variants)
@@ -67,6 +69,8 @@ def net_backend(s: SchemaBase, node: Node, path: str) -> c.NetBackend | None:
                                    "create": r.boolean})
         if "ifname" in kw:
             s.claim("interface", kw["ifname"], m["ifname"], child(path, "ifname"))
+        elif s.guest_name is not None and dev_id is not None:
+            default_tap_name(s, default_ifname(s.guest_name, dev_id), node, path)
         return c.TapBackend(**kw)
     kw = s.fields(m, path, {"local": r.address, "remote": r.address})
     local, remote = kw.get("local"), kw.get("remote")
@@ -78,6 +82,17 @@ def net_backend(s: SchemaBase, node: Node, path: str) -> c.NetBackend | None:
         r.problem(m["remote"], child(path, "remote"),
                   f"remote is {remote.family} but local is {local.family}")
     return c.DgramBackend(**kw)
+
+
+def default_tap_name(s: SchemaBase, name: str, node: Node, path: str) -> None:
+    """A TAP without `ifname` takes `<guest>-<id>`: claimed like a given name, so a device that
+    names the same interface (before or after this one) is reported."""
+    prev = s.claims.get(("interface", name))
+    if prev is not None:
+        s.r.problem(node, path, f"no ifname given, and the default {name!r} (<guest>-<id>) is "
+                                f"already used by {prev[0]} (line {prev[1]}): give an ifname")
+    else:
+        s.claims[("interface", name)] = (f"{path} (its default ifname)", line_of(node))
 
 
 def console(s: SchemaBase, node: Node, m: dict[str, Node], path: str, dev_id: str | None,

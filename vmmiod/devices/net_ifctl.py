@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import hashlib
-import re
 import socket
 import struct
 
@@ -33,22 +31,6 @@ RTMGRP_LINK = 1
 RTM_NEWLINK, RTM_DELLINK = 16, 17
 NLMSGHDR = struct.Struct("=IHHII")
 IFINFOMSG = struct.Struct("=BxHiII")
-
-IFNAME_RE = re.compile(r"^[A-Za-z0-9_.\-]{1,15}$")
-
-
-def default_ifname(guest: str, device_id: str) -> str:
-    """A stable interface name for (guest, device) within Linux's 15 characters."""
-
-    def clean(s: str) -> str:
-        return re.sub(r"[^A-Za-z0-9_.\-]", "", s)
-
-    name = f"{clean(guest)}-{clean(device_id)}"
-    if IFNAME_RE.match(name) and name not in (".", ".."):
-        return name
-    tag = hashlib.sha256(f"{guest}\0{device_id}".encode()).hexdigest()[:4]
-    return f"{clean(guest)[:5]}-{clean(device_id)[:4]}-{tag}"
-
 
 def interface_exists(name: str) -> bool:
     try:

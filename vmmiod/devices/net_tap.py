@@ -28,10 +28,8 @@ from vmmiod.config import TapBackend
 from vmmiod.devices.base import BackendError
 from vmmiod.devices.net_ifctl import (
     IFF_UP,
-    IFNAME_RE,
     IFREQ_FLAGS,
     IfControl,
-    default_ifname,
     interface_exists,
     link_monitor,
     read_link_changes,
@@ -44,6 +42,7 @@ from vmmiod.devices.net_proto import (
     VIRTIO_NET_F_GUEST_TSO6,
     VIRTIO_NET_F_GUEST_UFO,
 )
+from vmmiod.ifnames import IFNAME_RE, default_ifname
 
 TUN_PATH = "/dev/net/tun"
 # ioctl numbers (_IOW('T', n, int) etc.; the same encoding on x86-64 and arm64).
