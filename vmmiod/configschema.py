@@ -183,6 +183,7 @@ class Schema(SchemaBase):
                 dev = devs.console(self, item, m, path, dev_id, mmio)
             if dev is not None:
                 out.append(dataclasses.replace(dev, vhost_user=endpoint) if endpoint else dev)
+        devs.tap_bridges(self)
         return tuple(out)
 
     def mmio(self, node: Node, path: str, dev_id: str) -> c.MmioConfig | None:

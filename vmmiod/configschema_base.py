@@ -30,6 +30,7 @@ class SchemaBase:
         self.r = reader
         self.check_files = check_files
         self.claims: dict[tuple[str, str], tuple[str, int]] = {}
+        self.bridges: list[tuple[str, Node, str]] = []  # TAP bridges, checked at the end
         self.images: dict[str, tuple[str, int, bool]] = {}
         self.guest_name: str | None = None  # once guest.name is read (defaults derive from it)
 

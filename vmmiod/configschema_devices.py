@@ -67,6 +67,8 @@ def net_backend(s: SchemaBase, node: Node, path: str, dev_id: str | None) -> c.N
     if kind == "tap":
         kw = s.fields(m, path, {"ifname": r.ifname, "bridge": r.ifname,
                                    "create": r.boolean})
+        if "bridge" in kw:  # (checked once every TAP has claimed its name: tap_bridges)
+            s.bridges.append((kw["bridge"], m["bridge"], child(path, "bridge")))
         if "ifname" in kw:
             s.claim("interface", kw["ifname"], m["ifname"], child(path, "ifname"))
         elif s.guest_name is not None and dev_id is not None:
@@ -82,6 +84,16 @@ def net_backend(s: SchemaBase, node: Node, path: str, dev_id: str | None) -> c.N
         r.problem(m["remote"], child(path, "remote"),
                   f"remote is {remote.family} but local is {local.family}")
     return c.DgramBackend(**kw)
+
+
+def tap_bridges(s: SchemaBase) -> None:
+    """A TAP's bridge must not be the TAP of a device in this file (its ifname or default name),
+    before or after it: enslaving a TAP to a TAP fails at start, after the other devices began."""
+    for name, node, path in s.bridges:
+        prev = s.claims.get(("interface", name))
+        if prev is not None:
+            s.r.problem(node, path, f"{name!r} names a TAP of this file ({prev[0]}, line {prev[1]}), "
+                                    "not a bridge")
 
 
 def default_tap_name(s: SchemaBase, name: str, node: Node, path: str) -> None:
