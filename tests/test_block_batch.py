@@ -212,3 +212,77 @@ def test_a_lone_request_goes_to_the_kernel_before_notifications_are_enabled_agai
     assert order == ["flush", "enable"]  # without the early flush: ["enable"]
     assert image.read_bytes()[:512] == b"\xa5" * 512
     g.close()
+
+
+def test_cached_reads_of_a_batch_are_answered_without_an_engine_op(image: Path) -> None:
+    """A notification's buffered reads the page cache holds (the image was just written) are
+    answered by the batch path itself, with one preadv2(RWF_NOWAIT) each: no request, op or
+    engine round (docs/performance.md, round 6). Only the notification's first chain, popped
+    one by one, meets the engine (which answers it inline too). The sync engine reads inline
+    anyway and tries nothing."""
+    dev, g = make(image, queue_size=16)
+    engine = dev.engine
+    assert engine is not None
+    submitted: list[int] = []
+    real_submit = engine.submit
+
+    def submit(op: object) -> None:
+        submitted.append(1)
+        real_submit(op)  # type: ignore[arg-type]
+
+    engine.submit = submit  # type: ignore[method-assign]
+    content = image.read_bytes()
+    tokens = {g.submit(VIRTIO_BLK_T_IN, 8 * i, read=4096): i for i in range(10)}
+    g.kick()
+    replies = g.replies()
+    assert len(replies) == 10
+    for t, i in tokens.items():
+        r = replies[t]
+        assert r.status == VIRTIO_BLK_S_OK and r.used_len == 4097
+        assert r.data == content[8 * i * 512:8 * i * 512 + 4096]
+    c = dev.counters
+    assert (c["requests_in"], c["bytes_read"], c["in_flight"]) == (10, 40960, 0)
+    if engine.name == "sync":
+        assert len(submitted) == 10 and dev.stats()["io_inline_reads"] == 0
+    else:
+        assert len(submitted) == 1  # without the batch path's own answer: 10
+        assert dev.stats()["io_inline_reads"] == 10
+    g.close()
+
+
+def test_a_batch_of_page_cache_misses_backs_off_as_one_by_one(
+        image: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Reads the page cache cannot answer (every RWF_NOWAIT attempt misses, here by a stand-in
+    for preadv) go to the engine and complete there; the batch path and the engine share one
+    back-off, so a miss is never tried twice: of 10 reads the 1st, 3rd and 6th are tried (the
+    back-off 1, 2, 4 after each miss), as the engine alone does it."""
+    from vmmiod.blockio import inline
+
+    dev, g = make(image, queue_size=16)
+    engine = dev.engine
+    assert engine is not None
+    if engine.name == "sync":
+        pytest.skip("the sync engine tries no read inline")
+    tried: list[int] = []
+    real_preadv = os.preadv
+
+    def preadv(fd: int, views: list[memoryview], offset: int, flags: int = 0) -> int:
+        if flags & inline.RWF_NOWAIT:
+            tried.append(offset // 4096)
+            raise BlockingIOError(11, "Resource temporarily unavailable")
+        return real_preadv(fd, views, offset, flags)
+
+    monkeypatch.setattr(os, "preadv", preadv)
+    content = image.read_bytes()
+    tokens = {g.submit(VIRTIO_BLK_T_IN, 8 * i, read=4096): i for i in range(10)}
+    g.kick()
+    replies = g.replies()
+    assert len(replies) == 10
+    for t, i in tokens.items():
+        r = replies[t]
+        assert r.status == VIRTIO_BLK_S_OK and r.used_len == 4097
+        assert r.data == content[8 * i * 512:8 * i * 512 + 4096]
+    assert tried == [0, 2, 5]  # each miss counted twice (no shared back-off): [0, 2, 4, 8]
+    assert dev.stats()["io_inline_reads"] == 0
+    assert dev.counters["in_flight"] == 0
+    g.close()

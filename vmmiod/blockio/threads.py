@@ -33,6 +33,7 @@ class ThreadEngine(Engine):
 
 class SyncEngine(Engine):
     name = "sync"
+    nowait = False  # reads run inline anyway; a RWF_NOWAIT attempt first would only add a miss
 
     def __init__(self, handler: Handler) -> None:
         super().__init__(handler, threads=1)
