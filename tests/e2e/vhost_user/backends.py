@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any, Self
 
 import netmirror
+import placement
 from procs import CLK_TCK, STOP_WAIT, Proc, cpu_ticks
 
 KILL_WATCH = 30.0  # seconds the kill waits for requests in flight before it kills anyway
@@ -195,6 +196,8 @@ class Stack:
         self.lock = threading.Lock()
         self.bench = bench
         self.qemu_pid: int | None = None  # set by the guest once QEMU runs (the kill's watch)
+        # The block side by side's CPU placement (placement.py), as run.json reports it.
+        self.placement: dict[str, object] = {"status": "off", "reason": "no benchmark ran"}
         self.mirror: netmirror.Mirror | None = None  # the net side by side (NET_MIRROR=1)
         self.mirror_failed: str | None = None  # why it is left out after all (a failed start)
         if params.get("NET_MIRROR") == 1 and testpmd is not None:
@@ -271,6 +274,30 @@ class Stack:
         return self.procs["qsd"] if be == "qsd" else self.procs["dut"]
 
     # -- called from the console reader ---------------------------------------------------------
+    def place(self) -> None:
+        """The guest begins the block side by side: its vCPU on a CPU of its own, QEMU's other
+        threads and the storage backends on the others (placement.py)."""
+        cpus = placement.plan()
+        if isinstance(cpus, str):
+            self.placement = {"status": "off", "reason": cpus}
+        elif self.qemu_pid is None:
+            self.placement = {"status": "off", "reason": "QEMU's pid is not known"}
+        else:
+            self.placement = placement.place(self.qemu_pid, self._storage_pids(), *cpus)
+        self.event("placement", **self.placement)
+
+    def _storage_pids(self) -> list[int]:
+        return [p.pid for p in (self.procs.get("qsd"), self.procs.get("dut"))
+                if p is not None and p.pid is not None]
+
+    def unplace(self) -> None:
+        """The side by side is over: every thread placed gets the harness's CPU set back
+        (testpmd's threads keep their lcores: they were never placed)."""
+        if self.placement.get("status") != "on" or self.qemu_pid is None:
+            return
+        n = placement.restore([self.qemu_pid, *self._storage_pids()], os.sched_getaffinity(0))
+        self.event("placement_over", threads=n)
+
     def bench_mark(self, edge: str, job: str, be: str, rnd: int) -> None:
         p = self.bench_proc(be)
         ticks = cpu_ticks(p.pid) if p.pid else None

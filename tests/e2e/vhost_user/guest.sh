@@ -94,6 +94,7 @@ randwrite-qd32:randwrite:4k:32 seqread-1m:read:1M:8 seqwrite-1m:write:1M:8"
 # host's load during a job falls on both backends alike (docs/e2e.md).
 round_ms=$((BENCH_SECONDS * 1000 / BENCH_ROUNDS))
 order="$BENCH_BACKENDS"
+echo "E2E-B begin"  # the host keeps the vCPU on a CPU of its own until `over` (placement.py)
 for job in $JOBS; do
     IFS=: read -r name rw bs qd <<EOF
 $job
@@ -117,6 +118,7 @@ EOF
         rnd=$((rnd + 1))
     done
 done
+echo "E2E-B over"
 
 # -- net side by side: the same pings and UDP burst through testpmd's mirror and vmmiod's -----
 # The interface of the virtio-net device in PCI slot $1; frames counted by interface $1 ($2: rx|tx).

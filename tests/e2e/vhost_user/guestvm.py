@@ -32,6 +32,8 @@ def qemu_command(out: Path, results: Path, params: dict[str, Any], stack: Stack,
     cmd = [
         "qemu-system-x86_64", "-machine", "q35,memory-backend=mem", "-accel", "tcg",
         "-smp", "1", "-m", "512M",
+        # Named threads ("CPU 0/TCG" for the vCPU): the CPU placement finds the vCPU by it.
+        "-name", "vu-e2e,debug-threads=on",
         # vhost-user backends map guest RAM: it must be a shareable fd.
         "-object", "memory-backend-memfd,id=mem,size=512M,share=on",
         "-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio",
@@ -162,6 +164,10 @@ class Guest:
         print(f"  [{t:6.1f}s] {text}", flush=True)
         if m := re.match(r"E2E-B (start|end) job=(\S+) be=(\S+) round=(\d+)", text):
             self.stack.bench_mark(m.group(1), m.group(2), m.group(3), int(m.group(4)))
+        elif text.startswith("E2E-B begin"):
+            self.stack.place()
+        elif text.startswith("E2E-B over"):
+            self.stack.unplace()
         elif text.startswith("E2E-N "):
             self.stack.net_line(text)
         elif text.startswith("E2E-K kill"):

@@ -58,7 +58,9 @@ class Run:
         self.info: dict[str, Any] = json.loads((d / "run.json").read_text())
         self.params: dict[str, Any] = json.loads((d / "params.json").read_text())
         timeline = json.loads((d / "timeline.json").read_text())
-        self.events: list[dict[str, Any]] = timeline["host_events"]
+        # The kill and restart events (the CPU placement's are in timeline.json too).
+        self.events: list[dict[str, Any]] = [e for e in timeline["host_events"]
+                                             if e["event"] in ("killed", "restarted")]
         self.lines: list[tuple[float, str, dict[str, str]]] = []
         for entry in timeline["lines"]:
             m = re.match(r"E2E-R (\S+)(.*)", entry["line"])
@@ -295,6 +297,21 @@ def test_side_by_side_figures(run: Run) -> None:
     print("\n" + backends.bench_table(figures))
     if "vmmiod" not in run.info["bench_backends"]:
         pytest.skip(f"qemu-storage-daemon's figures only: {run.info['dut_reason']}")
+
+
+def test_side_by_side_ran_with_the_vcpu_on_a_cpu_of_its_own(run: Run) -> None:
+    """The block side by side keeps the guest's vCPU thread apart from QEMU's other threads and
+    the storage backends (placement.py), and gives every thread its CPUs back afterwards; left
+    out only where the harness says why (turned off, one CPU)."""
+    place = run.info.get("placement") or {}
+    if place.get("status") != "on":
+        reason = str(place.get("reason"))
+        if reason.startswith(("turned off", "one CPU")):
+            pytest.skip(f"no CPU placement: {reason}")
+        pytest.fail(f"the block side by side ran unplaced: {reason}")
+    assert place["vcpu_threads"] >= 1 and set(place["vcpu_cpus"]).isdisjoint(place["other_cpus"])
+    events = [e["event"] for e in run.json("timeline.json")["host_events"]]
+    assert "placement" in events and "placement_over" in events, events
 
 
 # -- the microvm pass (`run --machine microvm`, results in DIR/microvm): virtio-mmio ------------
