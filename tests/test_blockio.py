@@ -454,6 +454,52 @@ def test_cached_buffered_read_is_answered_inline(name: str, image: Path,
         m.close()
 
 
+def test_a_buffered_read_the_page_cache_misses_starts_in_a_worker(
+        image: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """io_uring: a buffered read the inline attempt could not answer goes to the ring with
+    IOSQE_ASYNC, so the kernel starts it in an io-wq worker and never reads (nor starts the
+    readahead of) a cold page inside io_uring_enter, on the loop's thread
+    (docs/performance.md, round 6: the cold-writeback loop stall). Buffered writes keep the
+    kernel's own non-blocking attempt. Either way the data is right."""
+    if not uring_available():
+        pytest.skip("io_uring is not available on this machine")
+    from vmmiod.blockio import inline
+    got = Collector()
+    eng, _ = open_engine("io_uring", got)
+    assert isinstance(eng, uring_engine.UringEngine)
+    fd = os.open(image, os.O_RDWR)
+    data = image.read_bytes()
+    m, views = buffers(3, 4096)
+    real = os.preadv
+
+    def preadv(fd: int, bufs: list[memoryview], offset: int, flags: int = 0) -> int:
+        if flags:  # every inline attempt misses, as on a cold cache
+            raise BlockingIOError(errno.EAGAIN, "cold")
+        return int(real(fd, bufs, offset, flags))
+
+    def last_sqe_flags() -> int:
+        ring = eng.ring
+        return ring.sqes[((ring._tail - 1) & ring.sq_mask) * uring.SQE_SIZE + 1]
+
+    monkeypatch.setattr(inline.os, "preadv", preadv)
+    try:
+        eng.submit(Op(READ, fd, [views[0]], 8192, 4096, owner="read"))
+        assert last_sqe_flags() & uring.IOSQE_ASYNC  # without it: 0
+        views[1][:] = b"\x5a" * 4096
+        eng.submit(Op(WRITE, fd, [views[1]], 65536, 4096, owner="write"))
+        assert not last_sqe_flags() & uring.IOSQE_ASYNC
+        eng.kick()
+        assert sorted((op.owner, op.result) for op in got.ops) == [("read", 4096),
+                                                                  ("write", 4096)]
+        assert bytes(views[0]) == data[8192:12288]
+        assert os.pread(fd, 4096, 65536) == b"\x5a" * 4096
+    finally:
+        eng.close()
+        os.close(fd)
+        views.clear()
+        m.close()
+
+
 def test_read_behind_a_barrier_is_not_answered_inline(engine: tuple[Engine, Collector],
                                                       image: Path) -> None:
     """FLUSH's ordering holds for inline reads too: a read submitted after a barrier that is

@@ -48,6 +48,7 @@ OP_NAMES = {IORING_OP_NOP: "nop", IORING_OP_READV: "readv", IORING_OP_WRITEV: "w
             IORING_OP_FALLOCATE: "fallocate", IORING_OP_READ: "read", IORING_OP_WRITE: "write"}
 
 IOSQE_IO_DRAIN = 1 << 1
+IOSQE_ASYNC = 1 << 4  # Linux 5.6: start the op in an io-wq worker, not in io_uring_enter
 IORING_FSYNC_DATASYNC = 1 << 0
 IORING_ENTER_GETEVENTS = 1 << 0
 IORING_SQ_CQ_OVERFLOW = 1 << 1  # in the SQ ring's flags: completions wait on the overflow list

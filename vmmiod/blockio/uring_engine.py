@@ -124,9 +124,12 @@ class UringEngine(Engine):
         self._next_tag = tag + 1 if tag < 0xFFFF_FFFF_FFFF else 1
         self._tags[tag] = op
         self._owed += 1
-        _pack_sqe(ring.sqes, (tail & ring.sq_mask) * SQE_SIZE,
-                  uring.IORING_OP_READ if op.kind == READ else uring.IORING_OP_WRITE,
-                  0, 0, op.fd, op.offset, uring.buffer_address(v), len(v), 0, tag, 0, 0, 0, 0, 0)
+        if op.kind == READ:
+            opcode, sqe_flags = uring.IORING_OP_READ, 0 if op.direct else uring.IOSQE_ASYNC
+        else:
+            opcode, sqe_flags = uring.IORING_OP_WRITE, 0
+        _pack_sqe(ring.sqes, (tail & ring.sq_mask) * SQE_SIZE, opcode, sqe_flags, 0, op.fd,
+                  op.offset, uring.buffer_address(v), len(v), 0, tag, 0, 0, 0, 0, 0)
         ring._tail = tail = (tail + 1) & 0xFFFFFFFF
         self._poll_direct = op.direct
         if op.direct and (tail - ring._submitted) & 0xFFFFFFFF >= SUBMIT_EVERY:
@@ -210,7 +213,8 @@ class UringEngine(Engine):
                 v = views[0]
                 op.keep = v
                 ring.prep_rw(uring.IORING_OP_READ if k == READ else uring.IORING_OP_WRITE,
-                             op.fd, uring.buffer_address(v), len(v), offset, self._tag(op))
+                             op.fd, uring.buffer_address(v), len(v), offset, self._tag(op),
+                             uring.IOSQE_ASYNC if k == READ and not op.direct else 0)
             else:
                 iov = bytearray(16 * len(views))
                 for i, v in enumerate(views):
