@@ -6,8 +6,9 @@ eventfd wake-up) costs several times that in Python. So before either, a buffere
 with preadv2(RWF_NOWAIT): the kernel copies what is cached and never waits for the disk (a page
 that is missing or locked makes it return EAGAIN or a short count). Only a read that got all of
 its bytes is finished here (delivered with the batch, at the engine's kick); anything else goes
-on the engine's usual path from the start, as if never tried (a read is idempotent). io_uring
-makes the same non-blocking attempt inside io_uring_enter; this one skips the ring around it.
+on the engine's usual path from the start, as if never tried (a read is idempotent); io_uring
+then starts it in a worker thread (IOSQE_ASYNC), not inside io_uring_enter on the loop's thread,
+where a cold page would start its readahead and wait for the disk.
 virtio-blk's batch path (vmmiod/devices/block_fast.py) makes the attempt itself, before it
 builds an op at all (`may_try`, `nowait_read`), under the same rules and the same back-off.
 
