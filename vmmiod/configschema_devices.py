@@ -88,7 +88,8 @@ def net_backend(s: SchemaBase, node: Node, path: str, dev_id: str | None) -> c.N
 
 def tap_bridges(s: SchemaBase) -> None:
     """A TAP's bridge must not be the TAP of a device in this file (its ifname or default name),
-    before or after it: enslaving a TAP to a TAP fails at start, after the other devices began."""
+    before or after it: a TAP is not a bridge to enslave another interface to. Run once every
+    device has claimed its interface."""
     for name, node, path in s.bridges:
         prev = s.claims.get(("interface", name))
         if prev is not None:

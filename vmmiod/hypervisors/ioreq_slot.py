@@ -60,8 +60,8 @@ def slot_server(page: WritableBuffer, vcpu: int, bus: MmioBus,
     """`serve_ioreq_slot(page, vcpu, bus, resume)` as a function of no arguments: the one
     implementation of the slot handshake (serve_ioreq_slot calls it once).
 
-    The generic adaptor builds one per vCPU when a guest connects and calls it on every wake-up
-    of that vCPU: the slot's offsets, the page and the bus's fast path are bound once instead of
+    Both adaptors build one per vCPU (the generic one when a guest connects, the Xen server when
+    it binds the vCPU's port) and call it on every wake-up of that vCPU: the slot's offsets, the page and the bus's fast path are bound once instead of
     per request; the barriers are looked up at call time (they are installed at start-up).
     """
     if not 0 <= vcpu < len(page) // IOREQ_SIZE:
