@@ -30,3 +30,39 @@ def test_the_qd1_benchmark_gives_figures_for_reads_and_writes(tmp_path: Path) ->
         assert fig["iops"] > 0 and 0 < fig["p50_us"] <= fig["p90_us"]
         assert fig["cpu_us_per_req"] >= 0
     assert [p.name for p in tmp_path.iterdir()] == ["probe"]  # its scratch directory is gone
+
+
+def test_place_pins_every_backend_thread_and_the_front_end() -> None:
+    """`--place`: the back-end's threads (all of them) on the first CPU, this process on the
+    first (same) or the second (split); `none` and a split on one CPU pin nothing."""
+    import subprocess
+    import sys
+    import time
+
+    cpus = sorted(os.sched_getaffinity(0))
+    child = subprocess.Popen([sys.executable, "-c",
+                              "import threading, time; threading.Thread(target=time.sleep, "
+                              "args=(30,), daemon=True).start(); time.sleep(30)"])
+    try:
+        for _ in range(50):  # bounded: the child's second thread starts at once
+            if len(os.listdir(f"/proc/{child.pid}/task")) == 2:
+                break
+            time.sleep(0.1)
+        tids = [int(t) for t in os.listdir(f"/proc/{child.pid}/task")]
+        assert len(tids) == 2
+        assert vhost.place("none", [child.pid]) == "none"
+        assert os.sched_getaffinity(tids[1]) == set(cpus)
+        for mode in ("same", "split"):
+            os.sched_setaffinity(0, set(cpus))  # (place takes the CPUs this process may use)
+            got = vhost.place(mode, [child.pid])
+            if mode == "split" and len(cpus) < 2:
+                assert got.startswith("none") and os.sched_getaffinity(0) == set(cpus)
+                continue
+            front = cpus[0] if mode == "same" else cpus[1]
+            assert got == f"{mode}: back-end on CPU {cpus[0]}, front-end on CPU {front}"
+            assert all(os.sched_getaffinity(t) == {cpus[0]} for t in tids)
+            assert os.sched_getaffinity(0) == {front}
+    finally:
+        os.sched_setaffinity(0, set(cpus))
+        child.kill()
+        child.wait()

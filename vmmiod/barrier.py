@@ -21,7 +21,7 @@ def _noop() -> None:
 
 
 wmb: Callable[[], None] = _noop  # earlier stores visible before later stores
-rmb: Callable[[], None] = _noop  # earlier loads complete before later loads
+rmb: Callable[[], None] = _noop  # earlier loads complete before later loads and stores
 mb: Callable[[], None] = _noop  # full barrier: also earlier stores before later loads
 
 

@@ -11,7 +11,11 @@ cost"). With `--qsd` (and qemu-storage-daemon installed) the same loop runs agai
 the same image, for a ratio. Figures only: nothing is asserted.
 
     python -m vmmiod.bench.vhost [--requests 3000] [--rounds 2] [--qsd] [--dir DIR]
-                                 [--io-poll-us N]
+                                 [--io-poll-us N] [--place none|same|split]
+
+Where the scheduler puts the two sides decides much of a round trip on a small VM (a wake-up
+across CPUs costs tens of microseconds there, on one CPU a few): `--place` pins them, so that
+both back-ends are measured with the same wake-ups (docs/vhost-user.md, "Per-request cost").
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ IMAGE_MB = 64
 WARMUP = 200
 BLK_HDR = struct.Struct("<IIQ")
 BLK_T_IN, BLK_T_OUT = 0, 1
+VIRTIO_F_INDIRECT_DESC = 28
 VIRTIO_F_EVENT_IDX = 29
 
 
@@ -91,7 +96,8 @@ class FrontEnd:
         region = w.MemRegion(GPA, RAM, UVA, 0)
         self.send(w.SET_MEM_TABLE, w.pack_memory([region]), (self.memfd,))
         q = DriverQueue(self.memory, self.alloc, RING,
-                        event_idx=bool(features >> VIRTIO_F_EVENT_IDX & 1))
+                        event_idx=bool(features >> VIRTIO_F_EVENT_IDX & 1),
+                        indirect=bool(features >> VIRTIO_F_INDIRECT_DESC & 1))  # as Linux
         self.send(w.SET_VRING_NUM, w.STATE.pack(0, RING))
         self.send(w.SET_VRING_BASE, w.STATE.pack(0, 0))
         self.send(w.SET_VRING_ADDR, w.pack_addr(w.VringAddr(
@@ -188,8 +194,29 @@ def start_backend(kind: str, work: Path, image: Path,
     return proc, path
 
 
+PLACES = ("none", "same", "split")
+
+
+def place(mode: str, pids: list[int]) -> str:
+    """Pin every thread of the back-end processes `pids` and this process (the front-end):
+    `same` all on one CPU, `split` the back-ends on one and the front-end on another, `none`
+    left to the scheduler. Returns what was done, for the output."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if mode == "none" or (mode == "split" and len(cpus) < 2):
+        return "none" if mode == "none" else "none (split needs two CPUs)"
+    backend, front = cpus[0], cpus[0] if mode == "same" else cpus[1]
+    for pid in pids:
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            try:
+                os.sched_setaffinity(int(tid), {backend})
+            except OSError:  # a thread that ended meanwhile
+                pass
+    os.sched_setaffinity(0, {front})
+    return f"{mode}: back-end on CPU {backend}, front-end on CPU {front}"
+
+
 def measure(n: int, rounds: int, backends: list[str], where: str | None,
-            poll_us: int | None = None) -> dict[str, Any]:
+            poll_us: int | None = None, placement: str = "none") -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="vmmiod-bench-vhost-", dir=where))
     procs: dict[str, tuple[subprocess.Popen[bytes], str]] = {}
     try:
@@ -203,6 +230,9 @@ def measure(n: int, rounds: int, backends: list[str], where: str | None,
         for kind in backends:
             procs[kind] = start_backend(kind, work, image, poll_us)
         out: dict[str, Any] = {}
+        if placement != "none":
+            time.sleep(0.5)  # (the back-ends' threads started)
+            out["placement"] = place(placement, [proc.pid for proc, _ in procs.values()])
         for r in range(rounds):
             order = backends if r % 2 == 0 else backends[::-1]  # load drifts: alternate
             for op in ("read", "write"):
@@ -237,6 +267,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dir", default=None, help="scratch directory (a disk, not tmpfs)")
     p.add_argument("--io-poll-us", type=int, default=None,
                    help="vmmiod's io_poll_us (0: no completion poll); default: vmmiod's")
+    p.add_argument("--place", choices=PLACES, default="none",
+                   help="pin the back-ends and the front-end: on one CPU (same), on two "
+                        "(split), or not at all (none, the default)")
     a = p.parse_args(argv)
     backends = ["vmmiod"]
     if a.qsd:
@@ -244,7 +277,8 @@ def main(argv: list[str] | None = None) -> int:
             print("qemu-storage-daemon is not installed", file=sys.stderr)
             return 69
         backends.append("qsd")
-    for key, value in measure(a.requests, a.rounds, backends, a.dir, a.io_poll_us).items():
+    for key, value in measure(a.requests, a.rounds, backends, a.dir, a.io_poll_us,
+                              a.place).items():
         print(f"{key:<44} {value}")
     return 0
 

@@ -173,7 +173,9 @@ class UringEngine(Engine):
                     finished += 1
                 else:
                     raw.append((op, res))
-            barrier.mb()  # the CQEs are read before the head that frees their slots
+            # The CQEs are read before the head store that frees their slots: a load before a
+            # store, which x86's TSO keeps in order and arm64's acquire fence (rmb) orders.
+            barrier.rmb()
             U32.pack_into(cq, ring._cq_head_off, tail)
             self._owed -= n
             self._reaped += n
