@@ -40,9 +40,9 @@ def test_place_pins_every_backend_thread_and_the_front_end() -> None:
     import time
 
     cpus = sorted(os.sched_getaffinity(0))
-    child = subprocess.Popen([sys.executable, "-c",
-                              "import threading, time; threading.Thread(target=time.sleep, "
-                              "args=(30,), daemon=True).start(); time.sleep(30)"])
+    code = ("import threading, time; threading.Thread(target=time.sleep, args=(30,), "
+            "daemon=True).start(); time.sleep(30)")
+    child = subprocess.Popen([sys.executable, "-c", code])
     try:
         for _ in range(50):  # bounded: the child's second thread starts at once
             if len(os.listdir(f"/proc/{child.pid}/task")) == 2:
