@@ -47,6 +47,8 @@ class Engine:
     nowait = True  # buffered reads are tried inline first (io_uring, threads: blockio/inline.py)
     inline_reads = inline_backoff = inline_skip = 0  # reads done inline, back-off (inline.py)
     poll: AdaptivePoll | None = None  # io_uring: the completion poll (blockio/poll.py)
+    # io_uring: the owner's answer to a completion that comes alone (blockio/lone.py)
+    lone: Callable[[Op], bool] | None = None
 
     def __init__(self, handler: Handler, threads: int = 1) -> None:
         self._handler = handler

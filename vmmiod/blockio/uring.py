@@ -9,7 +9,8 @@ include/uapi/linux/io_uring.h; nothing here knows devices or files beyond an fd.
 A `Ring` is used from one thread (the event loop's). Entries are queued with `prep_*` (no system
 call) and handed to the kernel by one `submit()`. The completion ring is read by its user in one
 loop over `cq` (UringEngine._collect: head and tail at `_cq_head_off`/`_cq_tail_off`, the CQEs
-from `_cqes_off`, read barrier after the tail, full barrier before the head is stored).
+from `_cqes_off`, read barrier after the tail and again before the head is stored: the
+CQEs' loads before that store; blockio/lone.py for a wake-up with one completion).
 
 A completion the kernel could not put in the completion ring waits on its overflow list
 (IORING_FEAT_NODROP), IORING_SQ_CQ_OVERFLOW is set in the SQ flags, and the registered eventfd is

@@ -30,6 +30,7 @@ from vmmiod import barrier
 from vmmiod.blockio import uring
 from vmmiod.blockio.engine import Engine, Handler
 from vmmiod.blockio.inline import read_inline
+from vmmiod.blockio.lone import reap_lone
 from vmmiod.blockio.op import FALLOCATE, FSYNC, READ, WRITE, Op
 from vmmiod.blockio.poll import POLL_MAX_NS, AdaptivePoll
 from vmmiod.blockio.uring import CQE_SIZE, SQE_SIZE, U32, Ring, UringUnavailable
@@ -134,6 +135,14 @@ class UringEngine(Engine):
         self._poll_direct = op.direct
         if op.direct and (tail - ring._submitted) & 0xFFFFFFFF >= SUBMIT_EVERY:
             ring.submit()  # the disk starts on these while the rest of the batch is parsed
+
+    def _on_readable(self) -> None:
+        try:  # (Engine._read_efd, written out: every completion at queue depth 1 comes here)
+            os.eventfd_read(self.efd)
+        except BlockingIOError:
+            pass
+        if not reap_lone(self):
+            self._serve()
 
     def _collect(self) -> int:
         n = self._reap()

@@ -132,6 +132,7 @@ class BlockDevice(BlockIo):
             raise BackendError(
                 f"block device {self.name!r}: io_engine io_uring is not available here "
                 f"({exc.strerror}); set 'io_engine: auto' or 'threads' for this device") from exc
+        self.engine.lone = self._completed_one  # a lone completion answered first (lone.py)
         self.log.info("block_io_engine", engine=self.engine.name, requested=self.cfg.io_engine,
                       fallback_reason=fallback)
         self.log.info("block_opened", path=str(self.cfg.path), size=b.size,

@@ -214,12 +214,15 @@ class BlockIo(VirtioDevice):
 
     def _completed_one(self, op: Op) -> bool:
         """A lone plain read or write that transferred everything (queue depth 1): the batch
-        path's common case without its per-batch set-up. False when it is anything else (an
-        error, writethrough, another kind, a stale queue, a sticky failure waiting): the batch
-        path takes it."""
+        path's common case without its per-batch set-up, answered first (status, used element,
+        publish, interrupt) and counted after. Also the io_uring engine's `lone` hook
+        (blockio/lone.py), called straight from its wake-up. False when it is anything else (an
+        error, writethrough, another kind, a stale queue, a sticky failure waiting, a device
+        reset meanwhile): the batch path takes it."""
         p = op.owner
         res = op.result
-        if type(p) is not Pending or op.kind > WRITE or res < 0 or p.sync or self._sticky:
+        if (type(p) is not Pending or op.kind > WRITE or res < 0 or p.sync or self._sticky
+                or not self.active or self.failed):
             return False
         index = p.queue
         queues = self.queues
@@ -228,17 +231,19 @@ class BlockIo(VirtioDevice):
         mem = self.memory
         assert mem is not None
         c = self.counters
-        self._inflight_q[index] -= 1
+        self._inflight_q[index] -= 1  # (before a fault, whose reset counts what is left)
         c["in_flight"] -= 1
-        c["bytes_read" if op.kind == READ else "bytes_written"] += res
         req = p.req
         try:
             buf, off = mem.locate(req.status_gpa, 1, True)
             buf[off] = VIRTIO_BLK_S_OK
-            queues[index].add_used(req.head, p.used)
-            self.notify_used(index)
+            if queues[index].add_used_publish(req.head, p.used) and self.transport is not None:
+                if index < len(self.queue_interrupts):
+                    self.queue_interrupts[index] += 1
+                self.interrupt(index)
         except (VirtqueueError, GuestMemoryError) as exc:
             self.fault(f"{exc}", error=type(exc).__name__)
+        c["bytes_read" if op.kind == READ else "bytes_written"] += res
         return True  # (nothing submitted here: no kick, unlike the batch path's syncs)
 
     def _op_error(self, op: Op, res: int) -> OSError:

@@ -4,7 +4,7 @@ Linux's virtio-blk driver (and the benchmark's drivers) sends every request as o
 pointing at an indirect table of three: header, data, status. `pop_tables` pops a run of such
 chains with one read of the avail ring and one unpack per table, and returns each as the raw
 values of its table; `add_used_run` writes the used elements of a batch with one store per
-contiguous stretch of the used ring. Both are the rules of `SplitQueue.pop` / `add_used`
+contiguous stretch of the used ring (and `add_used_publish` answers a lone one in one call). Both are the rules of `SplitQueue.pop` / `add_used`
 written for a batch, never looser:
 
 - `pop_tables` pops only from the avail entries the last read of avail.idx covers (by
@@ -88,6 +88,18 @@ class BatchOps:
 
     def _check_generation(self) -> None:
         raise NotImplementedError
+
+    def add_used(self, head: int, length: int, generation: int | None = None) -> bool:
+        raise NotImplementedError
+
+    def publish_used(self) -> bool:
+        raise NotImplementedError
+
+    def add_used_publish(self, head: int, length: int) -> bool:
+        """`add_used` then `publish_used`, for a lone completion: one call where a subclass
+        writes the two out (vhost-user's VhostQueue); True if the driver wants an interrupt."""
+        self.add_used(head, length)
+        return self.publish_used()
 
     def drained(self) -> bool:
         """True when every chain the last read of avail.idx covered has been popped and no other

@@ -94,6 +94,23 @@ class VhostQueue(SplitQueue):
             if inflight is not None:
                 inflight.used(head)
 
+    def add_used_publish(self, head: int, length: int) -> bool:
+        """A lone completion (queue depth 1): add_used and publish_used written out, the
+        inflight record's steps in their places (the batch link before used.idx moves, the
+        marks cleared after), in one call instead of four."""
+        SplitQueue.add_used(self, head, length)
+        inflight = self.inflight
+        if inflight is None:
+            self.outstanding.pop(head, None)
+            return SplitQueue.publish_used(self)
+        inflight.used(head)
+        ready = self.ready
+        want = SplitQueue.publish_used(self)
+        if ready:
+            inflight.published(self.next_used)
+        self.outstanding.pop(head, None)
+        return want
+
     def resume_base(self) -> tuple[int, int]:
         """(base, given back): the avail index a restarted ring should resume from.
 
