@@ -340,6 +340,8 @@ class UringEngine(Engine):
         general path, `_serve`, for anything unusual: an overflow, or more work after it)."""
         self.poll.waited(waited_ns)
         self._poll_from = 0
+        if reap_lone(self):  # one completion: answered first, as at a wake-up (lone.py)
+            return
         self._reap()
         if self._owed and self.ring.cq_overflowed():
             self._serve()
