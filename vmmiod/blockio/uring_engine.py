@@ -137,11 +137,8 @@ class UringEngine(Engine):
             ring.submit()  # the disk starts on these while the rest of the batch is parsed
 
     def _on_readable(self) -> None:
-        try:  # (Engine._read_efd, written out: every completion at queue depth 1 comes here)
-            os.eventfd_read(self.efd)
-        except BlockingIOError:
-            pass
-        if not reap_lone(self):
+        self._read_efd()
+        if not reap_lone(self):  # one completion: answered first (lone.py)
             self._serve()
 
     def _collect(self) -> int:

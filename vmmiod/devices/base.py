@@ -256,13 +256,24 @@ class VirtioDevice:
         if self.publish_used(index):
             self.interrupt(index)
 
+    def notify_used_one(self, index: int, head: int, length: int) -> None:
+        """`add_used` then `notify_used` for one element (a lone completion), the queue's part
+        in one call (`add_used_publish`)."""
+        if self._wants_interrupt(index, self.queues[index].add_used_publish(head, length)):
+            self.interrupt(index)
+
     def publish_used(self, index: int) -> bool:
         """Publish the used ring of queue `index`; True when the driver wants an interrupt.
 
         A device that publishes several queues in one go (net: a transmit batch and the
         replies it brought) calls `interrupt()` once for all of them.
         """
-        if not self.queues[index].publish_used() or self.transport is None:
+        return self._wants_interrupt(index, self.queues[index].publish_used())
+
+    def _wants_interrupt(self, index: int, wanted: bool) -> bool:
+        """A publish's answer, counted: True when the driver wants an interrupt and there is
+        a transport to send it."""
+        if not wanted or self.transport is None:
             return False
         if index < len(self.queue_interrupts):
             self.queue_interrupts[index] += 1

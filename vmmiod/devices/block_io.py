@@ -237,10 +237,7 @@ class BlockIo(VirtioDevice):
         try:
             buf, off = mem.locate(req.status_gpa, 1, True)
             buf[off] = VIRTIO_BLK_S_OK
-            if queues[index].add_used_publish(req.head, p.used) and self.transport is not None:
-                if index < len(self.queue_interrupts):
-                    self.queue_interrupts[index] += 1
-                self.interrupt(index)
+            self.notify_used_one(index, req.head, p.used)
         except (VirtqueueError, GuestMemoryError) as exc:
             self.fault(f"{exc}", error=type(exc).__name__)
         c["bytes_read" if op.kind == READ else "bytes_written"] += res

@@ -61,8 +61,8 @@ def slot_server(page: WritableBuffer, vcpu: int, bus: MmioBus,
     implementation of the slot handshake (serve_ioreq_slot calls it once).
 
     Both adaptors build one per vCPU (the generic one when a guest connects, the Xen server when
-    it binds the vCPU's port) and call it on every wake-up of that vCPU: the slot's offsets, the page and the bus's fast path are bound once instead of
-    per request; the barriers are looked up at call time (they are installed at start-up).
+    it binds the vCPU's port) and call it on every wake-up of that vCPU: the slot's offsets, the
+    page and the bus's fast path are bound once instead of per request; the barriers are looked up at call time (they are installed at start-up).
     """
     if not 0 <= vcpu < len(page) // IOREQ_SIZE:
         raise ValueError(f"vCPU {vcpu} has no slot on a page of {len(page)} bytes")

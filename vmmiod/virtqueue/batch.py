@@ -4,8 +4,8 @@ Linux's virtio-blk driver (and the benchmark's drivers) sends every request as o
 pointing at an indirect table of three: header, data, status. `pop_tables` pops a run of such
 chains with one read of the avail ring and one unpack per table, and returns each as the raw
 values of its table; `add_used_run` writes the used elements of a batch with one store per
-contiguous stretch of the used ring (and `add_used_publish` answers a lone one in one call). Both are the rules of `SplitQueue.pop` / `add_used`
-written for a batch, never looser:
+contiguous stretch of the used ring (and `add_used_publish` answers a lone one in one call).
+Both are the rules of `SplitQueue.pop` / `add_used` written for a batch, never looser:
 
 - `pop_tables` pops only from the avail entries the last read of avail.idx covers (by
   `SplitQueue.pop`, which the caller uses for a notification's first chain), at least

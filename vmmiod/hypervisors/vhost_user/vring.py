@@ -100,13 +100,11 @@ class VhostQueue(SplitQueue):
         marks cleared after), in one call instead of four."""
         SplitQueue.add_used(self, head, length)
         inflight = self.inflight
-        if inflight is None:
-            self.outstanding.pop(head, None)
-            return SplitQueue.publish_used(self)
-        inflight.used(head)
+        if inflight is not None:
+            inflight.used(head)
         ready = self.ready
         want = SplitQueue.publish_used(self)
-        if ready:
+        if inflight is not None and ready:
             inflight.published(self.next_used)
         self.outstanding.pop(head, None)
         return want
